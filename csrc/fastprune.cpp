@@ -1,0 +1,23 @@
+// The one schema file of fastprune._C: every native op is declared here, once, and implemented per
+// device by TORCH_LIBRARY_IMPL blocks in csrc/<family>.cpp (CPU) and csrc/cuda/<family>.cu (CUDA).
+//
+// These are the native *kernels*. The public ops (fastprune::pgd_step, ...) are torch.library
+// custom ops defined in fastprune/ops/, which choose a backend (reference, triton, cpp, cuda) and
+// call these for the cpp and cuda backends.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastprune, m) {
+  // One projected-gradient step written into `out` (which may alias x_adv for the in-place form).
+  // alpha and eps are float32 tensors of shape (N,), one value per sample; norm is "linf" or "l2".
+  m.def(
+      "pgd_step_ext(Tensor x_adv, Tensor grad, Tensor x_nat, Tensor alpha, Tensor eps, str norm, "
+      "float clip_min, float clip_max, Tensor(a!) out) -> ()");
+}
+
+// `import fastprune._C` only needs to load the library (its static initialisers register the ops);
+// this empty module makes the shared object importable as a Python extension.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,21 @@
+"""fastprune: fast adversarially robust pruning for PyTorch.
+
+Kernels (Triton, CUDA C++, C++ CPU, each with a PyTorch reference) for the three costs of robust
+pruning: PGD inner loops, HSIC regularisers and masked-but-dense pruned models.
+"""
+__version__ = "0.1.0"
+
+from . import attacks, ops
+from .backends import available_backends, extension_info, use_backend
+from .ops import pgd_step, pgd_step_
+
+__all__ = [
+    "__version__",
+    "attacks",
+    "available_backends",
+    "extension_info",
+    "ops",
+    "pgd_step",
+    "pgd_step_",
+    "use_backend",
+]
