@@ -1,0 +1,123 @@
+"""Robustness evaluation: per-attack accuracy and the per-sample worst case over all attacks."""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .apgd import APGD, APGDT
+from .base import Attack, check_count, check_positive, eval_mode
+from .losses import logits_of
+from .pgd import CW, FGSM, PGD
+
+DEFAULT_ATTACKS = ("clean", "fgsm", "pgd20", "cw", "apgd-ce", "apgd-t")
+
+
+def make_attack(name: str, model: nn.Module, *, eps: float, norm: str = "linf", **options) -> Attack:
+    """An attack from its short name.
+
+    "fgsm"; "pgdN" (N steps, alpha = max(eps / 4, 2.5 eps / N), random start); "cw" or "cwN"
+    (PGD on the CW margin, 30 steps by default); "apgd-ce", "apgd-dlr", "apgd-t" (100 steps).
+    ``options`` (amp, channels_last, cuda_graph, seed, clip) go to the attack.
+    """
+    key = name.lower()
+    match = re.fullmatch(r"(pgd|cw)(\d*)", key)
+    if match:
+        steps = int(match.group(2) or (30 if match.group(1) == "cw" else 20))
+        alpha = max(eps / 4, 2.5 * eps / steps)
+        cls = CW if match.group(1) == "cw" else PGD
+        return cls(model, eps=eps, alpha=alpha, steps=steps, norm=norm, **options)
+    if key == "fgsm":
+        return FGSM(model, eps=eps, norm=norm, **options)
+    if key in ("apgd-ce", "apgd-dlr"):
+        return APGD(model, eps=eps, norm=norm, loss=key.split("-")[1], **options)
+    if key == "apgd-t":
+        return APGDT(model, eps=eps, norm=norm, **options)
+    raise ValueError(f"unknown attack {name!r}: use clean, fgsm, pgdN, cw, cwN, apgd-ce, apgd-dlr or apgd-t")
+
+
+def _batches(data, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) tensors, a Dataset of pairs, or an iterable of (images, labels) batches."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        images, labels = data
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"data: {images.shape[0]} images but {labels.shape[0]} labels")
+        for start in range(0, images.shape[0], batch_size):
+            yield images[start:start + batch_size], labels[start:start + batch_size]
+        return
+    if isinstance(data, torch.utils.data.Dataset):
+        data = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    for batch in data:
+        yield batch[0], batch[1]
+
+
+def _length(data) -> int | None:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        return data[0].shape[0]
+    try:
+        return len(data.dataset) if hasattr(data, "dataset") else len(data)
+    except TypeError:
+        return None
+
+
+def evaluate(model: nn.Module, data, attacks: Sequence[str] = DEFAULT_ATTACKS, *, eps: float = 8 / 255,
+             norm: str = "linf", batch_size: int = 256, device: str | torch.device | None = None,
+             progress: bool = True, **options) -> dict[str, float]:
+    """Accuracy of ``model`` under each attack, and under the worst case per sample.
+
+    Args:
+        data: (images (M, ...), labels (M,)) tensors, a Dataset, or an iterable of batches.
+        attacks: names for :func:`make_attack`, plus "clean".
+        eps, norm: the threat model (eps in pixel units).
+        device: where to run (default: the model's device).
+        options: amp, channels_last, cuda_graph, seed, clip for the attacks.
+
+    Returns:
+        {name: accuracy for each attack, "worst": fraction of samples correct under every attack,
+        "n": number of samples}.
+    """
+    check_positive("eps", eps)
+    check_count("batch_size", batch_size)
+    if not attacks:
+        raise ValueError("attacks must name at least one attack")
+    if device is None:
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+    built = {name: (None if name == "clean" else make_attack(name, model, eps=eps, norm=norm, **options))
+             for name in attacks}
+    correct = {name: torch.zeros((), dtype=torch.long, device=device) for name in attacks}
+    worst = torch.zeros((), dtype=torch.long, device=device)
+    total = 0
+    bar = tqdm(total=_length(data), desc="evaluate", unit="img", disable=not progress, leave=False)
+    for images, labels in _batches(data, batch_size):
+        images, labels = images.to(device), labels.to(device)
+        robust = torch.ones_like(labels, dtype=torch.bool)
+        for name, attack in built.items():
+            x = images if attack is None else attack(images, labels)
+            with torch.no_grad(), eval_mode(model):
+                right = logits_of(model(x)).argmax(dim=1) == labels
+            correct[name] += right.sum()
+            robust &= right
+        worst += robust.sum()
+        total += labels.shape[0]
+        bar.update(labels.shape[0])
+    bar.close()
+    if total == 0:
+        raise ValueError("data holds no samples")
+    result = {name: count.item() / total for name, count in correct.items()}
+    result["worst"] = worst.item() / total
+    result["n"] = total
+    return result
+
+
+def format_table(result: dict[str, float]) -> str:
+    """A two-column text table of an :func:`evaluate` result."""
+    rows = [(k, f"{v * 100:.2f}%") for k, v in result.items() if k != "n"]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{'attack'.ljust(width)}  accuracy", f"{'-' * width}  --------"]
+    lines += [f"{k.ljust(width)}  {v:>8}" for k, v in rows]
+    lines.append(f"({result['n']} samples)")
+    return "\n".join(lines)
