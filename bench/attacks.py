@@ -12,6 +12,7 @@ Writes bench/results/attacks-<device>.csv and prints markdown tables.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fastprune  # noqa: E402
-from bench.common import device_label, device_slug, markdown_table, median_time, versions, write_csv  # noqa: E402
+from bench.common import (  # noqa: E402
+    device_label, device_slug, interleaved_medians, markdown_table, versions, write_csv)
 from fastprune import backends  # noqa: E402
 from fastprune.attacks import APGD, PGD  # noqa: E402
 from fastprune.data import get_dataset  # noqa: E402
@@ -46,12 +48,13 @@ def torchattacks_style_step(x_adv, grad, x_nat, alpha, eps, norm):
     return torch.clamp(x_nat + delta * factor.view(-1, 1, 1, 1), min=0, max=1)
 
 
-def time_kernel(fn, device) -> float:
+def time_kernels(fns: dict, device) -> dict[str, float]:
     if device.type == "cuda":
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
-    return median_time(fn, device, repeats=20, warmup=3)
+        return {k: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
+                for k, fn in fns.items()}
+    return interleaved_medians(fns, device, repeats=30, warmup=3)
 
 
 def bench_step(device: torch.device, quick: bool) -> list[dict]:
@@ -70,27 +73,32 @@ def bench_step(device: torch.device, quick: bool) -> list[dict]:
         n = shape[0]
         alpha, eps = torch.full((n,), 2 / 255, device=device), torch.full((n,), 8 / 255, device=device)
         step_bytes, copy_bytes = 4 * x_adv.numel() * 4, 2 * x_adv.numel() * 4
-        copy_s = time_kernel(lambda: out.copy_(x_adv), device)
-        base = {"section": "pgd_step", "shape": "x".join(map(str, shape)), "dtype": "float32"}
-        rows.append({**base, "norm": "-", "impl": "device copy", "median_ms": copy_s * 1e3,
-                     "GB/s": copy_bytes / copy_s / 1e9, "vs_copy": 1.0})
+        fns = {"device copy": lambda: out.copy_(x_adv)}
         for norm in ("linf", "l2"):
-            impls = {f"fastprune ({b})": b for b in backends.BACKENDS if backends.backend_runs_on(b, device)}
-            if device.type == "cpu":
-                impls.pop("fastprune (triton)", None)  # the interpreter is a correctness tool, not a speed one
-            results = {}
-            for label, backend in impls.items():
-                def run(backend=backend):
+            for backend in backends.BACKENDS:
+                if not backends.backend_runs_on(backend, device) or (backend == "triton" and device.type == "cpu"):
+                    continue  # the Triton interpreter is a correctness tool, not a speed one
+
+                def run(backend=backend, norm=norm):
                     with fastprune.use_backend(backend):
                         fastprune.pgd_step_(out, grad, x_nat, alpha=alpha, eps=eps, norm=norm)
-                results[label] = time_kernel(run, device)
-            results["torchattacks-style eager"] = time_kernel(
-                lambda: torchattacks_style_step(x_adv, grad, x_nat, 2 / 255, 8 / 255, norm), device)
-            eager = results["torchattacks-style eager"]
-            for label, seconds in results.items():
-                gbps = step_bytes / seconds / 1e9
-                rows.append({**base, "norm": norm, "impl": label, "median_ms": seconds * 1e3, "GB/s": gbps,
-                             "vs_copy": gbps / (copy_bytes / copy_s / 1e9), "speedup_vs_eager": eager / seconds})
+
+                fns[f"{norm}|fastprune ({backend})"] = run
+            fns[f"{norm}|torchattacks-style eager"] = (
+                lambda norm=norm: torchattacks_style_step(x_adv, grad, x_nat, 2 / 255, 8 / 255, norm))
+        seconds = time_kernels(fns, device)
+        copy_gbps = copy_bytes / seconds["device copy"] / 1e9
+        base = {"section": "pgd_step", "shape": "x".join(map(str, shape)), "dtype": "float32"}
+        rows.append({**base, "norm": "-", "impl": "device copy", "median_ms": seconds["device copy"] * 1e3,
+                     "GB/s": copy_gbps, "vs_copy": 1.0})
+        for key, s in seconds.items():
+            if key == "device copy":
+                continue
+            norm, label = key.split("|")
+            gbps = step_bytes / s / 1e9
+            rows.append({**base, "norm": norm, "impl": label, "median_ms": s * 1e3, "GB/s": gbps,
+                         "vs_copy": gbps / copy_gbps,
+                         "speedup_vs_eager": seconds[f"{norm}|torchattacks-style eager"] / s})
     return rows
 
 
@@ -117,8 +125,9 @@ def robust_accuracy(model, attack, x, y, batch) -> float:
     correct = 0
     for s in range(0, x.shape[0], batch):
         xb, yb = x[s:s + batch], y[s:s + batch]
+        x_adv = attack(xb, yb)  # outside no_grad: torchattacks needs autograd enabled
         with torch.no_grad():
-            correct += (model(attack(xb, yb)).argmax(1) == yb).sum().item()
+            correct += (model(x_adv).argmax(1) == yb).sum().item()
     return correct / x.shape[0]
 
 
@@ -147,25 +156,24 @@ def bench_attacks(device: torch.device, quick: bool) -> list[dict]:
         ),
     }
     rows = []
-    repeats = 3 if quick else 5
+    repeats = 3 if quick else 7
     for attack_name, (ours, theirs) in setups.items():
-        peer = theirs(model)
-        torch.manual_seed(0)
-        peer_s = median_time(lambda: peer(xb, yb), device, repeats=repeats, warmup=1)
-        peer_acc = robust_accuracy(model, peer, x, y, batch)
-        base = {"section": "attack", "attack": attack_name, "model": type(model).__name__, "batch": batch}
-        rows.append({**base, "impl": "torchattacks", "options": "-", "median_ms": peer_s * 1e3,
-                     "images/s": batch / peer_s, "speedup": 1.0, "robust_acc": peer_acc})
+        attacks = {"torchattacks": theirs(model)}
+        models = {"torchattacks": model}
         for label, options in variants:
-            import copy
-
-            m = copy.deepcopy(model)  # channels_last converts the model; keep the peer's untouched
-            atk = ours(m, **options)
-            seconds = median_time(lambda: atk(xb, yb), device, repeats=repeats, warmup=1)
-            rows.append({**base, "impl": "fastprune", "options": label, "median_ms": seconds * 1e3,
-                         "images/s": batch / seconds, "speedup": peer_s / seconds,
-                         "robust_acc": robust_accuracy(m, atk, x, y, batch)})
-            print(f"  {attack_name} fastprune[{label}] {batch / seconds:.0f} img/s", flush=True)
+            models[label] = copy.deepcopy(model)  # channels_last converts the model; keep the others as they are
+            attacks[label] = ours(models[label], **options)
+        torch.manual_seed(0)
+        seconds = interleaved_medians({k: (lambda a=a: a(xb, yb)) for k, a in attacks.items()}, device,
+                                      repeats=repeats, warmup=1)
+        base = {"section": "attack", "attack": attack_name, "model": type(model).__name__, "batch": batch}
+        for label, atk in attacks.items():
+            rows.append({**base, "impl": "torchattacks" if label == "torchattacks" else "fastprune",
+                         "options": "-" if label == "torchattacks" else label,
+                         "median_ms": seconds[label] * 1e3, "images/s": batch / seconds[label],
+                         "speedup": seconds["torchattacks"] / seconds[label],
+                         "robust_acc": robust_accuracy(models[label], atk, x, y, batch)})
+            print(f"  {attack_name} {label}: {batch / seconds[label]:.0f} img/s", flush=True)
     return rows
 
 

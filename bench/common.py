@@ -60,6 +60,20 @@ def median_time(fn: Callable[[], object], device: torch.device, *, repeats: int 
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.device, *, repeats: int = 10,
+                        warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each fn, timed in interleaved rounds (every fn once per round), so that
+    drift in the machine's speed (shared or throttled CPUs) hits every contender alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(median_time(fn, device, repeats=1, warmup=0))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def write_csv(rows: list[dict], path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fields = list(dict.fromkeys(k for row in rows for k in row))

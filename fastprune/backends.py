@@ -42,6 +42,7 @@ def _load_extension() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
 def _has_native_kernel(op: str, dispatch_key: str) -> bool:
     if not _load_extension():
         return False
