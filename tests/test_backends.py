@@ -57,3 +57,25 @@ def test_info_command(capsys):
     assert info["version"] == fastprune.__version__
     assert "reference" in info["backends"]
     assert set(info["extension"]) == {"cpp", "cuda"}
+
+
+def test_missing_extension_falls_back_and_logs_once(tmp_path):
+    # A fresh interpreter in which `import fastprune._C` fails, as after FASTPRUNE_BUILD_EXT=0.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, logging; sys.modules['fastprune._C'] = None\n"
+        "logging.basicConfig(level=logging.WARNING, format='%(message)s')\n"
+        "import torch, fastprune\n"
+        "assert fastprune.extension_info() == {'cpp': False, 'cuda': False}\n"
+        "assert 'cpp' not in fastprune.available_backends()\n"
+        "x = torch.rand(3, 4)\n"
+        "for _ in range(3):\n"
+        "    y = fastprune.pgd_step(x, torch.randn_like(x), x, alpha=0.1, eps=0.05)\n"
+        "assert ((y - x).abs() <= 0.05 + 1e-7).all()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FASTPRUNE_BACKEND"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("uses the reference backend") == 1, proc.stderr

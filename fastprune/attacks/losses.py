@@ -16,9 +16,8 @@ def ce_loss(logits: torch.Tensor, labels: torch.Tensor, target: torch.Tensor | N
 
 
 def _top_other(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """max_{j != y} z_j."""
-    true_mask = F.one_hot(labels, logits.shape[1]).bool()
-    return logits.masked_fill(true_mask, float("-inf")).amax(dim=1)
+    """max_{j != y} z_j. (scatter, not F.one_hot: one_hot checks its input with a host sync on CUDA.)"""
+    return logits.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
 
 
 def cw_margin_loss(logits: torch.Tensor, labels: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
