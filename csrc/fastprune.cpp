@@ -13,6 +13,13 @@ TORCH_LIBRARY(fastprune, m) {
   m.def(
       "pgd_step_ext(Tensor x_adv, Tensor grad, Tensor x_nat, Tensor alpha, Tensor eps, str norm, "
       "float clip_min, float clip_max, Tensor(a!) out) -> ()");
+
+  // Gaussian Gram matrix of the rows of x (m, d): K_ij = exp(-scale |x_i - x_j|^2), float32 (m, m),
+  // computed on rows centred by `mean` (d,); scale is a 0-dim float32 tensor (no host sync). With
+  // apply_exp false it returns the squared distances instead.
+  m.def("gaussian_gram_ext(Tensor x, Tensor mean, Tensor scale, bool apply_exp) -> Tensor");
+  // dL/dx (m, d) from grad = dL/dK (m, m) and the forward's K: 2 scale (S x - diag(S 1) x), S = (G + G^T) * K.
+  m.def("gaussian_gram_backward_ext(Tensor grad, Tensor k, Tensor x, Tensor mean, Tensor scale) -> Tensor");
 }
 
 // `import fastprune._C` only needs to load the library (its static initialisers register the ops);

@@ -5,15 +5,19 @@ pruning: PGD inner loops, HSIC regularisers and masked-but-dense pruned models.
 """
 __version__ = "0.1.0"
 
-from . import attacks, ops
+from . import attacks, nn, ops
 from .backends import available_backends, extension_info, use_backend
-from .ops import pgd_step, pgd_step_
+from .ops import gaussian_gram, hsic, hsic_bottleneck, pgd_step, pgd_step_
 
 __all__ = [
     "__version__",
     "attacks",
     "available_backends",
     "extension_info",
+    "gaussian_gram",
+    "hsic",
+    "hsic_bottleneck",
+    "nn",
     "ops",
     "pgd_step",
     "pgd_step_",

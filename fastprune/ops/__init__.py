@@ -2,6 +2,7 @@
 
 Public functions validate their arguments and raise ValueError naming the bad one.
 """
+from .hsic import gaussian_gram, hsic, hsic_bottleneck
 from .pgd import pgd_step, pgd_step_
 
-__all__ = ["pgd_step", "pgd_step_"]
+__all__ = ["gaussian_gram", "hsic", "hsic_bottleneck", "pgd_step", "pgd_step_"]
