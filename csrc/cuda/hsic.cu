@@ -72,7 +72,7 @@ __global__ void gram_epilogue_kernel(const float* __restrict__ partial, const fl
   const int ti = blockIdx.x, tj = blockIdx.y;
   if (tj < ti) return;
   const int64_t r = (int64_t)ti * kTile + threadIdx.y, c = (int64_t)tj * kTile + threadIdx.x;
-  if (r >= m || c >= m) return;
+  if (r >= m || c >= m || (ti == tj && c < r)) return;  // upper triangle + mirror: K exactly symmetric
   float dot = 0.f, sq_r = 0.f, sq_c = 0.f;
   for (int s = 0; s < n_split; ++s) {
     dot += partial[(int64_t)s * m * m + r * m + c];
