@@ -18,7 +18,7 @@ from ..conftest import backend_device_pairs
 
 # Odd shapes: tiny, non powers of two, the CPU Triton tiles (16 rows, 32 features) plus one, and
 # enough features for several d-splits.
-GRAM_SHAPES = [(2, 1), (5, 3), (17, 33), (37, 129), (17, 300), (40, 70)]
+GRAM_SHAPES = [(2, 1), (5, 3), (17, 33), (37, 129), (17, 300), (40, 70), (9, 4200)]  # 4200: CPU chunks of 2048
 ESTIMATORS = ("biased", "unbiased", "cka", "nocco")
 
 
@@ -74,7 +74,7 @@ def test_triton_gram_writes_every_element():
 
 
 @pytest.mark.parametrize("backend,device", backend_device_pairs())
-@pytest.mark.parametrize("shape", [(5, 3), (17, 33), (37, 129), (40, 70)], ids=str)
+@pytest.mark.parametrize("shape", [(5, 3), (17, 33), (37, 129), (40, 70), (9, 4200)], ids=str)
 def test_gram_backward_matches_autograd_of_float64_reference(backend, device, shape):
     m, d = shape
     x = offset_data(m, d, seed=m + d, device=device)
