@@ -1,0 +1,253 @@
+"""Training-time masked layers: HYDRA's learned-score masks, magnitude masks and fixed masks.
+
+HYDRA's released code re-sorts every layer's scores on every forward pass, attack steps included.
+Here a mask is recomputed only when its source tensor (the scores, or the weights for magnitude
+masks) has changed since the last computation, detected through the tensor's version counter; the
+top-k is a selection (torch.kthvalue), not a sort, and keeps exactly k entries, ties broken
+towards the lower flat index so that masks are deterministic.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MASK_SOURCES = ("scores", "magnitude", "fixed")
+
+
+def check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be a float in [0, 1), got {sparsity!r}")
+    return float(sparsity)
+
+
+def kept_count(numel: int, sparsity: float) -> int:
+    """Entries a layer keeps: numel - floor(sparsity * numel), so at least one (HYDRA's rule)."""
+    return numel - int(math.floor(sparsity * numel))
+
+
+def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """A float 0/1 mask of ``values``' shape keeping exactly the k largest entries.
+
+    Threshold by selection: t = the k-th largest value; keep everything above t, then the entries
+    equal to t in flat-index order until k are kept. No sort, no host synchronisation.
+    """
+    flat = values.detach().reshape(-1)
+    n = flat.numel()
+    if k >= n:
+        return torch.ones_like(values)
+    if k <= 0:
+        return torch.zeros_like(values)
+    threshold = torch.kthvalue(flat, n - k + 1).values
+    above = flat > threshold
+    ties = flat == threshold
+    need = k - above.sum()
+    keep = above | (ties & (torch.cumsum(ties, 0) <= need))
+    return keep.to(values.dtype).view_as(values)
+
+
+class _ScoreMaskedWeight(torch.autograd.Function):
+    """w * mask, with HYDRA's straight-through gradient for the scores: the top-k is treated as
+    the identity, so dL/dscores = dL/dw_eff * w * sign(scores)."""
+
+    @staticmethod
+    def forward(ctx, weight, scores, mask):
+        ctx.save_for_backward(weight, scores, mask)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, scores, mask = ctx.saved_tensors
+        grad_weight = grad * mask if ctx.needs_input_grad[0] else None
+        grad_scores = grad * weight * torch.sign(scores) if ctx.needs_input_grad[1] else None
+        return grad_weight, grad_scores, None
+
+
+class _MaskedMixin:
+    """What MaskedConv2d and MaskedLinear share: the mask, its cache, and the masked weight."""
+
+    weight: nn.Parameter
+
+    def _init_mask(self, source: str, sparsity: float, mask: torch.Tensor | None) -> None:
+        if source not in MASK_SOURCES:
+            raise ValueError(f"source must be one of {MASK_SOURCES}, got {source!r}")
+        self.source = source
+        self.sparsity = check_sparsity(sparsity)
+        self.k = kept_count(self.weight.numel(), self.sparsity)
+        if source == "fixed":
+            if mask is None:
+                raise ValueError("mask must be given for source='fixed'")
+            if mask.shape != self.weight.shape:
+                raise ValueError(f"mask has shape {tuple(mask.shape)}, expected the weight's {tuple(self.weight.shape)}")
+            self.register_buffer("mask", (mask != 0).to(self.weight.dtype))
+            self.k = int(self.mask.sum().item())
+        else:
+            if mask is not None:
+                raise ValueError(f"mask is only used with source='fixed', not {source!r}")
+            self.register_buffer("mask", torch.ones_like(self.weight))
+        if source == "scores":
+            # HYDRA's scaled score initialisation: the first mask equals the magnitude mask.
+            fan_in = self.weight[0].numel()
+            w = self.weight.detach()
+            self.scores = nn.Parameter(math.sqrt(6.0 / fan_in) * w / w.abs().max().clamp_min(1e-12))
+        self._mask_key = None
+
+    def _source_tensor(self) -> torch.Tensor:
+        return self.scores if self.source == "scores" else self.weight
+
+    def refresh_mask(self, force: bool = False) -> torch.Tensor:
+        """Recompute the mask if its source changed (in-place updates bump the version counter)."""
+        if self.source == "fixed":
+            return self.mask
+        src = self._source_tensor()
+        key = (src._version, src.data_ptr(), self.k)
+        if force or key != self._mask_key:
+            with torch.no_grad():
+                self.mask.copy_(topk_mask(src.detach().abs(), self.k))
+            self._mask_key = key
+        return self.mask
+
+    def set_sparsity(self, sparsity: float) -> None:
+        """Change the fraction pruned; the mask follows on the next forward pass."""
+        if self.source == "fixed":
+            raise ValueError("a fixed mask has no sparsity to set")
+        self.sparsity = check_sparsity(sparsity)
+        self.k = kept_count(self.weight.numel(), self.sparsity)
+
+    def freeze_mask(self) -> None:
+        """Turn the current mask into a fixed one (HYDRA's finetune phase: weights train, mask stays)."""
+        self.refresh_mask()
+        if self.source == "scores":
+            del self.scores
+        self.source = "fixed"
+
+    def masked_weight(self) -> torch.Tensor:
+        mask = self.refresh_mask()
+        if self.source == "scores":
+            return _ScoreMaskedWeight.apply(self.weight, self.scores, mask)
+        return self.weight * mask
+
+    def _check_input(self, x: torch.Tensor, dims: tuple[int, ...]) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() not in dims:
+            raise ValueError(f"input must be a {' or '.join(f'{d}D' for d in dims)} tensor, got "
+                             f"{'shape ' + str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.dtype != self.weight.dtype or x.device != self.weight.device:
+            raise ValueError(f"input is {x.dtype} on {x.device}, the layer {self.weight.dtype} on {self.weight.device}")
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, source={self.source}, sparsity={self.sparsity}"
+
+
+class MaskedConv2d(_MaskedMixin, nn.Conv2d):
+    """nn.Conv2d whose weight is multiplied by a mask: (N, C, H, W) -> (N, C_out, H', W')."""
+
+    def __init__(self, *args, source: str = "scores", sparsity: float = 0.0, mask: torch.Tensor | None = None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_mask(source, sparsity, mask)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, source: str = "scores", sparsity: float = 0.0,
+                   mask: torch.Tensor | None = None) -> "MaskedConv2d":
+        """A masked copy of ``conv`` (same weights, device and dtype)."""
+        # Built as a magnitude layer first: scores must be initialised from the copied weights, below.
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                    dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                    padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
+                    source="magnitude")
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        del layer.mask
+        layer._init_mask(source, sparsity, mask)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x, (4,))
+        return self._conv_forward(x, self.masked_weight(), self.bias)
+
+
+class MaskedLinear(_MaskedMixin, nn.Linear):
+    """nn.Linear whose weight is multiplied by a mask: (..., in) -> (..., out)."""
+
+    def __init__(self, *args, source: str = "scores", sparsity: float = 0.0, mask: torch.Tensor | None = None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_mask(source, sparsity, mask)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, source: str = "scores", sparsity: float = 0.0,
+                   mask: torch.Tensor | None = None) -> "MaskedLinear":
+        """A masked copy of ``linear`` (same weights, device and dtype)."""
+        # Built as a magnitude layer first: scores must be initialised from the copied weights, below.
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype, source="magnitude")
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        del layer.mask
+        layer._init_mask(source, sparsity, mask)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x, tuple(range(1, 9)))
+        return F.linear(x, self.masked_weight(), self.bias)
+
+
+MASKED_TYPES = (MaskedConv2d, MaskedLinear)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def prune_model(model: nn.Module, sparsity: float, method: str = "scores", skip=()) -> nn.Module:
+    """Swap every nn.Conv2d and nn.Linear of ``model`` (first and last included, unless named in
+    ``skip``) for a masked layer keeping a (1 - sparsity) fraction of its weights, per layer.
+    method: "scores" (HYDRA) or "magnitude". Modifies ``model`` in place and returns it."""
+    check_sparsity(sparsity)
+    if method not in ("scores", "magnitude"):
+        raise ValueError(f"method must be 'scores' or 'magnitude', got {method!r}")
+    names = {n for n, _ in model.named_modules()}
+    unknown = [s for s in skip if s not in names]
+    if unknown:
+        raise ValueError(f"skip names {unknown} are not modules of the model")
+    targets = [(n, m) for n, m in model.named_modules()
+               if type(m) in (nn.Conv2d, nn.Linear) and n not in skip]
+    for name, module in targets:
+        cls = MaskedConv2d if isinstance(module, nn.Conv2d) else MaskedLinear
+        _replace(model, name, cls.from_dense(module, source=method, sparsity=sparsity))
+    return model
+
+
+def effective_weight(module: nn.Module) -> torch.Tensor | None:
+    """The weight a layer computes with (masked where it is masked), or None for other modules."""
+    if isinstance(module, MASKED_TYPES):
+        with torch.no_grad():
+            return module.weight * module.refresh_mask()
+    dense = getattr(module, "dense_weight", None)  # sparse inference layers
+    if callable(dense):
+        return dense()
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        return module.weight.detach()
+    return None
+
+
+def sparsity_report(model: nn.Module) -> dict:
+    """Per-layer and global sparsity of the conv and linear layers' effective weights:
+    {"layers": {name: {"params", "zeros", "sparsity"}}, "params", "zeros", "sparsity"}."""
+    layers, total, zeros = {}, 0, 0
+    for name, module in model.named_modules():
+        w = effective_weight(module)
+        if w is None:
+            continue
+        n, z = w.numel(), int((w == 0).sum().item())
+        layers[name] = {"params": n, "zeros": z, "sparsity": z / n}
+        total, zeros = total + n, zeros + z
+    return {"layers": layers, "params": total, "zeros": zeros, "sparsity": zeros / total if total else 0.0}

@@ -1,0 +1,146 @@
+"""Masked training layers: exact top-k, straight-through gradients, the mask cache, prune_model."""
+import pytest
+import torch
+from torch import nn
+
+import fastprune.nn.masked as masked
+from fastprune.attacks import PGD
+from fastprune.nn import MaskedConv2d, MaskedLinear, kept_count, prune_model, sparsity_report, topk_mask
+
+
+def sort_based_topk(values, k):
+    """Reference: a stable descending sort, first k indices (ties: lower index first)."""
+    flat = values.reshape(-1)
+    order = torch.sort(-flat, stable=True).indices[:k]
+    mask = torch.zeros_like(flat)
+    mask[order] = 1
+    return mask.view_as(values)
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (10, 0), (10, 10), (97, 13), (1000, 1), (4096, 41)])
+def test_topk_exact_with_ties(n, k):
+    gen = torch.Generator().manual_seed(n + k)
+    for values in (torch.randn(n, generator=gen),
+                   torch.randint(0, 4, (n,), generator=gen).float(),  # heavy ties
+                   torch.zeros(n)):
+        mask = topk_mask(values, k)
+        assert int(mask.sum()) == k
+        assert torch.equal(mask, sort_based_topk(values, k))
+
+
+def test_kept_count_follows_hydra():
+    assert kept_count(27, 0.99) == 1 and kept_count(1000, 0.9) == 100 and kept_count(10, 0.0) == 10
+
+
+def make_layers():
+    torch.manual_seed(0)
+    return nn.Conv2d(3, 8, 3, padding=1), nn.Linear(20, 7)
+
+
+@pytest.mark.parametrize("source", ["scores", "magnitude"])
+def test_from_dense_keeps_exactly_k_and_starts_at_the_magnitude_mask(source):
+    conv, lin = make_layers()
+    for dense, cls in ((conv, MaskedConv2d), (lin, MaskedLinear)):
+        layer = cls.from_dense(dense, source=source, sparsity=0.9)
+        mask = layer.refresh_mask()
+        assert int(mask.sum()) == kept_count(dense.weight.numel(), 0.9)
+        # scaled score init: the first score mask is the magnitude mask
+        assert torch.equal(mask, topk_mask(dense.weight.detach().abs(), layer.k))
+        assert torch.equal(layer.weight, dense.weight)
+
+
+def test_outputs_equal_dense_layer_with_masked_weights():
+    conv, lin = make_layers()
+    x = torch.randn(2, 3, 9, 9)
+    layer = MaskedConv2d.from_dense(conv, source="magnitude", sparsity=0.5)
+    ref = nn.functional.conv2d(x, conv.weight * layer.refresh_mask(), conv.bias, padding=1)
+    torch.testing.assert_close(layer(x), ref)
+    fixed = torch.rand_like(lin.weight) > 0.7
+    layer = MaskedLinear.from_dense(lin, source="fixed", mask=fixed)
+    v = torch.randn(5, 20)
+    torch.testing.assert_close(layer(v), nn.functional.linear(v, lin.weight * fixed, lin.bias))
+
+
+def test_straight_through_gradient():
+    _, lin = make_layers()
+    layer = MaskedLinear.from_dense(lin, source="scores", sparsity=0.8)
+    with torch.no_grad():
+        layer.scores.mul_(torch.where(torch.rand_like(layer.scores) > 0.5, 1.0, -1.0))  # mixed signs
+    x = torch.randn(6, 20)
+    g_out = torch.randn(6, 7)
+    layer(x).backward(g_out)
+    g_weff = g_out.T @ x  # dL/dW_eff
+    mask = layer.refresh_mask()
+    torch.testing.assert_close(layer.weight.grad, g_weff * mask)
+    torch.testing.assert_close(layer.scores.grad, g_weff * layer.weight.detach() * torch.sign(layer.scores.detach()))
+
+
+def test_mask_recomputed_only_when_the_source_changes(monkeypatch):
+    calls = []
+    real = masked.topk_mask
+    monkeypatch.setattr(masked, "topk_mask", lambda v, k: calls.append(1) or real(v, k))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 10))
+    prune_model(model, 0.7)
+    x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 10, (8,))
+    model(x)
+    model(x)
+    PGD(model, eps=0.1, steps=5, seed=0)(x, y)  # five forward/backward passes, scores unchanged
+    assert len(calls) == 1
+    before = model[1].refresh_mask().clone()
+    opt = torch.optim.SGD([model[1].scores], lr=10.0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()  # an in-place update: the version counter moves
+    model(x)
+    assert len(calls) == 2
+    assert not torch.equal(model[1].mask, before), "a large step should move the mask"
+    assert int(model[1].mask.sum()) == model[1].k
+
+
+def test_freeze_and_set_sparsity():
+    conv, _ = make_layers()
+    layer = MaskedConv2d.from_dense(conv, sparsity=0.5)
+    layer.set_sparsity(0.9)
+    assert int(layer.refresh_mask().sum()) == kept_count(conv.weight.numel(), 0.9)
+    layer.freeze_mask()
+    assert layer.source == "fixed" and not hasattr(layer, "scores")
+    before = layer.mask.clone()
+    with torch.no_grad():
+        layer.weight.mul_(-3)
+    layer(torch.randn(1, 3, 5, 5))
+    assert torch.equal(layer.mask, before)
+
+
+def test_prune_model_and_report():
+    from fastprune.models import get_model
+
+    model = get_model("cnn-small", 10, 1)
+    prune_model(model, 0.95, skip=("9",))
+    kinds = [type(m).__name__ for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert kinds == ["MaskedConv2d", "MaskedConv2d", "MaskedLinear", "Linear"]
+    report = sparsity_report(model)
+    for name in ("1", "3", "7"):
+        layer = report["layers"][name]
+        assert layer["params"] - layer["zeros"] == kept_count(layer["params"], 0.95)
+    assert report["layers"]["9"]["zeros"] == 0
+    assert report["zeros"] == sum(v["zeros"] for v in report["layers"].values())
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda c, l: MaskedConv2d.from_dense(c, sparsity=1.0), "sparsity"),
+        (lambda c, l: MaskedConv2d.from_dense(c, sparsity=-0.1), "sparsity"),
+        (lambda c, l: MaskedLinear.from_dense(l, source="fixed", mask=torch.ones(3, 3)), "mask has shape"),
+        (lambda c, l: MaskedLinear.from_dense(l, source="fixed"), "mask must be given"),
+        (lambda c, l: MaskedLinear.from_dense(l, source="random"), "source"),
+        (lambda c, l: MaskedConv2d.from_dense(c, sparsity=0.5)(torch.randn(3, 9, 9)), "4D"),
+        (lambda c, l: MaskedConv2d.from_dense(c, sparsity=0.5)(torch.randn(1, 3, 9, 9).double()), "float64"),
+        (lambda c, l: prune_model(nn.Sequential(c), 0.5, skip=("nope",)), "skip"),
+        (lambda c, l: prune_model(nn.Sequential(c), 0.5, method="random"), "method"),
+    ],
+)
+def test_bad_arguments(make, match):
+    conv, lin = make_layers()
+    with pytest.raises(ValueError, match=match):
+        make(conv, lin)
