@@ -20,6 +20,14 @@ TORCH_LIBRARY(fastprune, m) {
   m.def("gaussian_gram_ext(Tensor x, Tensor mean, Tensor scale, bool apply_exp) -> Tensor");
   // dL/dx (m, d) from grad = dL/dK (m, m) and the forward's K: 2 scale (S x - diag(S 1) x), S = (G + G^T) * K.
   m.def("gaussian_gram_backward_ext(Tensor grad, Tensor k, Tensor x, Tensor mean, Tensor scale) -> Tensor");
+
+  // Sparse convolution (N, C, H, W) -> (N, out_channels, H', W') with a CSR weight: row_ptr (OC + 1)
+  // and col_idx (nnz) int32, col = (ic * kh + r) * kw + s, values (nnz) float32; groups 1, dilation 1.
+  m.def(
+      "sparse_conv2d_ext(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias, int kh, int kw, "
+      "int stride_h, int stride_w, int pad_h, int pad_w) -> Tensor");
+  // Sparse linear (N, in) -> (N, out) with a CSR weight (out x in).
+  m.def("sparse_linear_ext(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias) -> Tensor");
 }
 
 // `import fastprune._C` only needs to load the library (its static initialisers register the ops);

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import importlib.util
 import logging
 import os
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 
@@ -106,26 +107,45 @@ def use_backend(name: str) -> Iterator[None]:
         _forced.reset(token)
 
 
-def choose(op: str, device: torch.device, preference: dict[str, Sequence[str]]) -> str:
-    """The backend that runs ``op`` on ``device``.
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """Which backends implement an op family and which ``auto`` prefers.
 
-    ``preference`` maps a device type ("cpu", "cuda") to the op's backends, fastest first. The
-    reference backend is always the last resort.
+    name: for messages; preference: device type -> backends, fastest first; implemented: every
+    backend with an implementation; native: the fastprune._C op whose CPU/CUDA kernel must be
+    registered for the cpp/cuda backends to count as available.
     """
+
+    name: str
+    preference: dict
+    implemented: tuple = BACKENDS
+    native: str | None = None
+
+    def runs(self, backend: str, device: torch.device) -> bool:
+        if backend not in self.implemented or not backend_runs_on(backend, device):
+            return False
+        if backend in ("cpp", "cuda") and self.native is not None:
+            return _has_native_kernel(self.native, "CPU" if backend == "cpp" else "CUDA")
+        return True
+
+
+def choose(spec: OpSpec, device: torch.device) -> str:
+    """The backend that runs ``spec``'s op on ``device``: the forced one (which must be able to),
+    else the first available in the op's preference for the device, the reference last."""
     name = requested_backend()
     if name != "auto":
-        if not backend_runs_on(name, device):
+        if not spec.runs(name, device):
             raise RuntimeError(
-                f"fastprune: backend {name!r} cannot run {op} on {device.type} tensors here "
-                f"(available: {available_backends()})"
+                f"fastprune: backend {name!r} cannot run {spec.name} on {device.type} tensors here "
+                f"(implemented: {list(spec.implemented)}; available in this process: {available_backends()})"
             )
         return name
-    candidates = list(preference.get(device.type, ())) + ["reference"]
+    candidates = list(spec.preference.get(device.type, ())) + ["reference"]
     for backend in candidates:
-        if backend_runs_on(backend, device):
-            if backend != candidates[0] and (op, device.type) not in _logged:
-                _logged.add((op, device.type))
+        if spec.runs(backend, device):
+            if backend != candidates[0] and (spec.name, device.type) not in _logged:
+                _logged.add((spec.name, device.type))
                 log.warning("fastprune: %s on %s uses the %s backend (%s unavailable)",
-                            op, device.type, backend, candidates[0])
+                            spec.name, device.type, backend, candidates[0])
             return backend
     raise AssertionError("unreachable: the reference backend always runs")

@@ -19,14 +19,16 @@ from fastprune import backends  # noqa: E402
 GPU = torch.cuda.is_available()
 
 
-def backend_device_pairs():
-    """(backend, device) pairs this machine can run: every backend on every device it supports."""
+def backend_device_pairs(spec=None):
+    """(backend, device) pairs this machine can run, for one op family (its OpSpec) or any op:
+    every non-reference backend on every device it supports."""
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if GPU else [])
+    runs = spec.runs if spec is not None else backends.backend_runs_on
     return [
         pytest.param(b, d, id=f"{b}-{d.type}")
         for d in devices
         for b in backends.BACKENDS
-        if b != "reference" and backends.backend_runs_on(b, d)
+        if b != "reference" and runs(b, d)
     ]
 
 

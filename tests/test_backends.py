@@ -15,7 +15,7 @@ def test_use_backend_and_environment(monkeypatch):
     assert backends.requested_backend() == "auto"
     with fastprune.use_backend("reference"):
         assert backends.requested_backend() == "reference"
-        assert backends.choose("pgd_step", torch.device("cpu"), {"cpu": ("cpp",)}) == "reference"
+        assert backends.choose(backends.OpSpec("pgd_step", {"cpu": ("cpp",)}), torch.device("cpu")) == "reference"
     monkeypatch.setenv("FASTPRUNE_BACKEND", "reference")
     assert backends.requested_backend() == "reference"
     monkeypatch.setenv("FASTPRUNE_BACKEND", "fortran")
@@ -32,12 +32,19 @@ def test_explicit_unavailable_backend_raises_but_auto_falls_back(monkeypatch):
     with fastprune.use_backend("cuda"), pytest.raises(RuntimeError, match="cannot run pgd_step on cpu"):
         fastprune.pgd_step(x, x, x, alpha=0.1, eps=0.1)
     # auto: an op whose preferred backend is missing falls back to the reference.
-    assert backends.choose("no_such_op", torch.device("cpu"), {"cpu": ("cuda",)}) == "reference"
+    assert backends.choose(backends.OpSpec("no_such_op", {"cpu": ("cuda",)}), torch.device("cpu")) == "reference"
+    # A backend the op does not implement cannot be forced, and one whose native kernel is missing
+    # for the device does not count as available.
+    spec = backends.OpSpec("cpu_only", {"cpu": ("cpp",)}, implemented=("reference", "cpp"), native="no_such_ext")
+    assert not spec.runs("cpp", torch.device("cpu")) and not spec.runs("triton", torch.device("cpu"))
+    with fastprune.use_backend("triton"), pytest.raises(RuntimeError, match="implemented"):
+        backends.choose(spec, torch.device("cpu"))
 
 
 def test_auto_prefers_native_cpu_kernels():
     if backends.extension_info()["cpp"]:
-        assert backends.choose("pgd_step", torch.device("cpu"), {"cpu": ("cpp",)}) == "cpp"
+        assert backends.choose(backends.OpSpec("pgd_step", {"cpu": ("cpp",)}, native="pgd_step_ext"),
+                               torch.device("cpu")) == "cpp"
 
 
 @pytest.mark.skipif("FASTPRUNE_EXPECT_EXTENSION" not in os.environ, reason="scripts/test.sh sets it")

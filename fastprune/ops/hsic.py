@@ -24,13 +24,13 @@ from ..reference.hsic import (
 )
 
 KERNELS = ("gaussian", "linear")
-_PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}
+_SPEC = backends.OpSpec("gaussian_gram", {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}, native="gaussian_gram_ext")
 
 
 # --- the registered ops -------------------------------------------------------------------------
 @torch.library.custom_op("fastprune::gaussian_gram", mutates_args=())
 def _gaussian_gram_op(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, apply_exp: bool) -> torch.Tensor:
-    backend = backends.choose("gaussian_gram", x.device, _PREFERENCE)
+    backend = backends.choose(_SPEC, x.device)
     if backend == "reference":
         dist = squared_distances_ref(x, mean).float()
         return torch.exp(-scale * dist) if apply_exp else dist
@@ -52,7 +52,7 @@ def _gaussian_gram_fake(x, mean, scale, apply_exp):
 @torch.library.custom_op("fastprune::gaussian_gram_backward", mutates_args=())
 def _gaussian_gram_backward_op(grad: torch.Tensor, k: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
                                scale: torch.Tensor) -> torch.Tensor:
-    backend = backends.choose("gaussian_gram", x.device, _PREFERENCE)
+    backend = backends.choose(_SPEC, x.device)
     if backend == "reference":
         return gaussian_gram_backward_ref(grad, k, x, scale, mean).to(x.dtype)
     if backend == "triton":

@@ -17,12 +17,12 @@ from ..reference.pgd import pgd_step_ref
 Number = Union[float, int]
 NORMS = ("linf", "l2")
 # Fastest first; measured choices per device live in bench/results.
-_PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}
+_SPEC = backends.OpSpec("pgd_step", {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}, native="pgd_step_ext")
 
 
 def _run_backend(x_adv, grad, x_nat, alpha, eps, norm, clip_min, clip_max, out) -> None:
     """Write the step into ``out`` with the chosen backend. ``out`` may alias ``x_adv``."""
-    backend = backends.choose("pgd_step", x_adv.device, _PREFERENCE)
+    backend = backends.choose(_SPEC, x_adv.device)
     if backend == "reference":
         out.copy_(pgd_step_ref(x_adv, grad, x_nat, alpha, eps, norm, clip_min, clip_max))
     elif backend == "triton":

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import fastprune
-from fastprune.ops.hsic import _gaussian_gram_op
+from fastprune.ops.hsic import _SPEC, _gaussian_gram_op
 from fastprune.reference.hsic import (
     centre,
     gaussian_gram_backward_ref,
@@ -34,7 +34,7 @@ def median_scale(x):
     return 0.5 / dist.median().clamp_min(1e-3) ** 2
 
 
-@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_SPEC))
 @pytest.mark.parametrize("shape", GRAM_SHAPES, ids=str)
 def test_gram_forward_matches_reference_and_float64(backend, device, shape):
     x = offset_data(*shape, seed=shape[0] * 1000 + shape[1], device=device)
@@ -52,7 +52,7 @@ def test_gram_forward_matches_reference_and_float64(backend, device, shape):
     assert torch.equal(k, k.T)
 
 
-@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_SPEC))
 def test_gram_half_precision_inputs(backend, device):
     x = offset_data(33, 65, seed=3, device=device, dtype=torch.float16)
     scale = median_scale(x.float().cpu()).float().to(device)
@@ -73,7 +73,7 @@ def test_triton_gram_writes_every_element():
     assert not out.isnan().any()
 
 
-@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_SPEC))
 @pytest.mark.parametrize("shape", [(5, 3), (17, 33), (37, 129), (40, 70), (9, 4200)], ids=str)
 def test_gram_backward_matches_autograd_of_float64_reference(backend, device, shape):
     m, d = shape
@@ -94,7 +94,7 @@ def test_gram_backward_matches_autograd_of_float64_reference(backend, device, sh
                                    x64.grad, atol=1e-10, rtol=1e-8)
 
 
-@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_SPEC))
 def test_expanded_gradient_of_a_sum(backend, device):
     # .sum() hands back a stride-0 gradient: the kernels must not read it as dense memory.
     x = offset_data(9, 20, seed=1, device=device).requires_grad_(True)
@@ -115,7 +115,7 @@ def test_gradcheck_reference():
             lambda a, b: hsic_from_kernels(gaussian_gram_ref(a, 0.3), linear_gram_ref(b), estimator), (x, y))
 
 
-@pytest.mark.parametrize("backend,device", backend_device_pairs() + [pytest.param("reference", torch.device("cpu"))])
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_SPEC) + [pytest.param("reference", torch.device("cpu"))])
 def test_precision_on_high_dimensional_data(backend, device):
     # Dimension 3072 (a CIFAR image): Gaussian Gram entries nearly constant, the hard case.
     m, d = 48, 3072

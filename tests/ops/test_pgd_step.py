@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastprune
-from fastprune.ops.pgd import _run_backend
+from fastprune.ops.pgd import _SPEC, _run_backend
 from fastprune.reference import pgd_step_ref
 
 from ..conftest import GPU, backend_device_pairs
@@ -44,7 +44,7 @@ def dtypes_for(device):
     return [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
 
 
-@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_SPEC))
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("per_sample", [False, True], ids=["scalar", "per-sample"])
@@ -63,7 +63,7 @@ def test_backend_matches_reference(backend, device, norm, shape, per_sample):
             torch.testing.assert_close(got, want, atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_SPEC))
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_float32_close_to_float64(backend, device, norm):
     x_adv, grad, x_nat, alpha, eps = make_inputs((6, 3, 9, 7), torch.float32, device, seed=7, per_sample=True)
@@ -73,7 +73,7 @@ def test_float32_close_to_float64(backend, device, norm):
     torch.testing.assert_close(got.double(), exact, atol=1e-7 if norm == "linf" else 1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_SPEC))
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_output_inside_ball_and_box(backend, device, norm):
     x_adv, grad, x_nat, alpha, eps = make_inputs((8, 3, 6, 5), torch.float32, device, seed=3, per_sample=True)
@@ -85,7 +85,7 @@ def test_output_inside_ball_and_box(backend, device, norm):
     assert (dist <= eps * (1 + 1e-5) + 1e-7).all(), (dist - eps).max()
 
 
-@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_SPEC))
 def test_l2_zero_gradient_takes_no_step(backend, device):
     x_adv, grad, x_nat, alpha, eps = make_inputs((3, 2, 4, 4), torch.float32, device, seed=5)
     grad[1] = 0.0
