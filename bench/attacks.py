@@ -22,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fastprune  # noqa: E402
-from bench.common import (  # noqa: E402
+from fastprune.benchmarks.common import (  # noqa: E402
     device_label, device_slug, interleaved_medians, markdown_table, versions, write_csv)
 from fastprune import backends  # noqa: E402
 from fastprune.attacks import APGD, PGD  # noqa: E402

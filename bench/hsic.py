@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fastprune  # noqa: E402
-from bench.common import (  # noqa: E402
+from fastprune.benchmarks.common import (  # noqa: E402
     device_label, device_slug, interleaved_medians, markdown_table, versions, write_csv)
 
 SIGMA = 5.0  # PwoA/HBaR: sigma 5, scaled by sqrt(d)

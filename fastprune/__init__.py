@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 
 from . import attacks, nn, ops
 from .backends import available_backends, extension_info, use_backend
+from .nn.sparse import load_sparse, save_sparse
 from .ops import gaussian_gram, hsic, hsic_bottleneck, pgd_step, pgd_step_
 
 __all__ = [
@@ -17,9 +18,11 @@ __all__ = [
     "gaussian_gram",
     "hsic",
     "hsic_bottleneck",
+    "load_sparse",
     "nn",
     "ops",
     "pgd_step",
     "pgd_step_",
+    "save_sparse",
     "use_backend",
 ]

@@ -3,6 +3,7 @@
   fastprune info                  versions, backends and extension status as one JSON object
   fastprune demo                  adversarially train a small CNN on digits, print its robustness
   fastprune eval --checkpoint P   robust accuracy of a saved model under the attack suite
+  fastprune bench sparse ...      sparse-inference latency vs the best dense (fastprune.benchmarks.sparse)
 """
 from __future__ import annotations
 
@@ -92,6 +93,14 @@ def _eval(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    if args.suite == "sparse":
+        from fastprune.benchmarks.sparse import main as sparse_main
+
+        return sparse_main(args.rest)
+    raise ValueError(f"unknown benchmark {args.suite!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastprune", description="Fast adversarially robust pruning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="also print the result as JSON")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=_eval)
+
+    bench = sub.add_parser("bench", help="benchmarks shipped with the package: sparse",
+                           description="fastprune bench sparse [--model ...] [--sparsity ...] [--batch ...]")
+    bench.add_argument("suite", choices=["sparse"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="the suite's own options (--help for them)")
+    bench.set_defaults(func=_bench)
     return parser
 
 

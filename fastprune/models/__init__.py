@@ -6,8 +6,17 @@ from torch import nn
 
 from .resnet import resnet18
 from .small import cnn_small
+from .vgg import vgg16
+from .wide_resnet import WideResNet
 
-_MODELS = {"cnn-small": cnn_small, "resnet18": resnet18}
+_MODELS = {
+    "cnn-small": cnn_small,
+    "resnet18": resnet18,
+    "vgg16": vgg16,
+    "wrn-28-4": lambda num_classes, in_channels: WideResNet(28, 4, num_classes, in_channels),
+    "wrn-28-10": lambda num_classes, in_channels: WideResNet(28, 10, num_classes, in_channels),
+    "wrn-34-10": lambda num_classes, in_channels: WideResNet(34, 10, num_classes, in_channels),
+}
 
 
 def available_models() -> list[str]:
@@ -23,4 +32,4 @@ def get_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Modu
     return _MODELS[name](num_classes=num_classes, in_channels=in_channels)
 
 
-__all__ = ["available_models", "get_model", "cnn_small", "resnet18"]
+__all__ = ["WideResNet", "available_models", "get_model", "cnn_small", "resnet18", "vgg16"]

@@ -8,8 +8,9 @@ from .masked import (
     sparsity_report,
     topk_mask,
 )
+from .sparse import SparseConv2d, SparseLinear, load_sparse, save_sparse, sparsify
 
 __all__ = [
     "FeatureTaps", "HSICBottleneck", "MaskedConv2d", "MaskedLinear", "kept_count", "prune_model",
-    "sparsity_report", "topk_mask",
+    "sparsity_report", "topk_mask", "SparseConv2d", "SparseLinear", "load_sparse", "save_sparse", "sparsify",
 ]

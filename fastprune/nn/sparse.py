@@ -1,0 +1,212 @@
+"""Inference with truly sparse layers: SparseConv2d / SparseLinear hold CSR weights only, and
+``sparsify`` converts a pruned model, keeping per layer whichever of dense and sparse runs faster
+on the actual device."""
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.sparse import sparse_conv2d, sparse_linear
+from ..reference.sparse import csr_to_dense, dense_to_csr
+from ..train.checkpoint import atomic_save
+from .masked import MASKED_TYPES, check_sparsity, effective_weight
+
+
+class _CSRWeight(nn.Module):
+    """A weight stored as CSR buffers (row_ptr, col_idx, values): memory proportional to the non-zeros."""
+
+    def _store(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        row_ptr, col_idx, values = dense_to_csr(weight)
+        self.register_buffer("row_ptr", row_ptr)
+        self.register_buffer("col_idx", col_idx)
+        self.register_buffer("values", values)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.weight_shape = tuple(weight.shape)
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def dense_weight(self) -> torch.Tensor:
+        return csr_to_dense(self.row_ptr, self.col_idx, self.values, self.weight_shape)
+
+    def _check_input(self, x: torch.Tensor, dims: int, name: str) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != dims:
+            raise ValueError(f"input to {name} must be {dims}D, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.dtype != torch.float32:
+            raise ValueError(f"input to {name} must be float32, got {x.dtype}")
+        if x.device != self.values.device:
+            raise ValueError(f"input to {name} is on {x.device}, the layer on {self.values.device}")
+
+
+class SparseConv2d(_CSRWeight):
+    """Convolution with a CSR weight (groups 1, dilation 1, zero padding): (N, C, H, W) -> (N, OC, H', W')."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride=(1, 1), padding=(0, 0)):
+        super().__init__()
+        if weight.dim() != 4:
+            raise ValueError(f"weight must be (OC, IC, KH, KW), got {tuple(weight.shape)}")
+        self._store(weight, bias)
+        self.in_channels, self.kernel_size = weight.shape[1], tuple(weight.shape[2:])
+        self.stride, self.padding = tuple(stride), tuple(padding)
+
+    @staticmethod
+    def supports(conv: nn.Conv2d) -> bool:
+        return (conv.groups == 1 and tuple(conv.dilation) == (1, 1) and conv.padding_mode == "zeros"
+                and isinstance(conv.padding, tuple))
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d) -> "SparseConv2d":
+        """From a Conv2d or MaskedConv2d (its masked weight)."""
+        if not cls.supports(conv):
+            raise ValueError("conv must have groups=1, dilation=1, zero padding given as numbers")
+        return cls(effective_weight(conv), conv.bias, conv.stride, conv.padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x, 4, "SparseConv2d")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"input has {x.shape[1]} channels, the layer expects {self.in_channels}")
+        return sparse_conv2d(x, self.row_ptr, self.col_idx, self.values, self.bias, self.in_channels,
+                             *self.kernel_size, *self.stride, *self.padding)
+
+    def extra_repr(self) -> str:
+        total = 1
+        for s in self.weight_shape:
+            total *= s
+        return (f"{self.in_channels}, {self.weight_shape[0]}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, nnz={self.nnz} ({1 - self.nnz / total:.1%} sparse)")
+
+
+class SparseLinear(_CSRWeight):
+    """Linear layer with a CSR weight: (N, in) -> (N, out)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be (out, in), got {tuple(weight.shape)}")
+        self._store(weight, bias)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear) -> "SparseLinear":
+        return cls(effective_weight(linear), linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x, 2, "SparseLinear")
+        if x.shape[1] != self.in_features:
+            raise ValueError(f"input has {x.shape[1]} features, the layer expects {self.in_features}")
+        return sparse_linear(x, self.row_ptr, self.col_idx, self.values, self.bias, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, nnz={self.nnz}"
+
+
+def _dense_twin(module: nn.Module) -> nn.Module:
+    """A plain nn.Conv2d / nn.Linear computing what ``module`` computes (masks folded in)."""
+    if not isinstance(module, MASKED_TYPES):
+        return module
+    if isinstance(module, nn.Conv2d):
+        dense = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                          module.dilation, module.groups, module.bias is not None, module.padding_mode,
+                          device=module.weight.device, dtype=module.weight.dtype)
+    else:
+        dense = nn.Linear(module.in_features, module.out_features, module.bias is not None,
+                          device=module.weight.device, dtype=module.weight.dtype)
+    with torch.no_grad():
+        dense.weight.copy_(effective_weight(module))
+        if module.bias is not None:
+            dense.bias.copy_(module.bias)
+    return dense
+
+
+def _sparse_twin(module: nn.Module) -> nn.Module | None:
+    if isinstance(module, nn.Conv2d) and SparseConv2d.supports(module) and module.weight.dtype == torch.float32:
+        return SparseConv2d.from_dense(module)
+    if isinstance(module, nn.Linear) and module.weight.dtype == torch.float32:
+        return SparseLinear.from_dense(module)
+    return None
+
+
+def _median_seconds(fn, x, repeats: int) -> float:
+    with torch.no_grad():
+        fn(x)
+        times = []
+        for _ in range(repeats):
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn(x)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def sparsify(model: nn.Module, example_input: torch.Tensor | None = None, *, benchmark: bool = True,
+             min_sparsity: float = 0.5, repeats: int = 5) -> nn.Module:
+    """An inference copy of ``model`` whose conv and linear layers carry compressed weights.
+
+    With ``example_input`` (a typical batch) and ``benchmark`` on, every candidate layer is timed
+    dense and sparse on its real input, on the model's device, and the faster is kept, so the
+    result is never slower than the dense model layer by layer. Otherwise a layer becomes sparse
+    when its sparsity is at least ``min_sparsity``. Masks of masked layers are folded in either
+    way. The decisions are recorded in ``returned_model.sparsify_decisions``
+    ({layer: {"sparsity", "dense_s", "sparse_s", "kept": "sparse" | "dense"}}).
+    """
+    check_sparsity(min_sparsity)
+    model = copy.deepcopy(model).eval()
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    inputs: dict[str, torch.Tensor] = {}
+    if example_input is not None and benchmark:
+        hooks = [m.register_forward_hook(lambda mod, args, out, name=n: inputs.__setitem__(name, args[0].detach()))
+                 for n, m in layers]
+        with torch.no_grad():
+            model(example_input)
+        for hook in hooks:
+            hook.remove()
+    decisions = {}
+    for name, module in layers:
+        dense = _dense_twin(module)
+        sparse = _sparse_twin(dense)
+        weight = effective_weight(dense)
+        sparsity = float((weight == 0).float().mean())
+        decision = {"sparsity": sparsity, "dense_s": None, "sparse_s": None}
+        if sparse is None:
+            use_sparse = False
+        elif name in inputs:
+            decision["dense_s"] = _median_seconds(dense, inputs[name], repeats)
+            decision["sparse_s"] = _median_seconds(sparse, inputs[name], repeats)
+            use_sparse = decision["sparse_s"] < decision["dense_s"]
+        else:
+            use_sparse = sparsity >= min_sparsity
+        decision["kept"] = "sparse" if use_sparse else "dense"
+        decisions[name] = decision
+        replacement = sparse if use_sparse else dense
+        if replacement is not module:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+    model.sparsify_decisions = decisions
+    return model
+
+
+def save_sparse(model: nn.Module, path: str) -> None:
+    """Write a sparsified model (the module itself, CSR buffers included: the file grows with the
+    number of non-zeros, not the dense size). Written atomically."""
+    atomic_save({"fastprune_sparse_model": model}, path)
+
+
+def load_sparse(path: str, map_location="cpu") -> nn.Module:
+    """Read a model written by :func:`save_sparse`. The file is unpickled: load only files you trust."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"sparse model file {path!r} does not exist")
+    obj = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(obj, dict) or "fastprune_sparse_model" not in obj:
+        raise ValueError(f"{path!r} was not written by fastprune.save_sparse")
+    return obj["fastprune_sparse_model"]

@@ -1,0 +1,58 @@
+"""Sparse inference ops: ``fastprune::sparse_conv2d`` and ``fastprune::sparse_linear`` with CSR weights.
+
+Chain: csrc/sparse_conv.cpp (the CPU direct sparse convolution, ``sparse_conv2d_ext``),
+fastprune/reference/sparse.py (dense equivalent), fastprune/nn/sparse.py (modules, sparsify).
+GPU kernels are not written yet: on CUDA tensors these ops run the reference (a dense conv), and
+``sparsify`` keeps dense layers there because its timing finds them faster.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import backends
+from ..reference.sparse import sparse_conv2d_ref, sparse_linear_ref
+
+_CONV_SPEC = backends.OpSpec("sparse_conv2d", {"cpu": ("cpp",)}, implemented=("reference", "cpp"),
+                             native="sparse_conv2d_ext")
+_LINEAR_SPEC = backends.OpSpec("sparse_linear", {"cpu": ("cpp",)}, implemented=("reference", "cpp"),
+                               native="sparse_linear_ext")
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+@torch.library.custom_op("fastprune::sparse_conv2d", mutates_args=())
+def sparse_conv2d(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+                  bias: Optional[torch.Tensor], in_channels: int, kh: int, kw: int, stride_h: int, stride_w: int,
+                  pad_h: int, pad_w: int) -> torch.Tensor:
+    """(N, C, H, W) float32 -> (N, OC, H', W'); CSR weight (OC rows, columns (ic * kh + r) * kw + s)."""
+    if backends.choose(_CONV_SPEC, x.device) == "reference":
+        return sparse_conv2d_ref(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, (stride_h, stride_w),
+                                 (pad_h, pad_w))
+    return torch.ops.fastprune.sparse_conv2d_ext(x, row_ptr, col_idx, values, bias, kh, kw, stride_h, stride_w,
+                                                 pad_h, pad_w)
+
+
+@sparse_conv2d.register_fake
+def _sparse_conv2d_fake(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w):
+    torch._check(x.dim() == 4, lambda: "x must be (N, C, H, W)")
+    ho = conv_output_size(x.shape[2], kh, stride_h, pad_h)
+    wo = conv_output_size(x.shape[3], kw, stride_w, pad_w)
+    return x.new_empty((x.shape[0], row_ptr.shape[0] - 1, ho, wo))
+
+
+@torch.library.custom_op("fastprune::sparse_linear", mutates_args=())
+def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+                  bias: Optional[torch.Tensor], in_features: int) -> torch.Tensor:
+    """(N, in) float32 -> (N, out); CSR weight (out rows, in columns)."""
+    if backends.choose(_LINEAR_SPEC, x.device) == "reference":
+        return sparse_linear_ref(x, row_ptr, col_idx, values, bias, in_features)
+    return torch.ops.fastprune.sparse_linear_ext(x, row_ptr, col_idx, values, bias)
+
+
+@sparse_linear.register_fake
+def _sparse_linear_fake(x, row_ptr, col_idx, values, bias, in_features):
+    return x.new_empty((x.shape[0], row_ptr.shape[0] - 1))
