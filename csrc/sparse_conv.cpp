@@ -56,30 +56,49 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
               "sparse_conv2d: bad geometry");
   const int64_t oc_count = row_ptr.size(0) - 1;
   check_csr(row_ptr, col_idx, values, oc_count);
-  const at::Tensor x = x_in.contiguous();
+  // channels_last in, channels_last out (so that pooling and BatchNorm around the layer stay on
+  // their fast path); any other layout is read through its strides and gives a contiguous output.
+  const bool channels_last = x_in.is_contiguous(at::MemoryFormat::ChannelsLast) && !x_in.is_contiguous();
+  const at::Tensor& x = x_in;
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t hp = h + 2 * pad_h, wp = w + 2 * pad_w, plane = hp * wp;
   TORCH_CHECK(hp >= kh && wp >= kw, "sparse_conv2d: the kernel is larger than the padded input");
   const int64_t ho = (hp - kh) / stride_h + 1, wo = (wp - kw) / stride_w + 1;
-  at::Tensor out = at::empty({n, oc_count, ho, wo}, x.options());
+  at::Tensor out = at::empty({n, oc_count, ho, wo}, x.options().memory_format(
+                                                        channels_last ? at::MemoryFormat::ChannelsLast
+                                                                      : at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
 
-  // Padded, channel-major copy of the input, with a zero tail for the shifted reads past the end.
+  // Padded, channel-major copy of the input with a zero tail for the shifted reads past the end.
+  // Every element is written once (padding included): no separate memset pass.
   const int64_t tail = (kh - 1) * wp + kw;
   const int64_t row_len = n * plane + tail;
-  at::Tensor xp = at::zeros({c, row_len}, x.options());
+  at::Tensor xp = at::empty({c, row_len}, x.options());
   {
     const float* src = x.const_data_ptr<float>();
     float* dst = xp.mutable_data_ptr<float>();
-    at::parallel_for(0, c * n, 1, [=](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t ci = t / n, ni = t % n;
-        const float* s = src + (ni * c + ci) * h * w;
-        float* d = dst + ci * row_len + ni * plane + pad_h * wp + pad_w;
-        for (int64_t y = 0; y < h; ++y) std::copy(s + y * w, s + (y + 1) * w, d + y * wp);
+    const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+    at::parallel_for(0, c, 1, [=](int64_t begin, int64_t end) {
+      for (int64_t ci = begin; ci < end; ++ci) {
+        float* row = dst + ci * row_len;
+        for (int64_t ni = 0; ni < n; ++ni) {
+          float* d = row + ni * plane;
+          std::fill(d, d + pad_h * wp, 0.f);
+          for (int64_t y = 0; y < h; ++y) {
+            float* line = d + (y + pad_h) * wp;
+            std::fill(line, line + pad_w, 0.f);
+            const float* s = src + ni * sn + ci * sc + y * sh;
+            for (int64_t xx = 0; xx < w; ++xx) line[pad_w + xx] = s[xx * sw];
+            std::fill(line + pad_w + w, line + wp, 0.f);
+          }
+          std::fill(d + (h + pad_h) * wp, d + plane, 0.f);
+        }
+        std::fill(row + n * plane, row + row_len, 0.f);
       }
     });
   }
+  // Output strides: (n, oc, y, x) -> offset, for either layout.
+  const int64_t on = out.stride(0), ocs = out.stride(1), oys = out.stride(2), oxs = out.stride(3);
   const int32_t* rp = row_ptr.const_data_ptr<int32_t>();
   const int32_t* ci_ = col_idx.const_data_ptr<int32_t>();
   const float* vals = values.const_data_ptr<float>();
@@ -107,23 +126,28 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
         for (int64_t r = r0; r < r1; ++r) {  // keep the valid outputs of each padded row
           const int64_t ni = r / hp, y = r % hp;
           if (y >= ho) continue;
-          std::copy(acc.begin() + (r - r0) * wp, acc.begin() + (r - r0) * wp + wo,
-                    op + ((ni * oc_count + oc) * ho + y) * wo);
+          const float* a = acc.data() + (r - r0) * wp;
+          float* dst = op + ni * on + oc * ocs + y * oys;
+          for (int64_t xx = 0; xx < wo; ++xx) dst[xx * oxs] = a[xx];
         }
       }
     });
   } else {
-    // Tasks: (output channel, image); one output row at a time, strided reads.
+    // Tasks: (output channel, image); an accumulator plane, one output row at a time, strided reads.
     at::parallel_for(0, oc_count * n, 1, [=](int64_t begin, int64_t end) {
+      std::vector<float> acc(ho * wo);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t oc = task / n, ni = task % n;
-        float* dst = op + (ni * oc_count + oc) * ho * wo;
-        std::fill(dst, dst + ho * wo, bp ? bp[oc] : 0.f);
+        std::fill(acc.begin(), acc.end(), bp ? bp[oc] : 0.f);
         for (int32_t e = rp[oc]; e < rp[oc + 1]; ++e) {
           const int64_t col = ci_[e], ic = col / ksize, rs = col % ksize, r = rs / kw, s = rs % kw;
           const float* src = xpp + ic * row_len + ni * plane + r * wp + s;
-          for (int64_t y = 0; y < ho; ++y) axpy_strided(dst + y * wo, src + y * stride_h * wp, vals[e], wo, stride_w);
+          for (int64_t y = 0; y < ho; ++y)
+            axpy_strided(acc.data() + y * wo, src + y * stride_h * wp, vals[e], wo, stride_w);
         }
+        float* dst = op + ni * on + oc * ocs;
+        for (int64_t y = 0; y < ho; ++y)
+          for (int64_t xx = 0; xx < wo; ++xx) dst[y * oys + xx * oxs] = acc[y * wo + xx];
       }
     });
   }

@@ -17,19 +17,9 @@ import os
 import torch
 
 from ..models import get_model
-from ..nn.masked import prune_model
-from ..nn.sparse import SparseConv2d, SparseLinear, _dense_twin, sparsify
+from ..nn.masked import fold_masks, prune_model
+from ..nn.sparse import SparseConv2d, SparseLinear, sparsify
 from .common import device_label, device_slug, interleaved_medians, markdown_table, versions, write_csv
-
-
-def fold_masks(model: torch.nn.Module) -> torch.nn.Module:
-    """Masked layers -> plain dense layers with the masks multiplied in (in place)."""
-    for name, module in list(model.named_modules()):
-        twin = _dense_twin(module)
-        if twin is not module:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, twin)
-    return model
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

@@ -3,14 +3,16 @@ from .hsic import FeatureTaps, HSICBottleneck
 from .masked import (
     MaskedConv2d,
     MaskedLinear,
+    dense_twin,
+    fold_masks,
     kept_count,
     prune_model,
     sparsity_report,
     topk_mask,
 )
-from .sparse import SparseConv2d, SparseLinear, load_sparse, save_sparse, sparsify
+from .sparse import ChannelsLastInput, SparseConv2d, SparseLinear, load_sparse, save_sparse, sparsify
 
 __all__ = [
-    "FeatureTaps", "HSICBottleneck", "MaskedConv2d", "MaskedLinear", "kept_count", "prune_model",
+    "ChannelsLastInput", "FeatureTaps", "HSICBottleneck", "dense_twin", "fold_masks", "MaskedConv2d", "MaskedLinear", "kept_count", "prune_model",
     "sparsity_report", "topk_mask", "SparseConv2d", "SparseLinear", "load_sparse", "save_sparse", "sparsify",
 ]

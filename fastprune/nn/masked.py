@@ -17,9 +17,9 @@ from torch import nn
 MASK_SOURCES = ("scores", "magnitude", "fixed")
 
 
-def check_sparsity(sparsity) -> float:
+def check_sparsity(sparsity, name: str = "sparsity") -> float:
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be a float in [0, 1), got {sparsity!r}")
+        raise ValueError(f"{name} must be a float in [0, 1), got {sparsity!r}")
     return float(sparsity)
 
 
@@ -223,6 +223,33 @@ def prune_model(model: nn.Module, sparsity: float, method: str = "scores", skip=
     for name, module in targets:
         cls = MaskedConv2d if isinstance(module, nn.Conv2d) else MaskedLinear
         _replace(model, name, cls.from_dense(module, source=method, sparsity=sparsity))
+    return model
+
+
+def dense_twin(module: nn.Module) -> nn.Module:
+    """A plain nn.Conv2d / nn.Linear computing what ``module`` computes (masks folded in)."""
+    if not isinstance(module, MASKED_TYPES):
+        return module
+    if isinstance(module, nn.Conv2d):
+        dense = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                          module.dilation, module.groups, module.bias is not None, module.padding_mode,
+                          device=module.weight.device, dtype=module.weight.dtype)
+    else:
+        dense = nn.Linear(module.in_features, module.out_features, module.bias is not None,
+                          device=module.weight.device, dtype=module.weight.dtype)
+    with torch.no_grad():
+        dense.weight.copy_(effective_weight(module))
+        if module.bias is not None:
+            dense.bias.copy_(module.bias)
+    return dense
+
+
+def fold_masks(model: nn.Module) -> nn.Module:
+    """Replace every masked layer of ``model`` by its :func:`dense_twin` (in place; returns it)."""
+    for name, module in list(model.named_modules()):
+        twin = dense_twin(module)
+        if twin is not module:
+            _replace(model, name, twin)
     return model
 
 

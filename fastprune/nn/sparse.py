@@ -9,13 +9,12 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..ops.sparse import sparse_conv2d, sparse_linear
 from ..reference.sparse import csr_to_dense, dense_to_csr
 from ..train.checkpoint import atomic_save
-from .masked import MASKED_TYPES, check_sparsity, effective_weight
+from .masked import _replace, check_sparsity, dense_twin, effective_weight, fold_masks
 
 
 class _CSRWeight(nn.Module):
@@ -108,24 +107,6 @@ class SparseLinear(_CSRWeight):
         return f"{self.in_features}, {self.out_features}, nnz={self.nnz}"
 
 
-def _dense_twin(module: nn.Module) -> nn.Module:
-    """A plain nn.Conv2d / nn.Linear computing what ``module`` computes (masks folded in)."""
-    if not isinstance(module, MASKED_TYPES):
-        return module
-    if isinstance(module, nn.Conv2d):
-        dense = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                          module.dilation, module.groups, module.bias is not None, module.padding_mode,
-                          device=module.weight.device, dtype=module.weight.dtype)
-    else:
-        dense = nn.Linear(module.in_features, module.out_features, module.bias is not None,
-                          device=module.weight.device, dtype=module.weight.dtype)
-    with torch.no_grad():
-        dense.weight.copy_(effective_weight(module))
-        if module.bias is not None:
-            dense.bias.copy_(module.bias)
-    return dense
-
-
 def _sparse_twin(module: nn.Module) -> nn.Module | None:
     if isinstance(module, nn.Conv2d) and SparseConv2d.supports(module) and module.weight.dtype == torch.float32:
         return SparseConv2d.from_dense(module)
@@ -149,51 +130,97 @@ def _median_seconds(fn, x, repeats: int) -> float:
     return statistics.median(times)
 
 
-def sparsify(model: nn.Module, example_input: torch.Tensor | None = None, *, benchmark: bool = True,
-             min_sparsity: float = 0.5, repeats: int = 5) -> nn.Module:
-    """An inference copy of ``model`` whose conv and linear layers carry compressed weights.
+class ChannelsLastInput(nn.Module):
+    """Runs ``model`` on channels_last inputs: in that layout BatchNorm, pooling and the sparse
+    convolutions around each other avoid layout conversions on the CPU."""
 
-    With ``example_input`` (a typical batch) and ``benchmark`` on, every candidate layer is timed
-    dense and sparse on its real input, on the model's device, and the faster is kept, so the
-    result is never slower than the dense model layer by layer. Otherwise a layer becomes sparse
-    when its sparsity is at least ``min_sparsity``. Masks of masked layers are folded in either
-    way. The decisions are recorded in ``returned_model.sparsify_decisions``
-    ({layer: {"sparsity", "dense_s", "sparse_s", "kept": "sparse" | "dense"}}).
-    """
-    check_sparsity(min_sparsity)
-    model = copy.deepcopy(model).eval()
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    inputs: dict[str, torch.Tensor] = {}
-    if example_input is not None and benchmark:
-        hooks = [m.register_forward_hook(lambda mod, args, out, name=n: inputs.__setitem__(name, args[0].detach()))
-                 for n, m in layers]
-        with torch.no_grad():
-            model(example_input)
-        for hook in hooks:
-            hook.remove()
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
+
+
+def _convert_layers(dense: nn.Module, inputs: dict, min_sparsity: float, repeats: int):
+    """Swap dense conv/linear layers for sparse ones: by timing where ``inputs`` has the layer's
+    input, else by the sparsity rule. Returns (model, decisions); ``dense`` is modified."""
     decisions = {}
-    for name, module in layers:
-        dense = _dense_twin(module)
-        sparse = _sparse_twin(dense)
-        weight = effective_weight(dense)
-        sparsity = float((weight == 0).float().mean())
-        decision = {"sparsity": sparsity, "dense_s": None, "sparse_s": None}
+    for name, module in [(n, m) for n, m in dense.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]:
+        sparse = _sparse_twin(module)
+        weight = module.weight.detach()
+        decision = {"sparsity": float((weight == 0).float().mean()), "dense_s": None, "sparse_s": None}
         if sparse is None:
             use_sparse = False
         elif name in inputs:
-            decision["dense_s"] = _median_seconds(dense, inputs[name], repeats)
+            decision["dense_s"] = _median_seconds(module, inputs[name], repeats)
             decision["sparse_s"] = _median_seconds(sparse, inputs[name], repeats)
             use_sparse = decision["sparse_s"] < decision["dense_s"]
         else:
-            use_sparse = sparsity >= min_sparsity
+            use_sparse = decision["sparsity"] >= min_sparsity
         decision["kept"] = "sparse" if use_sparse else "dense"
         decisions[name] = decision
-        replacement = sparse if use_sparse else dense
-        if replacement is not module:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
-    model.sparsify_decisions = decisions
-    return model
+        if use_sparse:
+            _replace(dense, name, sparse)
+    return dense, decisions
+
+
+def _layer_inputs(model: nn.Module, x: torch.Tensor) -> dict:
+    inputs = {}
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=n: inputs.__setitem__(name, args[0].detach()))
+             for n, m in layers]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return inputs
+
+
+def sparsify(model: nn.Module, example_input: torch.Tensor | None = None, *, benchmark: bool = True,
+             min_sparsity: float = 0.5, repeats: int = 5, channels_last: bool | str = "auto") -> nn.Module:
+    """An inference copy of ``model`` whose conv and linear layers carry compressed weights.
+
+    With ``example_input`` (a typical batch) and ``benchmark`` on, on the model's device: every
+    candidate layer is timed dense and sparse on its real input and the faster kept; then the whole
+    sparse model is timed against the dense model (masks folded in), in the contiguous and the
+    channels_last layout (``channels_last="auto"``), and the fastest of those is returned, so the
+    result is never slower than the dense model. Without timing, a layer becomes sparse when its
+    sparsity is at least ``min_sparsity``. Masks of masked layers are folded in either way.
+
+    The returned model has ``sparsify_decisions`` ({layer: {"sparsity", "dense_s", "sparse_s",
+    "kept"}}) and ``sparsify_choice`` (what was returned and the whole-model times).
+    """
+    check_sparsity(min_sparsity, "min_sparsity")
+    if channels_last not in (True, False, "auto"):
+        raise ValueError(f"channels_last must be True, False or 'auto', got {channels_last!r}")
+    dense = fold_masks(copy.deepcopy(model).eval())
+    if example_input is None or not benchmark:
+        result, decisions = _convert_layers(dense, {}, min_sparsity, repeats)
+        if channels_last is True:
+            result = ChannelsLastInput(result.to(memory_format=torch.channels_last))
+        result.sparsify_decisions, result.sparsify_choice = decisions, {"kind": "sparse", "timed": False}
+        return result
+
+    formats = [False, True] if channels_last == "auto" else [bool(channels_last)]
+    candidates = {}
+    for cl in formats:
+        base = copy.deepcopy(dense).to(memory_format=torch.channels_last) if cl else copy.deepcopy(dense)
+        x = example_input.contiguous(memory_format=torch.channels_last) if cl else example_input
+        sparse, decisions = _convert_layers(copy.deepcopy(base), _layer_inputs(base, x), min_sparsity, repeats)
+        wrap = ChannelsLastInput if cl else (lambda m: m)
+        layout = "channels_last" if cl else "contiguous"
+        candidates[f"sparse, {layout}"] = (wrap(sparse), decisions)
+        all_dense = {k: {**d, "kept": "dense"} for k, d in decisions.items()}
+        candidates[f"dense, {layout}"] = (wrap(base), all_dense)
+    times = {k: _median_seconds(m, example_input, repeats) for k, (m, _) in candidates.items()}
+    best = min(times, key=times.get)
+    result, decisions = candidates[best]
+    result.sparsify_decisions = decisions
+    result.sparsify_choice = {"kind": best, "timed": True, "seconds": times}
+    return result
 
 
 def save_sparse(model: nn.Module, path: str) -> None:

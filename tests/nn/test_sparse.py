@@ -1,0 +1,137 @@
+"""Sparse inference: the sparse kernels vs F.conv2d / F.linear, sparsify on whole models, save/load."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastprune
+from fastprune.models import get_model
+from fastprune.nn import SparseConv2d, SparseLinear, load_sparse, prune_model, save_sparse, sparsify
+from fastprune.ops.sparse import _CONV_SPEC, _LINEAR_SPEC, sparse_conv2d, sparse_linear
+from fastprune.reference.sparse import csr_to_dense, dense_to_csr
+
+from ..conftest import backend_device_pairs
+
+# (N, C, H, W, OC, k, stride, padding, sparsity): 1x1 and 3x3, strides 1 and 2, paddings 0-2,
+# batch 1 and more, an all-zero layer (1.0) and a fully dense one (0.0), odd sizes.
+CONV_CASES = [
+    (1, 3, 8, 8, 4, 3, 1, 1, 0.9),
+    (2, 5, 9, 7, 6, 3, 1, 1, 0.5),
+    (3, 4, 8, 8, 6, 3, 2, 1, 0.7),
+    (2, 6, 7, 7, 5, 1, 2, 0, 0.3),
+    (2, 3, 5, 5, 4, 3, 1, 2, 0.0),
+    (2, 3, 5, 5, 4, 3, 1, 0, 1.0),
+    (4, 16, 4, 4, 8, 3, 1, 1, 0.95),
+    (1, 2, 33, 31, 3, 3, 2, 1, 0.6),
+    (2, 8, 6, 6, 7, 1, 1, 0, 0.8),
+]
+
+
+def sparse_weight(shape, sparsity, seed, empty_row=True):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen) * (torch.rand(shape, generator=gen) >= sparsity)
+    if empty_row and shape[0] > 1:
+        w[1] = 0  # an output channel with no weights at all
+    return w
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_CONV_SPEC))
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_sparse_conv_matches_conv2d(backend, device, case):
+    n, c, h, w, oc, k, stride, pad, sparsity = case
+    gen = torch.Generator().manual_seed(sum(case[:8]))
+    x = torch.randn(n, c, h, w, generator=gen).to(device)
+    weight = sparse_weight((oc, c, k, k), sparsity, seed=n * 7 + c).to(device)
+    bias = torch.randn(oc, generator=gen).to(device)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    assert torch.equal(csr_to_dense(row_ptr, col_idx, values, weight.shape), weight)
+    with fastprune.use_backend(backend):
+        got = sparse_conv2d(x, row_ptr, col_idx, values, bias, c, k, k, stride, stride, pad, pad)
+    want = F.conv2d(x.double(), weight.double(), bias.double(), stride=stride, padding=pad)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_LINEAR_SPEC))
+@pytest.mark.parametrize("n,fin,fout,sparsity", [(1, 7, 5, 0.5), (9, 33, 17, 0.9), (4, 10, 3, 1.0), (3, 8, 6, 0.0)])
+def test_sparse_linear_matches_linear(backend, device, n, fin, fout, sparsity):
+    gen = torch.Generator().manual_seed(n + fin)
+    x = torch.randn(n, fin, generator=gen).to(device)
+    weight = sparse_weight((fout, fin), sparsity, seed=fout).to(device)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    with fastprune.use_backend(backend):
+        got = sparse_linear(x, row_ptr, col_idx, values, None, fin)
+    torch.testing.assert_close(got.double(), x.double() @ weight.double().T, atol=1e-5, rtol=1e-5)
+
+
+def test_opcheck_sparse_ops():
+    x = torch.randn(2, 3, 6, 6)
+    row_ptr, col_idx, values = dense_to_csr(sparse_weight((4, 3, 3, 3), 0.6, seed=1))
+    torch.library.opcheck(torch.ops.fastprune.sparse_conv2d.default,
+                          (x, row_ptr, col_idx, values, torch.randn(4), 3, 3, 3, 1, 1, 1, 1))
+    row_ptr, col_idx, values = dense_to_csr(sparse_weight((5, 7), 0.6, seed=2))
+    torch.library.opcheck(torch.ops.fastprune.sparse_linear.default, (torch.randn(3, 7), row_ptr, col_idx, values,
+                                                                       None, 7))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg16", "cnn-small"])
+def test_sparsify_whole_models_equals_the_masked_model(name):
+    torch.manual_seed(0)
+    channels, size = (1, 8) if name == "cnn-small" else (3, 32)
+    model = get_model(name, 10, channels).eval()
+    # BatchNorm statistics that are not the identity, so that folding mistakes would show.
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    prune_model(model, 0.9, method="magnitude")
+    x = torch.rand(3, channels, size, size)
+    for kwargs in ({"example_input": x}, {}):  # timed per layer, and by the sparsity rule
+        sparse = sparsify(model, **kwargs)
+        with torch.no_grad():
+            want, got = model(x), sparse(x)
+        torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+        decisions = sparse.sparsify_decisions
+        assert len(decisions) == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+        assert all(abs(d["sparsity"] - 0.9) < 0.01 for d in decisions.values())
+    # Without timing every layer at 90% is converted; with timing, only the faster ones.
+    assert any(isinstance(m, (SparseConv2d, SparseLinear)) for m in sparsify(model).modules())
+    assert not any(type(m).__name__.startswith("Masked") for m in sparse.modules())
+
+
+def test_save_load_round_trip_and_size(tmp_path):
+    torch.manual_seed(0)
+    model = prune_model(get_model("resnet18", 10, 3).eval(), 0.99, method="magnitude")
+    sparse = sparsify(model)
+    path = tmp_path / "sparse.pt"
+    save_sparse(sparse, str(path))
+    loaded = load_sparse(str(path))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), sparse(x))
+    dense_bytes = sum(p.numel() * 4 for p in get_model("resnet18").parameters())
+    assert os.path.getsize(path) < 0.05 * dense_bytes, "a 99% sparse model must store about 1% of the weights"
+    with pytest.raises(FileNotFoundError):
+        load_sparse(str(tmp_path / "missing.pt"))
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="save_sparse"):
+        load_sparse(str(tmp_path / "other.pt"))
+
+
+def test_bad_inputs():
+    layer = SparseConv2d.from_dense(nn.Conv2d(3, 4, 3, padding=1))
+    with pytest.raises(ValueError, match="4D"):
+        layer(torch.randn(3, 8, 8))
+    with pytest.raises(ValueError, match="float32"):
+        layer(torch.randn(1, 3, 8, 8).double())
+    with pytest.raises(ValueError, match="channels"):
+        layer(torch.randn(1, 2, 8, 8))
+    with pytest.raises(ValueError, match="groups=1"):
+        SparseConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2))
+    lin = SparseLinear.from_dense(nn.Linear(5, 3))
+    with pytest.raises(ValueError, match="features"):
+        lin(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="min_sparsity"):
+        sparsify(nn.Sequential(nn.Linear(2, 2)), min_sparsity=1.5)
