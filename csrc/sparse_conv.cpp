@@ -24,7 +24,13 @@
 namespace fastprune {
 namespace {
 
-constexpr int64_t kChunkFloats = 4096;  // accumulator per task: 16 KiB, inside L1 with its inputs streaming
+// A task covers a chunk of output positions for one output channel. Tasks run chunk-major, so all
+// output channels of a chunk run while the chunk's slice of every input channel (C x chunk floats)
+// sits in L2; the chunk is sized to keep that slice near kSliceBytes.
+constexpr int64_t kSliceBytes = 512 * 1024;
+constexpr int64_t kMaxChunkFloats = 4096, kMinChunkFloats = 256;
+// Feature maps at least this wide take the direct path (long enough rows to vectorise).
+constexpr int64_t kDirectMinWidth = 16;
 
 // acc[0:len] += v * src[0:len]: the whole inner loop of a non-zero. Built for AVX2 and baseline.
 FASTPRUNE_CPU_CLONES void axpy(float* __restrict__ acc, const float* __restrict__ src, float v, int64_t len) {
@@ -50,7 +56,8 @@ void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::T
 
 at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                              const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t kh, int64_t kw,
-                             int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w) {
+                             int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t algo) {
+  TORCH_CHECK(algo >= 0 && algo <= 2, "sparse_conv2d: algo must be 0 (auto), 1 (padded) or 2 (direct)");
   TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat, "sparse_conv2d: x must be float32 (N, C, H, W)");
   TORCH_CHECK(kh >= 1 && kw >= 1 && stride_h >= 1 && stride_w >= 1 && pad_h >= 0 && pad_w >= 0,
               "sparse_conv2d: bad geometry");
@@ -68,6 +75,41 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
                                                         channels_last ? at::MemoryFormat::ChannelsLast
                                                                       : at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
+
+  const int32_t* rp = row_ptr.const_data_ptr<int32_t>();
+  const int32_t* ci_ = col_idx.const_data_ptr<int32_t>();
+  const float* vals = values.const_data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->const_data_ptr<float>() : nullptr;
+  float* op = out.mutable_data_ptr<float>();
+  const int64_t ksize = kh * kw;
+
+  const bool direct_ok = !channels_last && x.is_contiguous() && stride_h == 1 && stride_w == 1;
+  TORCH_CHECK(algo != 2 || direct_ok, "sparse_conv2d: the direct algorithm needs stride 1 and a contiguous input");
+  if (algo == 2 || (algo == 0 && direct_ok && w >= kDirectMinWidth)) {
+    // Wide feature maps: no re-layout. Tasks are (image, output channel); each output plane is
+    // accumulated in L1 by row-wise AXPYs over the rows and columns a non-zero weight reaches,
+    // and the image's input planes stay in L2 across output channels.
+    const float* src = x.const_data_ptr<float>();
+    at::parallel_for(0, n * oc_count, 1, [=](int64_t begin, int64_t end) {
+      std::vector<float> acc(ho * wo);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t ni = task / oc_count, oc = task % oc_count;
+        std::fill(acc.begin(), acc.end(), bp ? bp[oc] : 0.f);
+        for (int32_t e = rp[oc]; e < rp[oc + 1]; ++e) {
+          const int64_t col = ci_[e], ic = col / ksize, rs = col % ksize;
+          const int64_t dy = rs / kw - pad_h, dx = rs % kw - pad_w;  // input offset of this tap
+          const int64_t y0 = std::max<int64_t>(0, -dy), y1 = std::min<int64_t>(ho, h - dy);
+          const int64_t x0 = std::max<int64_t>(0, -dx), x1 = std::min<int64_t>(wo, w - dx);
+          if (y0 >= y1 || x0 >= x1) continue;
+          const float* plane = src + (ni * c + ic) * h * w;
+          for (int64_t y = y0; y < y1; ++y)
+            axpy(acc.data() + y * wo + x0, plane + (y + dy) * w + x0 + dx, vals[e], x1 - x0);
+        }
+        std::copy(acc.begin(), acc.end(), op + (ni * oc_count + oc) * ho * wo);
+      }
+    });
+    return out;
+  }
 
   // Padded, channel-major copy of the input with a zero tail for the shifted reads past the end.
   // Every element is written once (padding included): no separate memset pass.
@@ -88,7 +130,11 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
             float* line = d + (y + pad_h) * wp;
             std::fill(line, line + pad_w, 0.f);
             const float* s = src + ni * sn + ci * sc + y * sh;
-            for (int64_t xx = 0; xx < w; ++xx) line[pad_w + xx] = s[xx * sw];
+            if (sw == 1) {
+              std::copy(s, s + w, line + pad_w);
+            } else {  // channels_last: a strided gather
+              for (int64_t xx = 0; xx < w; ++xx) line[pad_w + xx] = s[xx * sw];
+            }
             std::fill(line + pad_w + w, line + wp, 0.f);
           }
           std::fill(d + (h + pad_h) * wp, d + plane, 0.f);
@@ -99,23 +145,20 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
   }
   // Output strides: (n, oc, y, x) -> offset, for either layout.
   const int64_t on = out.stride(0), ocs = out.stride(1), oys = out.stride(2), oxs = out.stride(3);
-  const int32_t* rp = row_ptr.const_data_ptr<int32_t>();
-  const int32_t* ci_ = col_idx.const_data_ptr<int32_t>();
-  const float* vals = values.const_data_ptr<float>();
   const float* xpp = xp.const_data_ptr<float>();
-  const float* bp = bias.has_value() ? bias->const_data_ptr<float>() : nullptr;
-  float* op = out.mutable_data_ptr<float>();
-  const int64_t ksize = kh * kw;
 
   if (stride_h == 1 && stride_w == 1) {
-    // Tasks: (output channel, block of whole padded rows of the flattened (N * Hp) x Wp grid).
+    // Tasks: (block of whole padded rows of the flattened (N * Hp) x Wp grid, output channel),
+    // chunk-major.
     const int64_t rows_total = n * hp;
-    const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkFloats / wp);
+    const int64_t chunk_floats =
+        std::clamp<int64_t>(kSliceBytes / (c * static_cast<int64_t>(sizeof(float))), kMinChunkFloats, kMaxChunkFloats);
+    const int64_t rows_per_chunk = std::max<int64_t>(1, chunk_floats / wp);
     const int64_t chunks = (rows_total + rows_per_chunk - 1) / rows_per_chunk;
     at::parallel_for(0, oc_count * chunks, 1, [=](int64_t begin, int64_t end) {
       std::vector<float> acc(rows_per_chunk * wp);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t oc = task / chunks, r0 = (task % chunks) * rows_per_chunk;
+        const int64_t oc = task % oc_count, r0 = (task / oc_count) * rows_per_chunk;
         const int64_t r1 = std::min(rows_total, r0 + rows_per_chunk);
         const int64_t q0 = r0 * wp, len = (r1 - r0) * wp;
         std::fill(acc.begin(), acc.begin() + len, bp ? bp[oc] : 0.f);
@@ -128,7 +171,11 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
           if (y >= ho) continue;
           const float* a = acc.data() + (r - r0) * wp;
           float* dst = op + ni * on + oc * ocs + y * oys;
-          for (int64_t xx = 0; xx < wo; ++xx) dst[xx * oxs] = a[xx];
+          if (oxs == 1) {
+            std::copy(a, a + wo, dst);
+          } else {  // channels_last: a strided scatter
+            for (int64_t xx = 0; xx < wo; ++xx) dst[xx * oxs] = a[xx];
+          }
         }
       }
     });

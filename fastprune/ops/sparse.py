@@ -20,6 +20,14 @@ _LINEAR_SPEC = backends.OpSpec("sparse_linear", {"cpu": ("cpp",)}, implemented=(
                                native="sparse_linear_ext")
 
 
+ALGORITHMS = {"padded": 1, "direct": 2}
+
+
+def direct_applicable(x: torch.Tensor, stride) -> bool:
+    """Whether the direct algorithm can run on input x with this stride."""
+    return x.is_contiguous() and tuple(stride) == (1, 1)
+
+
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
@@ -27,17 +35,19 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 @torch.library.custom_op("fastprune::sparse_conv2d", mutates_args=())
 def sparse_conv2d(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
                   bias: Optional[torch.Tensor], in_channels: int, kh: int, kw: int, stride_h: int, stride_w: int,
-                  pad_h: int, pad_w: int) -> torch.Tensor:
-    """(N, C, H, W) float32 -> (N, OC, H', W'); CSR weight (OC rows, columns (ic * kh + r) * kw + s)."""
+                  pad_h: int, pad_w: int, algo: int = 0) -> torch.Tensor:
+    """(N, C, H, W) float32 -> (N, OC, H', W'); CSR weight (OC rows, columns (ic * kh + r) * kw + s).
+    algo (cpp backend): 0 by shape, 1 padded channel-major, 2 direct (stride 1, contiguous NCHW)."""
     if backends.choose(_CONV_SPEC, x.device) == "reference":
         return sparse_conv2d_ref(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, (stride_h, stride_w),
                                  (pad_h, pad_w))
     return torch.ops.fastprune.sparse_conv2d_ext(x, row_ptr, col_idx, values, bias, kh, kw, stride_h, stride_w,
-                                                 pad_h, pad_w)
+                                                 pad_h, pad_w, algo)
 
 
 @sparse_conv2d.register_fake
-def _sparse_conv2d_fake(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w):
+def _sparse_conv2d_fake(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w,
+                        algo=0):
     torch._check(x.dim() == 4, lambda: "x must be (N, C, H, W)")
     ho = conv_output_size(x.shape[2], kh, stride_h, pad_h)
     wo = conv_output_size(x.shape[3], kw, stride_w, pad_w)

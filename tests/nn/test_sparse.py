@@ -26,6 +26,9 @@ CONV_CASES = [
     (4, 16, 4, 4, 8, 3, 1, 1, 0.95),
     (1, 2, 33, 31, 3, 3, 2, 1, 0.6),
     (2, 8, 6, 6, 7, 1, 1, 0, 0.8),
+    (2, 3, 17, 20, 5, 3, 1, 1, 0.8),  # wide enough for the direct algorithm
+    (1, 2, 18, 16, 3, 3, 1, 2, 0.5),
+    (2, 4, 16, 16, 3, 1, 1, 0, 0.5),
 ]
 
 
@@ -47,11 +50,16 @@ def test_sparse_conv_matches_conv2d(backend, device, case):
     bias = torch.randn(oc, generator=gen).to(device)
     row_ptr, col_idx, values = dense_to_csr(weight)
     assert torch.equal(csr_to_dense(row_ptr, col_idx, values, weight.shape), weight)
-    with fastprune.use_backend(backend):
-        got = sparse_conv2d(x, row_ptr, col_idx, values, bias, c, k, k, stride, stride, pad, pad)
     want = F.conv2d(x.double(), weight.double(), bias.double(), stride=stride, padding=pad)
-    assert got.shape == want.shape
-    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    algos = [0, 1] + ([2] if stride == 1 else [])
+    for algo in algos:  # every algorithm, and channels_last inputs (which keep their layout)
+        for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+            if algo == 2 and not xin.is_contiguous():
+                continue
+            with fastprune.use_backend(backend):
+                got = sparse_conv2d(xin, row_ptr, col_idx, values, bias, c, k, k, stride, stride, pad, pad, algo)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend,device", backend_device_pairs(_LINEAR_SPEC))
@@ -70,7 +78,7 @@ def test_opcheck_sparse_ops():
     x = torch.randn(2, 3, 6, 6)
     row_ptr, col_idx, values = dense_to_csr(sparse_weight((4, 3, 3, 3), 0.6, seed=1))
     torch.library.opcheck(torch.ops.fastprune.sparse_conv2d.default,
-                          (x, row_ptr, col_idx, values, torch.randn(4), 3, 3, 3, 1, 1, 1, 1))
+                          (x, row_ptr, col_idx, values, torch.randn(4), 3, 3, 3, 1, 1, 1, 1, 0))
     row_ptr, col_idx, values = dense_to_csr(sparse_weight((5, 7), 0.6, seed=2))
     torch.library.opcheck(torch.ops.fastprune.sparse_linear.default, (torch.randn(3, 7), row_ptr, col_idx, values,
                                                                        None, 7))
@@ -99,6 +107,18 @@ def test_sparsify_whole_models_equals_the_masked_model(name):
     # Without timing every layer at 90% is converted; with timing, only the faster ones.
     assert any(isinstance(m, (SparseConv2d, SparseLinear)) for m in sparsify(model).modules())
     assert not any(type(m).__name__.startswith("Masked") for m in sparse.modules())
+
+
+def test_fast_pooling_equals_max_pool():
+    from fastprune.nn.sparse import MaxPool2x2
+
+    pool = MaxPool2x2()
+    for shape in [(2, 3, 8, 8), (1, 2, 7, 9), (3, 1, 2, 2)]:
+        x = torch.randn(shape)
+        assert torch.equal(pool(x), F.max_pool2d(x, 2))
+        assert torch.equal(pool(x.contiguous(memory_format=torch.channels_last)), F.max_pool2d(x, 2))
+    assert MaxPool2x2.replaces(nn.MaxPool2d(2)) and not MaxPool2x2.replaces(nn.MaxPool2d(3))
+    assert not MaxPool2x2.replaces(nn.MaxPool2d(2, ceil_mode=True))
 
 
 def test_save_load_round_trip_and_size(tmp_path):
