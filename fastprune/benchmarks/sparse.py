@@ -4,8 +4,8 @@
 
 Per (model, sparsity, batch): the model is magnitude-pruned to that sparsity in every conv and
 linear layer; the dense baseline is the pruned model with its masks folded into plain layers, run by
-oneDNN on the CPU in both contiguous and channels_last layouts, the faster counting (on CUDA: float16
-and TF32, channels_last); the sparse model is ``fastprune.nn.sparsify`` of it, which times every
+oneDNN on the CPU contiguous and channels_last, each with and without BatchNorm folded into the convs
+(torch.fx), the fastest of the four counting (on CUDA: float16 and TF32, channels_last); the sparse model is ``fastprune.nn.sparsify`` of it, which times every
 layer dense and sparse on its real input and keeps the faster. Latencies are medians of interleaved
 rounds. Outputs are checked equal (1e-4 relative). Writes a CSV and a plot.
 """
@@ -18,7 +18,7 @@ import torch
 
 from ..models import get_model
 from ..nn.masked import fold_masks, prune_model
-from ..nn.sparse import SparseConv2d, SparseLinear, sparsify
+from ..nn.sparse import SparseConv2d, SparseLinear, fold_batchnorm, sparsify
 from .common import device_label, device_slug, interleaved_medians, markdown_table, versions, write_csv
 
 
@@ -40,9 +40,12 @@ def dense_variants(model: torch.nn.Module, device: torch.device) -> dict:
         tf32 = copy_to(model, device, channels_last=True)
         return {"dense fp16 channels_last": (half, lambda x: x.half().contiguous(memory_format=torch.channels_last)),
                 "dense tf32 channels_last": (tf32, lambda x: x.contiguous(memory_format=torch.channels_last))}
-    cl = copy_to(model, device, channels_last=True)
+    to_cl = lambda x: x.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    folded = fold_batchnorm(copy_to(model, device))  # conv+BN folded, as torch.fx's fuse does
     return {"dense (oneDNN)": (model, lambda x: x),
-            "dense (oneDNN) channels_last": (cl, lambda x: x.contiguous(memory_format=torch.channels_last))}
+            "dense (oneDNN) channels_last": (copy_to(model, device, channels_last=True), to_cl),
+            "dense (oneDNN) BN folded": (folded, lambda x: x),
+            "dense (oneDNN) BN folded, channels_last": (copy_to(folded, device, channels_last=True), to_cl)}
 
 
 def copy_to(model, device, dtype=None, channels_last=False):

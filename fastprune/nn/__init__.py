@@ -10,9 +10,18 @@ from .masked import (
     sparsity_report,
     topk_mask,
 )
-from .sparse import ChannelsLastInput, SparseConv2d, SparseLinear, load_sparse, save_sparse, sparsify
+from .sparse import (
+    ChannelsLastInput,
+    MaxPool2x2,
+    SparseConv2d,
+    SparseLinear,
+    fold_batchnorm,
+    load_sparse,
+    save_sparse,
+    sparsify,
+)
 
 __all__ = [
-    "ChannelsLastInput", "FeatureTaps", "HSICBottleneck", "dense_twin", "fold_masks", "MaskedConv2d", "MaskedLinear", "kept_count", "prune_model",
+    "ChannelsLastInput", "FeatureTaps", "HSICBottleneck", "dense_twin", "fold_batchnorm", "fold_masks", "MaxPool2x2", "MaskedConv2d", "MaskedLinear", "kept_count", "prune_model",
     "sparsity_report", "topk_mask", "SparseConv2d", "SparseLinear", "load_sparse", "save_sparse", "sparsify",
 ]
