@@ -43,6 +43,29 @@ FASTPRUNE_CPU_CLONES void axpy_strided(float* __restrict__ acc, const float* __r
   for (int64_t j = 0; j < len; ++j) acc[j] += v * src[j * stride];
 }
 
+// One output plane of the direct algorithm: acc (ho x wo) += every non-zero e in [e0, e1) of this
+// output channel applied to the image's input planes. The whole loop nest is multi-versioned so
+// the short row AXPYs inline (a call per row costs as much as the row itself).
+FASTPRUNE_CPU_CLONES void direct_plane(float* __restrict__ acc, const float* __restrict__ image,
+                                       const int32_t* cols, const float* vals, int64_t e0, int64_t e1, int64_t h,
+                                       int64_t w, int64_t ho, int64_t wo, int64_t kw, int64_t ksize, int64_t pad_h,
+                                       int64_t pad_w) {
+  for (int64_t e = e0; e < e1; ++e) {
+    const int64_t col = cols[e], ic = col / ksize, rs = col % ksize;
+    const int64_t dy = rs / kw - pad_h, dx = rs % kw - pad_w;  // input offset of this tap
+    const int64_t y0 = std::max<int64_t>(0, -dy), y1 = std::min<int64_t>(ho, h - dy);
+    const int64_t x0 = std::max<int64_t>(0, -dx), x1 = std::min<int64_t>(wo, w - dx);
+    const float v = vals[e];
+    const float* plane = image + ic * h * w;
+    for (int64_t y = y0; y < y1; ++y) {
+      float* a = acc + y * wo;
+      const float* src = plane + (y + dy) * w + dx;
+#pragma omp simd
+      for (int64_t j = x0; j < x1; ++j) a[j] += v * src[j];
+    }
+  }
+}
+
 void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values, int64_t rows) {
   TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.size(0) == rows + 1 && row_ptr.scalar_type() == at::kInt &&
                   row_ptr.is_contiguous(),
@@ -95,16 +118,8 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
       for (int64_t task = begin; task < end; ++task) {
         const int64_t ni = task / oc_count, oc = task % oc_count;
         std::fill(acc.begin(), acc.end(), bp ? bp[oc] : 0.f);
-        for (int32_t e = rp[oc]; e < rp[oc + 1]; ++e) {
-          const int64_t col = ci_[e], ic = col / ksize, rs = col % ksize;
-          const int64_t dy = rs / kw - pad_h, dx = rs % kw - pad_w;  // input offset of this tap
-          const int64_t y0 = std::max<int64_t>(0, -dy), y1 = std::min<int64_t>(ho, h - dy);
-          const int64_t x0 = std::max<int64_t>(0, -dx), x1 = std::min<int64_t>(wo, w - dx);
-          if (y0 >= y1 || x0 >= x1) continue;
-          const float* plane = src + (ni * c + ic) * h * w;
-          for (int64_t y = y0; y < y1; ++y)
-            axpy(acc.data() + y * wo + x0, plane + (y + dy) * w + x0 + dx, vals[e], x1 - x0);
-        }
+        direct_plane(acc.data(), src + ni * c * h * w, ci_, vals, rp[oc], rp[oc + 1], h, w, ho, wo, kw, ksize, pad_h,
+                     pad_w);
         std::copy(acc.begin(), acc.end(), op + (ni * oc_count + oc) * ho * wo);
       }
     });
@@ -162,7 +177,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
         const int64_t r1 = std::min(rows_total, r0 + rows_per_chunk);
         const int64_t q0 = r0 * wp, len = (r1 - r0) * wp;
         std::fill(acc.begin(), acc.begin() + len, bp ? bp[oc] : 0.f);
-        for (int32_t e = rp[oc]; e < rp[oc + 1]; ++e) {
+        for (int32_t e = rp[oc]; e < rp[oc + 1]; ++e) {  // long AXPYs: a call per non-zero is cheap here
           const int64_t col = ci_[e], ic = col / ksize, rs = col % ksize;
           axpy(acc.data(), xpp + ic * row_len + q0 + (rs / kw) * wp + rs % kw, vals[e], len);
         }
