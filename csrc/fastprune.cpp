@@ -23,7 +23,7 @@ TORCH_LIBRARY(fastprune, m) {
 
   // Sparse convolution (N, C, H, W) -> (N, out_channels, H', W') with a CSR weight: row_ptr (OC + 1)
   // and col_idx (nnz) int32, col = (ic * kh + r) * kw + s, values (nnz) float32; groups 1, dilation 1.
-  // algo: 0 picks by shape, 1 the padded channel-major algorithm, 2 the direct one (stride 1, NCHW).
+  // algo: 0 picks by shape, 1 the padded channel-major algorithm, 2 the direct one (stride 1 or 2, NCHW).
   m.def(
       "sparse_conv2d_ext(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias, int kh, int kw, "
       "int stride_h, int stride_w, int pad_h, int pad_w, int algo) -> Tensor");

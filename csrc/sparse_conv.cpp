@@ -44,8 +44,10 @@ FASTPRUNE_CPU_CLONES void axpy_strided(float* __restrict__ acc, const float* __r
 }
 
 // One output plane of the direct algorithm: acc (ho x wo) += every non-zero e in [e0, e1) of this
-// output channel applied to the image's input planes. The whole loop nest is multi-versioned so
-// the short row AXPYs inline (a call per row costs as much as the row itself).
+// output channel applied to the image's input planes, for stride S in both directions. The whole
+// loop nest is multi-versioned so the short row AXPYs inline (a call per row costs as much as the
+// row itself); S is a template parameter so the stride-1 rows stay contiguous and vectorise.
+template <int S>
 FASTPRUNE_CPU_CLONES void direct_plane(float* __restrict__ acc, const float* __restrict__ image,
                                        const int32_t* cols, const float* vals, int64_t e0, int64_t e1, int64_t h,
                                        int64_t w, int64_t ho, int64_t wo, int64_t kw, int64_t ksize, int64_t pad_h,
@@ -53,15 +55,16 @@ FASTPRUNE_CPU_CLONES void direct_plane(float* __restrict__ acc, const float* __r
   for (int64_t e = e0; e < e1; ++e) {
     const int64_t col = cols[e], ic = col / ksize, rs = col % ksize;
     const int64_t dy = rs / kw - pad_h, dx = rs % kw - pad_w;  // input offset of this tap
-    const int64_t y0 = std::max<int64_t>(0, -dy), y1 = std::min<int64_t>(ho, h - dy);
-    const int64_t x0 = std::max<int64_t>(0, -dx), x1 = std::min<int64_t>(wo, w - dx);
+    // Output rows/columns whose input position y * S + dy (x * S + dx) lies inside the image.
+    const int64_t y0 = dy >= 0 ? 0 : (-dy + S - 1) / S, y1 = std::min<int64_t>(ho, (h - 1 - dy) / S + 1);
+    const int64_t x0 = dx >= 0 ? 0 : (-dx + S - 1) / S, x1 = std::min<int64_t>(wo, (w - 1 - dx) / S + 1);
     const float v = vals[e];
     const float* plane = image + ic * h * w;
     for (int64_t y = y0; y < y1; ++y) {
       float* a = acc + y * wo;
-      const float* src = plane + (y + dy) * w + dx;
+      const float* src = plane + (y * S + dy) * w + dx;
 #pragma omp simd
-      for (int64_t j = x0; j < x1; ++j) a[j] += v * src[j];
+      for (int64_t j = x0; j < x1; ++j) a[j] += v * src[j * S];
     }
   }
 }
@@ -106,8 +109,8 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
   float* op = out.mutable_data_ptr<float>();
   const int64_t ksize = kh * kw;
 
-  const bool direct_ok = !channels_last && x.is_contiguous() && stride_h == 1 && stride_w == 1;
-  TORCH_CHECK(algo != 2 || direct_ok, "sparse_conv2d: the direct algorithm needs stride 1 and a contiguous input");
+  const bool direct_ok = !channels_last && x.is_contiguous() && stride_h == stride_w && stride_h <= 2;
+  TORCH_CHECK(algo != 2 || direct_ok, "sparse_conv2d: the direct algorithm needs stride 1 or 2 and a contiguous input");
   if (algo == 2 || (algo == 0 && direct_ok && w >= kDirectMinWidth)) {
     // Wide feature maps: no re-layout. Tasks are (image, output channel); each output plane is
     // accumulated in L1 by row-wise AXPYs over the rows and columns a non-zero weight reaches,
@@ -118,8 +121,12 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
       for (int64_t task = begin; task < end; ++task) {
         const int64_t ni = task / oc_count, oc = task % oc_count;
         std::fill(acc.begin(), acc.end(), bp ? bp[oc] : 0.f);
-        direct_plane(acc.data(), src + ni * c * h * w, ci_, vals, rp[oc], rp[oc + 1], h, w, ho, wo, kw, ksize, pad_h,
-                     pad_w);
+        const float* image = src + ni * c * h * w;
+        if (stride_h == 1) {
+          direct_plane<1>(acc.data(), image, ci_, vals, rp[oc], rp[oc + 1], h, w, ho, wo, kw, ksize, pad_h, pad_w);
+        } else {
+          direct_plane<2>(acc.data(), image, ci_, vals, rp[oc], rp[oc + 1], h, w, ho, wo, kw, ksize, pad_h, pad_w);
+        }
         std::copy(acc.begin(), acc.end(), op + (ni * oc_count + oc) * ho * wo);
       }
     });

@@ -25,7 +25,7 @@ ALGORITHMS = {"padded": 1, "direct": 2}
 
 def direct_applicable(x: torch.Tensor, stride) -> bool:
     """Whether the direct algorithm can run on input x with this stride."""
-    return x.is_contiguous() and tuple(stride) == (1, 1)
+    return x.is_contiguous() and tuple(stride) in ((1, 1), (2, 2))
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -37,7 +37,7 @@ def sparse_conv2d(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                   bias: Optional[torch.Tensor], in_channels: int, kh: int, kw: int, stride_h: int, stride_w: int,
                   pad_h: int, pad_w: int, algo: int = 0) -> torch.Tensor:
     """(N, C, H, W) float32 -> (N, OC, H', W'); CSR weight (OC rows, columns (ic * kh + r) * kw + s).
-    algo (cpp backend): 0 by shape, 1 padded channel-major, 2 direct (stride 1, contiguous NCHW)."""
+    algo (cpp backend): 0 by shape, 1 padded channel-major, 2 direct (stride 1 or 2, contiguous NCHW)."""
     if backends.choose(_CONV_SPEC, x.device) == "reference":
         return sparse_conv2d_ref(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, (stride_h, stride_w),
                                  (pad_h, pad_w))

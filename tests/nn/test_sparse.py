@@ -29,6 +29,8 @@ CONV_CASES = [
     (2, 3, 17, 20, 5, 3, 1, 1, 0.8),  # wide enough for the direct algorithm
     (1, 2, 18, 16, 3, 3, 1, 2, 0.5),
     (2, 4, 16, 16, 3, 1, 1, 0, 0.5),
+    (2, 3, 17, 18, 4, 3, 2, 1, 0.5),  # stride 2, odd height, on the direct algorithm too
+    (1, 4, 16, 15, 3, 1, 2, 0, 0.4),
 ]
 
 
@@ -51,7 +53,7 @@ def test_sparse_conv_matches_conv2d(backend, device, case):
     row_ptr, col_idx, values = dense_to_csr(weight)
     assert torch.equal(csr_to_dense(row_ptr, col_idx, values, weight.shape), weight)
     want = F.conv2d(x.double(), weight.double(), bias.double(), stride=stride, padding=pad)
-    algos = [0, 1] + ([2] if stride == 1 else [])
+    algos = [0, 1] + ([2] if stride in (1, 2) else [])
     for algo in algos:  # every algorithm, and channels_last inputs (which keep their layout)
         for xin in (x, x.contiguous(memory_format=torch.channels_last)):
             if algo == 2 and not xin.is_contiguous():
