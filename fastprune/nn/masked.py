@@ -136,6 +136,17 @@ class _MaskedMixin:
         if x.dtype != self.weight.dtype or x.device != self.weight.device:
             raise ValueError(f"input is {x.dtype} on {x.device}, the layer {self.weight.dtype} on {self.weight.device}")
 
+    def _adopt(self, dense: nn.Module, source: str, sparsity: float, mask: torch.Tensor | None):
+        """Take ``dense``'s weights, then set up the mask. The layer was built as a magnitude layer
+        because scores must be initialised from the copied weights, not the random ones."""
+        with torch.no_grad():
+            self.weight.copy_(dense.weight)
+            if dense.bias is not None:
+                self.bias.copy_(dense.bias)
+        del self.mask
+        self._init_mask(source, sparsity, mask)
+        return self
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, source={self.source}, sparsity={self.sparsity}"
 
@@ -152,18 +163,11 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
     def from_dense(cls, conv: nn.Conv2d, source: str = "scores", sparsity: float = 0.0,
                    mask: torch.Tensor | None = None) -> "MaskedConv2d":
         """A masked copy of ``conv`` (same weights, device and dtype)."""
-        # Built as a magnitude layer first: scores must be initialised from the copied weights, below.
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                     dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
                     padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
                     source="magnitude")
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        del layer.mask
-        layer._init_mask(source, sparsity, mask)
-        return layer
+        return layer._adopt(conv, source, sparsity, mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, (4,))
@@ -182,16 +186,9 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
     def from_dense(cls, linear: nn.Linear, source: str = "scores", sparsity: float = 0.0,
                    mask: torch.Tensor | None = None) -> "MaskedLinear":
         """A masked copy of ``linear`` (same weights, device and dtype)."""
-        # Built as a magnitude layer first: scores must be initialised from the copied weights, below.
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                     device=linear.weight.device, dtype=linear.weight.dtype, source="magnitude")
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        del layer.mask
-        layer._init_mask(source, sparsity, mask)
-        return layer
+        return layer._adopt(linear, source, sparsity, mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, tuple(range(1, 9)))
