@@ -39,8 +39,10 @@ class _CSRWeight(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != dims:
             raise ValueError(f"input to {name} must be {dims}D, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if x.dtype != torch.float32:
-            raise ValueError(f"input to {name} must be float32, got {x.dtype}")
+        allowed = (torch.float32, torch.float16, torch.bfloat16) if x.is_cuda else (torch.float32,)
+        if x.dtype not in allowed:
+            raise ValueError(f"input to {name} must be {' or '.join(str(d) for d in allowed)} on {x.device.type}, "
+                             f"got {x.dtype}")
         if x.device != self.values.device:
             raise ValueError(f"input to {name} is on {x.device}, the layer on {self.values.device}")
 

@@ -1,9 +1,10 @@
 """Sparse inference ops: ``fastprune::sparse_conv2d`` and ``fastprune::sparse_linear`` with CSR weights.
 
-Chain: csrc/sparse_conv.cpp (the CPU direct sparse convolution, ``sparse_conv2d_ext``),
+Chain: kernels/sparse_conv.py (Triton: the GPU path, float32/float16/bfloat16),
+csrc/sparse_conv.cpp (the CPU direct sparse convolution, ``sparse_conv2d_ext``),
 fastprune/reference/sparse.py (dense equivalent), fastprune/nn/sparse.py (modules, sparsify).
-GPU kernels are not written yet: on CUDA tensors these ops run the reference (a dense conv), and
-``sparsify`` keeps dense layers there because its timing finds them faster.
+No CUDA C++ version yet. The Triton kernels are checked under the interpreter only: their GPU speed
+is unmeasured, and ``sparsify`` keeps whichever of dense and sparse its timing finds faster.
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import torch
 from .. import backends
 from ..reference.sparse import sparse_conv2d_ref, sparse_linear_ref
 
-_CONV_SPEC = backends.OpSpec("sparse_conv2d", {"cpu": ("cpp",)}, implemented=("reference", "cpp"),
-                             native="sparse_conv2d_ext")
-_LINEAR_SPEC = backends.OpSpec("sparse_linear", {"cpu": ("cpp",)}, implemented=("reference", "cpp"),
-                               native="sparse_linear_ext")
+_CONV_SPEC = backends.OpSpec("sparse_conv2d", {"cuda": ("triton",), "cpu": ("cpp",)},
+                             implemented=("reference", "triton", "cpp"), native="sparse_conv2d_ext")
+_LINEAR_SPEC = backends.OpSpec("sparse_linear", {"cuda": ("triton",), "cpu": ("cpp",)},
+                               implemented=("reference", "triton", "cpp"), native="sparse_linear_ext")
 
 
 ALGORITHMS = {"padded": 1, "direct": 2}
@@ -38,9 +39,15 @@ def sparse_conv2d(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                   pad_h: int, pad_w: int, algo: int = 0) -> torch.Tensor:
     """(N, C, H, W) float32 -> (N, OC, H', W'); CSR weight (OC rows, columns (ic * kh + r) * kw + s).
     algo (cpp backend): 0 by shape, 1 padded channel-major, 2 direct (stride 1 or 2, contiguous NCHW)."""
-    if backends.choose(_CONV_SPEC, x.device) == "reference":
+    backend = backends.choose(_CONV_SPEC, x.device)
+    if backend == "reference":
         return sparse_conv2d_ref(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, (stride_h, stride_w),
                                  (pad_h, pad_w))
+    if backend == "triton":
+        from fastprune.kernels.sparse_conv import sparse_conv2d_fwd
+
+        return sparse_conv2d_fwd(x.contiguous(), row_ptr, col_idx, values, bias, kh, kw, stride_h, stride_w, pad_h,
+                                 pad_w)
     return torch.ops.fastprune.sparse_conv2d_ext(x, row_ptr, col_idx, values, bias, kh, kw, stride_h, stride_w,
                                                  pad_h, pad_w, algo)
 
@@ -58,8 +65,13 @@ def _sparse_conv2d_fake(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, 
 def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
                   bias: Optional[torch.Tensor], in_features: int) -> torch.Tensor:
     """(N, in) float32 -> (N, out); CSR weight (out rows, in columns)."""
-    if backends.choose(_LINEAR_SPEC, x.device) == "reference":
+    backend = backends.choose(_LINEAR_SPEC, x.device)
+    if backend == "reference":
         return sparse_linear_ref(x, row_ptr, col_idx, values, bias, in_features)
+    if backend == "triton":
+        from fastprune.kernels.sparse_conv import sparse_linear_fwd
+
+        return sparse_linear_fwd(x.contiguous(), row_ptr, col_idx, values, bias)
     return torch.ops.fastprune.sparse_linear_ext(x, row_ptr, col_idx, values, bias)
 
 

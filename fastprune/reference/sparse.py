@@ -29,10 +29,11 @@ def csr_to_dense(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Ten
 
 def sparse_conv2d_ref(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, stride, padding):
     """(N, C, H, W) -> (N, OC, H', W'): F.conv2d with the CSR weight made dense."""
-    weight = csr_to_dense(row_ptr, col_idx, values, (row_ptr.shape[0] - 1, in_channels, kh, kw))
-    return F.conv2d(x, weight, bias, stride=stride, padding=padding)
+    weight = csr_to_dense(row_ptr, col_idx, values, (row_ptr.shape[0] - 1, in_channels, kh, kw)).to(x.dtype)
+    return F.conv2d(x, weight, None if bias is None else bias.to(x.dtype), stride=stride, padding=padding)
 
 
 def sparse_linear_ref(x, row_ptr, col_idx, values, bias, in_features):
     """(N, in) -> (N, out): F.linear with the CSR weight made dense."""
-    return F.linear(x, csr_to_dense(row_ptr, col_idx, values, (row_ptr.shape[0] - 1, in_features)), bias)
+    weight = csr_to_dense(row_ptr, col_idx, values, (row_ptr.shape[0] - 1, in_features)).to(x.dtype)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))

@@ -62,6 +62,12 @@ def test_sparse_conv_matches_conv2d(backend, device, case):
                 got = sparse_conv2d(xin, row_ptr, col_idx, values, bias, c, k, k, stride, stride, pad, pad, algo)
             assert got.shape == want.shape
             torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    if backend == "triton":  # half precision inputs (the GPU path), float32 accumulation
+        with fastprune.use_backend(backend):
+            got = sparse_conv2d(x.half(), row_ptr, col_idx, values, bias, c, k, k, stride, stride, pad, pad)
+        want = F.conv2d(x.half().double(), weight.double(), bias.double(), stride=stride, padding=pad)
+        assert got.dtype == torch.float16
+        torch.testing.assert_close(got.double(), want, atol=2e-3 * max(1.0, want.abs().max().item()), rtol=1e-3)
 
 
 @pytest.mark.parametrize("backend,device", backend_device_pairs(_LINEAR_SPEC))
