@@ -1,10 +1,10 @@
 """Sparse inference ops: ``fastprune::sparse_conv2d`` and ``fastprune::sparse_linear`` with CSR weights.
 
-Chain: kernels/sparse_conv.py (Triton: the GPU path, float32/float16/bfloat16),
-csrc/sparse_conv.cpp (the CPU direct sparse convolution, ``sparse_conv2d_ext``),
-fastprune/reference/sparse.py (dense equivalent), fastprune/nn/sparse.py (modules, sparsify).
-No CUDA C++ version yet. The Triton kernels are checked under the interpreter only: their GPU speed
-is unmeasured, and ``sparsify`` keeps whichever of dense and sparse its timing finds faster.
+Chain: kernels/sparse_conv.py (Triton) and csrc/cuda/sparse_conv.cu (CUDA C++): the GPU paths,
+float32/float16/bfloat16; csrc/sparse_conv.cpp (the CPU direct sparse convolution, two algorithms);
+fastprune/reference/sparse.py (dense equivalent); fastprune/nn/sparse.py (modules, sparsify).
+The GPU kernels are checked here only under the Triton interpreter and by compilation: their GPU
+speed is unmeasured, and ``sparsify`` keeps whichever of dense and sparse its timing finds faster.
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import torch
 from .. import backends
 from ..reference.sparse import sparse_conv2d_ref, sparse_linear_ref
 
-_CONV_SPEC = backends.OpSpec("sparse_conv2d", {"cuda": ("triton",), "cpu": ("cpp",)},
-                             implemented=("reference", "triton", "cpp"), native="sparse_conv2d_ext")
-_LINEAR_SPEC = backends.OpSpec("sparse_linear", {"cuda": ("triton",), "cpu": ("cpp",)},
-                               implemented=("reference", "triton", "cpp"), native="sparse_linear_ext")
+_CONV_SPEC = backends.OpSpec("sparse_conv2d", {"cuda": ("triton", "cuda"), "cpu": ("cpp",)},
+                             native="sparse_conv2d_ext")
+_LINEAR_SPEC = backends.OpSpec("sparse_linear", {"cuda": ("triton", "cuda"), "cpu": ("cpp",)},
+                               native="sparse_linear_ext")
 
 
 ALGORITHMS = {"padded": 1, "direct": 2}
