@@ -1,6 +1,8 @@
-"""Data sets as (train, test) splits of images in [0, 1].
+"""Data sets as (train, test) splits of images in [0, 1], float32 (N, C, H, W), int64 labels.
 
 "digits" ships inside scikit-learn (1797 8x8 grey images, 10 classes) and needs no files.
+"mnist", "cifar10", "cifar100" and "svhn" are read from their standard files under ``root``
+(default: $FASTPRUNE_DATA, else ./data), never downloaded; see fastprune/data/files.py.
 """
 from __future__ import annotations
 
@@ -40,14 +42,34 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0) -> DatasetSplits:
     return DatasetSplits(tensors(x_tr, y_tr), tensors(x_te, y_te), num_classes=10, in_channels=1, image_size=(8, 8))
 
 
-_DATASETS = {"digits": load_digits}
+def _from_files(name: str, root: str) -> DatasetSplits:
+    from .files import LOADERS
+
+    load, classes = LOADERS[name]
+
+    def split(train: bool) -> TensorDataset:
+        images, labels = load(root, train)
+        return TensorDataset(torch.from_numpy(images).float().div_(255.0), torch.from_numpy(labels))
+
+    train, test = split(True), split(False)
+    images = train.tensors[0]
+    return DatasetSplits(train, test, num_classes=classes, in_channels=images.shape[1],
+                         image_size=tuple(images.shape[2:]))
+
+
+DATASETS = ("digits", "mnist", "cifar10", "cifar100", "svhn")
 
 
 def get_dataset(name: str, root: str | None = None) -> DatasetSplits:
-    """Splits of a data set by name (only "digits" so far: it needs no files, so ``root`` is unused)."""
-    if name not in _DATASETS:
-        raise ValueError(f"unknown data set {name!r}; available: {sorted(_DATASETS)}")
-    return _DATASETS[name]()
+    """Train and test splits of a data set by name (``DATASETS``). ``root``: the folder holding the
+    standard files (default $FASTPRUNE_DATA, else ./data); unused for "digits"."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; available: {list(DATASETS)}")
+    if name == "digits":
+        return load_digits()
+    import os
+
+    return _from_files(name, root or os.environ.get("FASTPRUNE_DATA", "data"))
 
 
-__all__ = ["DatasetSplits", "get_dataset", "load_digits"]
+__all__ = ["DATASETS", "DatasetSplits", "get_dataset", "load_digits"]
