@@ -5,12 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from .resnet import resnet18
-from .small import cnn_small
+from .small import cnn_small, lenet
 from .vgg import vgg16
 from .wide_resnet import WideResNet
 
 _MODELS = {
     "cnn-small": cnn_small,
+    "lenet": lenet,
     "resnet18": resnet18,
     "vgg16": vgg16,
     "wrn-28-4": lambda num_classes, in_channels: WideResNet(28, 4, num_classes, in_channels),
@@ -32,4 +33,4 @@ def get_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Modu
     return _MODELS[name](num_classes=num_classes, in_channels=in_channels)
 
 
-__all__ = ["WideResNet", "available_models", "get_model", "cnn_small", "resnet18", "vgg16"]
+__all__ = ["WideResNet", "available_models", "get_model", "cnn_small", "lenet", "resnet18", "vgg16"]

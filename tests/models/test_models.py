@@ -1,0 +1,35 @@
+"""Every model: shapes, normalisation inside, parameters that train, bad names."""
+import pytest
+import torch
+
+from fastprune.models import available_models, get_model
+from fastprune.models.common import Normalize
+
+SHAPES = {"cnn-small": (1, 8), "lenet": (1, 28), "resnet18": (3, 32), "vgg16": (3, 32), "wrn-28-4": (3, 32)}
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_forward_backward(name):
+    channels, size = SHAPES[name]
+    model = get_model(name, num_classes=7, in_channels=channels)
+    x = torch.rand(2, channels, size, size)
+    out = model(x)
+    assert out.shape == (2, 7)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    # Normalisation lives inside the model (inputs are [0, 1] images, eps in pixel units).
+    assert sum(isinstance(m, Normalize) for m in model.modules()) == 1
+
+
+def test_all_names_build_and_bad_names_fail():
+    assert {"cnn-small", "lenet", "resnet18", "vgg16", "wrn-28-4", "wrn-28-10", "wrn-34-10"} <= set(available_models())
+    with pytest.raises(ValueError, match="unknown model"):
+        get_model("alexnet")
+    with pytest.raises(ValueError, match="num_classes"):
+        get_model("vgg16", num_classes=1)
+
+
+def test_vgg16_is_hydras_variant():
+    model = get_model("vgg16")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(2048, 256), (256, 256), (256, 10)]
