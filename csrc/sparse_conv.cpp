@@ -82,8 +82,10 @@ void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::T
 
 at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                              const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t kh, int64_t kw,
-                             int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t algo) {
+                             int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t algo,
+                             int64_t epilogue) {
   TORCH_CHECK(algo >= 0 && algo <= 2, "sparse_conv2d: algo must be 0 (auto), 1 (padded) or 2 (direct)");
+  TORCH_CHECK(epilogue >= 0 && epilogue <= 2, "sparse_conv2d: epilogue must be 0 (none), 1 (relu), 2 (relu + pool)");
   TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat, "sparse_conv2d: x must be float32 (N, C, H, W)");
   TORCH_CHECK(kh >= 1 && kw >= 1 && stride_h >= 1 && stride_w >= 1 && pad_h >= 0 && pad_w >= 0,
               "sparse_conv2d: bad geometry");
@@ -97,9 +99,14 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
   const int64_t hp = h + 2 * pad_h, wp = w + 2 * pad_w, plane = hp * wp;
   TORCH_CHECK(hp >= kh && wp >= kw, "sparse_conv2d: the kernel is larger than the padded input");
   const int64_t ho = (hp - kh) / stride_h + 1, wo = (wp - kw) / stride_w + 1;
-  at::Tensor out = at::empty({n, oc_count, ho, wo}, x.options().memory_format(
-                                                        channels_last ? at::MemoryFormat::ChannelsLast
-                                                                      : at::MemoryFormat::Contiguous));
+  const bool direct_ok = !channels_last && x.is_contiguous() && stride_h == stride_w && stride_h <= 2;
+  TORCH_CHECK(algo != 2 || direct_ok, "sparse_conv2d: the direct algorithm needs stride 1 or 2 and a contiguous input");
+  const bool direct = algo == 2 || (algo == 0 && direct_ok && w >= kDirectMinWidth);
+  TORCH_CHECK(epilogue != 2 || direct, "sparse_conv2d: the pooling epilogue needs the direct algorithm");
+  const bool relu = epilogue >= 1, pool = epilogue == 2;
+  at::Tensor out = at::empty({n, oc_count, pool ? ho / 2 : ho, pool ? wo / 2 : wo},
+                             x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                     : at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
 
   const int32_t* rp = row_ptr.const_data_ptr<int32_t>();
@@ -109,9 +116,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
   float* op = out.mutable_data_ptr<float>();
   const int64_t ksize = kh * kw;
 
-  const bool direct_ok = !channels_last && x.is_contiguous() && stride_h == stride_w && stride_h <= 2;
-  TORCH_CHECK(algo != 2 || direct_ok, "sparse_conv2d: the direct algorithm needs stride 1 or 2 and a contiguous input");
-  if (algo == 2 || (algo == 0 && direct_ok && w >= kDirectMinWidth)) {
+  if (direct) {
     // Wide feature maps: no re-layout. Tasks are (image, output channel); each output plane is
     // accumulated in L1 by row-wise AXPYs over the rows and columns a non-zero weight reaches,
     // and the image's input planes stay in L2 across output channels.
@@ -127,7 +132,21 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
         } else {
           direct_plane<2>(acc.data(), image, ci_, vals, rp[oc], rp[oc + 1], h, w, ho, wo, kw, ksize, pad_h, pad_w);
         }
-        std::copy(acc.begin(), acc.end(), op + (ni * oc_count + oc) * ho * wo);
+        float* dst = op + (ni * oc_count + oc) * out.size(2) * out.size(3);
+        if (pool) {  // ReLU then 2x2 max pooling while the plane is in L1: max(0, max of four)
+          const int64_t pho = ho / 2, pwo = wo / 2;
+          for (int64_t y = 0; y < pho; ++y) {
+            const float* r0 = acc.data() + 2 * y * wo;
+            const float* r1 = r0 + wo;
+            for (int64_t xx = 0; xx < pwo; ++xx)
+              dst[y * pwo + xx] = std::max(std::max(std::max(r0[2 * xx], r0[2 * xx + 1]),
+                                                    std::max(r1[2 * xx], r1[2 * xx + 1])), 0.f);
+          }
+        } else if (relu) {
+          for (int64_t j = 0; j < ho * wo; ++j) dst[j] = std::max(acc[j], 0.f);
+        } else {
+          std::copy(acc.begin(), acc.end(), dst);
+        }
       }
     });
     return out;
@@ -193,7 +212,9 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
           if (y >= ho) continue;
           const float* a = acc.data() + (r - r0) * wp;
           float* dst = op + ni * on + oc * ocs + y * oys;
-          if (oxs == 1) {
+          if (relu) {
+            for (int64_t xx = 0; xx < wo; ++xx) dst[xx * oxs] = std::max(a[xx], 0.f);
+          } else if (oxs == 1) {
             std::copy(a, a + wo, dst);
           } else {  // channels_last: a strided scatter
             for (int64_t xx = 0; xx < wo; ++xx) dst[xx * oxs] = a[xx];
@@ -216,7 +237,8 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
         }
         float* dst = op + ni * on + oc * ocs;
         for (int64_t y = 0; y < ho; ++y)
-          for (int64_t xx = 0; xx < wo; ++xx) dst[y * oys + xx * oxs] = acc[y * wo + xx];
+          for (int64_t xx = 0; xx < wo; ++xx)
+            dst[y * oys + xx * oxs] = relu ? std::max(acc[y * wo + xx], 0.f) : acc[y * wo + xx];
       }
     });
   }

@@ -23,7 +23,7 @@ __global__ void sparse_conv2d_kernel(const scalar_t* __restrict__ x, const int32
                                      const int32_t* __restrict__ cols, const float* __restrict__ vals,
                                      const float* __restrict__ bias, scalar_t* __restrict__ out, int64_t c, int64_t h,
                                      int64_t w, int64_t oc_count, int64_t ho, int64_t wo, int64_t total, int64_t kw,
-                                     int64_t ksize, int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
+                                     int64_t ksize, int64_t sh, int64_t sw, int64_t ph, int64_t pw, bool relu) {
   const int64_t p = blockIdx.x * (int64_t)kThreads + threadIdx.x;
   const int64_t oc = blockIdx.y;
   if (p >= total) return;
@@ -35,7 +35,7 @@ __global__ void sparse_conv2d_kernel(const scalar_t* __restrict__ x, const int32
     const int64_t iy = y * sh + rs / kw - ph, ix = xo * sw + rs % kw - pw;
     if (iy >= 0 && iy < h && ix >= 0 && ix < w) acc += vals[e] * static_cast<float>(image[(ic * h + iy) * w + ix]);
   }
-  out[((n * oc_count + oc) * ho + y) * wo + xo] = static_cast<scalar_t>(acc);
+  out[((n * oc_count + oc) * ho + y) * wo + xo] = static_cast<scalar_t>(relu ? fmaxf(acc, 0.f) : acc);
 }
 
 template <typename scalar_t>
@@ -64,7 +64,10 @@ void check_csr_cuda(const at::Tensor& x, const at::Tensor& row_ptr, const at::Te
 
 at::Tensor sparse_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                               const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t kh, int64_t kw,
-                              int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t algo) {
+                              int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t algo,
+                              int64_t epilogue) {
+  // The pooling epilogue is the CPU direct algorithm's; the op layer pools after this kernel.
+  TORCH_CHECK(epilogue == 0 || epilogue == 1, "sparse_conv2d (CUDA): epilogue must be 0 or 1");
   TORCH_CHECK(x_in.dim() == 4, "sparse_conv2d: x must be (N, C, H, W)");
   check_csr_cuda(x_in, row_ptr, col_idx, values, bias);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -80,7 +83,8 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& row_ptr,
     sparse_conv2d_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), row_ptr.const_data_ptr<int32_t>(), col_idx.const_data_ptr<int32_t>(),
         values.const_data_ptr<float>(), bias.has_value() ? bias->const_data_ptr<float>() : nullptr,
-        out.mutable_data_ptr<scalar_t>(), c, h, w, oc, ho, wo, total, kw, kh * kw, stride_h, stride_w, pad_h, pad_w);
+        out.mutable_data_ptr<scalar_t>(), c, h, w, oc, ho, wo, total, kw, kh * kw, stride_h, stride_w, pad_h, pad_w,
+        epilogue == 1);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

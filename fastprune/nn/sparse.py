@@ -58,6 +58,7 @@ class SparseConv2d(_CSRWeight):
         self.in_channels, self.kernel_size = weight.shape[1], tuple(weight.shape[2:])
         self.stride, self.padding = tuple(stride), tuple(padding)
         self.algo = 0  # chosen by shape; sparsify times the algorithms and sets the faster
+        self.epilogue = 0  # 1: ReLU fused, 2: ReLU and 2x2 max pooling fused (set by sparsify's graph pass)
 
     @staticmethod
     def supports(conv: nn.Conv2d) -> bool:
@@ -77,7 +78,7 @@ class SparseConv2d(_CSRWeight):
             raise ValueError(f"input has {x.shape[1]} channels, the layer expects {self.in_channels}")
         algo = self.algo if self.algo != ALGORITHMS["direct"] or direct_applicable(x, self.stride) else 0
         return sparse_conv2d(x, self.row_ptr, self.col_idx, self.values, self.bias, self.in_channels,
-                             *self.kernel_size, *self.stride, *self.padding, algo)
+                             *self.kernel_size, *self.stride, *self.padding, algo, self.epilogue)
 
     def extra_repr(self) -> str:
         total = 1
@@ -225,6 +226,47 @@ def _convert_layers(dense: nn.Module, inputs: dict, min_sparsity: float, repeats
     return dense, decisions
 
 
+def _is_relu(node, modules) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in (torch.relu, torch.relu_, torch.nn.functional.relu)
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _is_pool(node, modules) -> bool:
+    module = modules.get(node.target) if node.op == "call_module" else None
+    return isinstance(module, MaxPool2x2) or (module is not None and MaxPool2x2.replaces(module))
+
+
+def fuse_epilogues(model: nn.Module) -> nn.Module:
+    """In a torch.fx GraphModule, fold ReLU (and a following 2x2 max pool, for layers on the direct
+    algorithm) that consume a SparseConv2d's output alone into that layer's epilogue, saving whole
+    passes over the activations. Other models are returned unchanged."""
+    import torch.fx
+
+    if not isinstance(model, torch.fx.GraphModule):
+        return model
+    modules = dict(model.named_modules())
+    for node in list(model.graph.nodes):
+        conv = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(conv, SparseConv2d) or len(node.users) != 1:
+            continue
+        relu = next(iter(node.users))
+        if not _is_relu(relu, modules) or relu.args[0] is not node:
+            continue
+        conv.epilogue = 1
+        relu.replace_all_uses_with(node)
+        model.graph.erase_node(relu)
+        pool = next(iter(node.users)) if len(node.users) == 1 else None
+        if pool is not None and _is_pool(pool, modules) and conv.algo == ALGORITHMS["direct"]:
+            conv.epilogue = 2
+            pool.replace_all_uses_with(node)
+            model.graph.erase_node(pool)
+    model.recompile()
+    return model
+
+
 def _layer_inputs(model: nn.Module, x: torch.Tensor) -> dict:
     inputs = {}
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -249,7 +291,8 @@ def sparsify(model: nn.Module, example_input: torch.Tensor | None = None, *, ben
     channels_last layout (``channels_last="auto"``), and the fastest of those is returned, so the
     result is never slower than the dense model. Without timing, a layer becomes sparse when its
     sparsity is at least ``min_sparsity``. Masks of masked layers and BatchNorms that follow a conv
-    are folded into the conv weights either way, and 2x2 max pooling gets a faster NCHW version.
+    are folded into the conv weights either way, 2x2 max pooling gets a faster NCHW version, and
+    ReLU (and pooling) right after a sparse conv are fused into its epilogue.
 
     The returned model has ``sparsify_decisions`` ({layer: {"sparsity", "dense_s", "sparse_s",
     "kept"}}) and ``sparsify_choice`` (what was returned and the whole-model times).
@@ -271,6 +314,7 @@ def sparsify(model: nn.Module, example_input: torch.Tensor | None = None, *, ben
         base = copy.deepcopy(dense).to(memory_format=torch.channels_last) if cl else copy.deepcopy(dense)
         x = example_input.contiguous(memory_format=torch.channels_last) if cl else example_input
         sparse, decisions = _convert_layers(copy.deepcopy(base), _layer_inputs(base, x), min_sparsity, repeats)
+        sparse = fuse_epilogues(sparse)
         wrap = ChannelsLastInput if cl else (lambda m: m)
         layout = "channels_last" if cl else "contiguous"
         candidates[f"sparse, {layout}"] = (wrap(sparse), decisions)

@@ -22,6 +22,7 @@ _LINEAR_SPEC = backends.OpSpec("sparse_linear", {"cuda": ("triton", "cuda"), "cp
 
 
 ALGORITHMS = {"padded": 1, "direct": 2}
+EPILOGUES = {"none": 0, "relu": 1, "relu_pool": 2}
 
 
 def direct_applicable(x: torch.Tensor, stride) -> bool:
@@ -36,28 +37,41 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 @torch.library.custom_op("fastprune::sparse_conv2d", mutates_args=())
 def sparse_conv2d(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
                   bias: Optional[torch.Tensor], in_channels: int, kh: int, kw: int, stride_h: int, stride_w: int,
-                  pad_h: int, pad_w: int, algo: int = 0) -> torch.Tensor:
+                  pad_h: int, pad_w: int, algo: int = 0, epilogue: int = 0) -> torch.Tensor:
     """(N, C, H, W) float32 -> (N, OC, H', W'); CSR weight (OC rows, columns (ic * kh + r) * kw + s).
-    algo (cpp backend): 0 by shape, 1 padded channel-major, 2 direct (stride 1 or 2, contiguous NCHW)."""
+    algo (cpp backend): 0 by shape, 1 padded channel-major, 2 direct (stride 1 or 2, contiguous NCHW).
+    epilogue: 0 none, 1 ReLU, 2 ReLU then 2x2 max pooling (output H'/2 x W'/2); fused into the kernel
+    where it can be (cpp: ReLU always, pooling with the direct algorithm), applied after otherwise."""
     backend = backends.choose(_CONV_SPEC, x.device)
+    geometry = (kh, kw, stride_h, stride_w, pad_h, pad_w)
+    fused = 0
     if backend == "reference":
-        return sparse_conv2d_ref(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, (stride_h, stride_w),
-                                 (pad_h, pad_w))
-    if backend == "triton":
+        y = sparse_conv2d_ref(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, (stride_h, stride_w),
+                              (pad_h, pad_w))
+    elif backend == "triton":
         from fastprune.kernels.sparse_conv import sparse_conv2d_fwd
 
-        return sparse_conv2d_fwd(x.contiguous(), row_ptr, col_idx, values, bias, kh, kw, stride_h, stride_w, pad_h,
-                                 pad_w)
-    return torch.ops.fastprune.sparse_conv2d_ext(x, row_ptr, col_idx, values, bias, kh, kw, stride_h, stride_w,
-                                                 pad_h, pad_w, algo)
+        y = sparse_conv2d_fwd(x.contiguous(), row_ptr, col_idx, values, bias, *geometry)
+    elif backend == "cpp" and epilogue == 2 and direct_applicable(x, (stride_h, stride_w)):
+        y, fused = torch.ops.fastprune.sparse_conv2d_ext(x, row_ptr, col_idx, values, bias, *geometry, 2, 2), 2
+    else:  # cpp, or cuda: ReLU fused, pooling (if asked) after
+        fused = min(epilogue, 1)
+        y = torch.ops.fastprune.sparse_conv2d_ext(x, row_ptr, col_idx, values, bias, *geometry, algo, fused)
+    if epilogue >= 1 and fused == 0:
+        y = torch.relu(y)
+    if epilogue == 2 and fused < 2:
+        y = torch.nn.functional.max_pool2d(y, 2)
+    return y
 
 
 @sparse_conv2d.register_fake
 def _sparse_conv2d_fake(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w,
-                        algo=0):
+                        algo=0, epilogue=0):
     torch._check(x.dim() == 4, lambda: "x must be (N, C, H, W)")
     ho = conv_output_size(x.shape[2], kh, stride_h, pad_h)
     wo = conv_output_size(x.shape[3], kw, stride_w, pad_w)
+    if epilogue == 2:
+        ho, wo = ho // 2, wo // 2
     return x.new_empty((x.shape[0], row_ptr.shape[0] - 1, ho, wo))
 
 

@@ -82,11 +82,29 @@ def test_sparse_linear_matches_linear(backend, device, n, fin, fout, sparsity):
     torch.testing.assert_close(got.double(), x.double() @ weight.double().T, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_CONV_SPEC) + [pytest.param("reference", torch.device("cpu"))])
+def test_fused_epilogues(backend, device):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 18, 17, generator=gen).to(device)
+    weight = sparse_weight((5, 4, 3, 3), 0.6, seed=4).to(device)
+    bias = torch.randn(5, generator=gen).to(device)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    conv = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    for algo in (0, 1, 2):
+        with fastprune.use_backend(backend):
+            relu = sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, algo, 1)
+            pooled = sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, algo, 2)
+        torch.testing.assert_close(relu.double(), F.relu(conv), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pooled.double(), F.max_pool2d(F.relu(conv), 2), atol=1e-5, rtol=1e-5)
+
+
 def test_opcheck_sparse_ops():
     x = torch.randn(2, 3, 6, 6)
     row_ptr, col_idx, values = dense_to_csr(sparse_weight((4, 3, 3, 3), 0.6, seed=1))
     torch.library.opcheck(torch.ops.fastprune.sparse_conv2d.default,
-                          (x, row_ptr, col_idx, values, torch.randn(4), 3, 3, 3, 1, 1, 1, 1, 0))
+                          (x, row_ptr, col_idx, values, torch.randn(4), 3, 3, 3, 1, 1, 1, 1, 0, 0))
+    torch.library.opcheck(torch.ops.fastprune.sparse_conv2d.default,
+                          (torch.randn(2, 3, 16, 16), row_ptr, col_idx, values, None, 3, 3, 3, 1, 1, 1, 1, 2, 2))
     row_ptr, col_idx, values = dense_to_csr(sparse_weight((5, 7), 0.6, seed=2))
     torch.library.opcheck(torch.ops.fastprune.sparse_linear.default, (torch.randn(3, 7), row_ptr, col_idx, values,
                                                                        None, 7))
@@ -109,6 +127,9 @@ def test_sparsify_whole_models_equals_the_masked_model(name):
         with torch.no_grad():
             want, got = model(x), sparse(x)
         torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+        fused = [m.epilogue for m in sparse.modules() if isinstance(m, SparseConv2d)]
+        if kwargs and name == "vgg16" and sparse.sparsify_choice["kind"].startswith("sparse, contiguous"):
+            assert any(e > 0 for e in fused), "VGG's conv -> ReLU pairs should be fused"
         decisions = sparse.sparsify_decisions
         assert len(decisions) == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
         assert all(abs(d["sparsity"] - 0.9) < 0.01 for d in decisions.values())
