@@ -1,6 +1,7 @@
-"""Training loops and checkpoints. So far: natural and PGD adversarial training of a classifier on
-in-memory data."""
+"""Training: objectives (natural, PGD-AT, TRADES), the resumable loop, atomic checkpoints."""
 from .checkpoint import atomic_save, load_model, save_model
-from .loops import train_classifier
+from .loops import fit, train_classifier
+from .objectives import OBJECTIVES, TRADES, PGDTraining, make_objective, natural_loss
 
-__all__ = ["atomic_save", "load_model", "save_model", "train_classifier"]
+__all__ = ["OBJECTIVES", "PGDTraining", "TRADES", "atomic_save", "fit", "load_model", "make_objective",
+           "natural_loss", "save_model", "train_classifier"]

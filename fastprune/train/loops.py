@@ -1,41 +1,113 @@
+"""The training loop: SGD with momentum 0.9 and a cosine learning rate (as in HYDRA and PwoA), any
+objective, optional run directory with per-epoch atomic checkpoints, metrics and resume."""
 from __future__ import annotations
 
+import csv
+import json
+import os
+import time
+from typing import Callable, Iterable
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from ..attacks.base import Attack, check_count, check_positive
 from ..attacks.losses import logits_of
+from .checkpoint import atomic_save
+from .objectives import natural_loss
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.csv"
 
 
-def train_classifier(model: nn.Module, train: TensorDataset, *, epochs: int, lr: float = 0.05,
-                     batch_size: int = 64, weight_decay: float = 5e-4, attack: Attack | None = None,
-                     seed: int = 0, progress: bool = True) -> nn.Module:
-    """SGD (momentum 0.9, cosine lr) on cross-entropy; with ``attack``, on its adversarial examples
-    (PGD adversarial training, Madry et al.). train: images (M, ...) in [0, 1], labels (M,).
-    Runs on the model's device and returns the model, in train mode."""
+def fit(model: nn.Module, train: TensorDataset, *, objective: Callable = natural_loss, epochs: int, lr: float = 0.1,
+        batch_size: int = 128, weight_decay: float = 1e-4, params: Iterable[nn.Parameter] | None = None,
+        run_dir: str | None = None, seed: int = 0, progress: bool = True,
+        on_epoch_end: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Train ``model`` on ``train`` (images (M, ...) in [0, 1], labels (M,), moved to the model's device).
+
+    objective: (model, x, y) -> loss (see fastprune.train.objectives). params: what the optimiser
+    updates (default every parameter that requires grad; HYDRA's prune phase passes the scores).
+    run_dir: after every epoch, a checkpoint (model, optimiser, schedule, random states; written
+    atomically) and a row of metrics.csv; calling again with the same run_dir resumes after the last
+    finished epoch and gives the same result as an uninterrupted run. Returns the per-epoch metrics.
+    """
     check_count("epochs", epochs)
     check_positive("lr", lr, allow_zero=False)
     check_count("batch_size", batch_size)
     device = next(model.parameters()).device
     images, labels = (t.to(device) for t in train.tensors)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+    if not params:
+        raise ValueError("params: nothing to train (no parameter requires grad)")
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     steps_per_epoch = -(-images.shape[0] // batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    order_gen = torch.Generator().manual_seed(seed)
+    order_gen = torch.Generator().manual_seed(seed)  # batch order; the global RNG (attacks) is the caller's
+    history, start_epoch = [], 0
+    ckpt_path = os.path.join(run_dir, CHECKPOINT) if run_dir else None
+    if ckpt_path and os.path.exists(ckpt_path):
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        order_gen.set_state(state["order_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        history, start_epoch = state["history"], state["epoch"] + 1
     model.train()
-    for _ in tqdm(range(epochs), desc="train", unit="epoch", disable=not progress, leave=False):
+    bar = tqdm(range(start_epoch, epochs), desc="train", unit="epoch", disable=not progress, leave=False)
+    for epoch in bar:
+        started = time.perf_counter()
         order = torch.randperm(images.shape[0], generator=order_gen).to(device)
+        total_loss, seen = 0.0, 0
         for start in range(0, images.shape[0], batch_size):
             index = order[start:start + batch_size]
-            x, y = images[index], labels[index]
-            if attack is not None:
-                x = attack(x, y)  # the attack runs in eval mode and restores train mode
-            loss = F.cross_entropy(logits_of(model(x)), y)
+            loss = objective(model, images[index], labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
+            total_loss += loss.detach() * index.shape[0]
+            seen += index.shape[0]
+        row = {"epoch": epoch, "loss": (total_loss / seen).item(), "lr": schedule.get_last_lr()[0],
+               "seconds": time.perf_counter() - started}
+        history.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+        if run_dir:
+            _write_epoch(run_dir, model, optimizer, schedule, order_gen, history, epoch, device)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, row)
+    return history
+
+
+def _write_epoch(run_dir, model, optimizer, schedule, order_gen, history, epoch, device) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                 "order_rng": order_gen.get_state(), "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                 "history": history, "epoch": epoch}, os.path.join(run_dir, CHECKPOINT))
+    with open(os.path.join(run_dir, METRICS), "w", newline="") as f:  # rewritten whole: stays consistent on resume
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+        json.dump(history, f, indent=1)
+
+
+def train_classifier(model: nn.Module, train: TensorDataset, *, epochs: int, lr: float = 0.05,
+                     batch_size: int = 64, weight_decay: float = 5e-4, attack: Attack | None = None,
+                     seed: int = 0, progress: bool = True) -> nn.Module:
+    """Cross-entropy training on clean images, or on ``attack``'s adversarial examples (PGD
+    adversarial training with a ready-made attack). Returns the model, in train mode."""
+    if attack is None:
+        objective = natural_loss
+    else:
+        def objective(m, x, y):
+            return torch.nn.functional.cross_entropy(logits_of(m(attack(x, y))), y)
+    fit(model, train, objective=objective, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+        seed=seed, progress=progress)
     return model

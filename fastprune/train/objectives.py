@@ -1,0 +1,81 @@
+"""Training objectives: natural cross-entropy, PGD adversarial training (Madry et al.) and TRADES
+(Zhang et al. 2019, HYDRA's default). Each is a callable (model, x, y) -> scalar loss to minimise.
+
+TRADES' inner maximisation uses the clean prediction, which here is computed once per batch; the
+HYDRA code recomputes it inside every attack step (a redundant forward pass per step).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attacks.base import check_count, check_positive, eval_mode
+from ..attacks.losses import logits_of
+from ..attacks.pgd import PGD
+from ..ops.pgd import pgd_step_
+
+OBJECTIVES = ("natural", "pgd", "trades")
+
+
+def natural_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits_of(model(x)), y)
+
+
+class PGDTraining:
+    """Cross-entropy on PGD examples (random start, ``steps`` steps of ``alpha``, Linf ``eps``)."""
+
+    def __init__(self, eps: float, alpha: float, steps: int, seed: int | None = None):
+        self.eps, self.alpha = check_positive("eps", eps), check_positive("alpha", alpha)
+        self.steps, self.seed = check_count("steps", steps), seed
+        self._attacks: dict[int, PGD] = {}
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        attack = self._attacks.get(id(model))
+        if attack is None:
+            attack = self._attacks[id(model)] = PGD(model, eps=self.eps, alpha=self.alpha, steps=self.steps)
+        return F.cross_entropy(logits_of(model(attack(x, y))), y)
+
+
+class TRADES:
+    """CE(f(x), y) + beta * KL(f(x_adv) || f(x)), x_adv maximising that KL within the Linf ball
+    (start x + 0.001 N(0, 1), ``steps`` sign steps of ``alpha``); beta 6 in HYDRA's configs."""
+
+    def __init__(self, eps: float, alpha: float, steps: int, beta: float = 6.0):
+        self.eps, self.alpha = check_positive("eps", eps), check_positive("alpha", alpha)
+        self.steps, self.beta = check_count("steps", steps), check_positive("beta", beta)
+
+    def adversarial(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        alpha = torch.full((n,), self.alpha, device=x.device)
+        eps = torch.full((n,), self.eps, device=x.device)
+        with eval_mode(model), torch.enable_grad():
+            with torch.no_grad():
+                p_clean = F.softmax(logits_of(model(x)), dim=1)  # once per batch, not once per step
+            x_adv = (x + 0.001 * torch.randn_like(x)).detach()
+            for _ in range(self.steps):
+                xg = x_adv.requires_grad_(True)
+                kl = F.kl_div(F.log_softmax(logits_of(model(xg)), dim=1), p_clean, reduction="sum")
+                (grad,) = torch.autograd.grad(kl, xg)
+                x_adv = xg.detach()
+                pgd_step_(x_adv, grad, x, alpha=alpha, eps=eps)
+        return x_adv
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x_adv = self.adversarial(model, x)
+        logits = logits_of(model(x))
+        robust = F.kl_div(F.log_softmax(logits_of(model(x_adv)), dim=1), F.softmax(logits, dim=1),
+                          reduction="batchmean")
+        return F.cross_entropy(logits, y) + self.beta * robust
+
+
+def make_objective(name: str, *, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
+                   beta: float = 6.0):
+    """"natural", "pgd" or "trades" as a callable (model, x, y) -> loss."""
+    if name == "natural":
+        return natural_loss
+    if name == "pgd":
+        return PGDTraining(eps, alpha, steps)
+    if name == "trades":
+        return TRADES(eps, alpha, steps, beta)
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {name!r}")

@@ -1,0 +1,104 @@
+"""Training: objectives, exact resume, scores-only phases, checkpoints."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastprune.models import get_model
+from fastprune.nn import prune_model
+from fastprune.train import TRADES, fit, make_objective
+
+
+@pytest.fixture()
+def small_train(digits):
+    x, y = digits.train.tensors
+    return torch.utils.data.TensorDataset(x[:256], y[:256])
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("objective", ["natural", "trades"])
+def test_resume_gives_the_uninterrupted_result(tmp_path, small_train, objective):
+    def run(run_dir, stop_after=None):
+        torch.manual_seed(0)
+        model = get_model("cnn-small", 10, 1)
+        obj = make_objective(objective, eps=0.1, alpha=0.025, steps=2)
+
+        def maybe_stop(epoch, row):
+            if stop_after is not None and epoch == stop_after:
+                raise Interrupt
+        history = fit(model, small_train, objective=obj, epochs=3, lr=0.05, batch_size=64, run_dir=str(run_dir),
+                      progress=False, on_epoch_end=maybe_stop)
+        return model, history
+
+    straight, history = run(tmp_path / "a")
+    with pytest.raises(Interrupt):
+        run(tmp_path / "b", stop_after=0)
+    torch.manual_seed(123)  # whatever the caller's RNG does meanwhile, resume restores the run's own
+    resumed, resumed_history = run(tmp_path / "b")
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert [h["loss"] for h in history] == [h["loss"] for h in resumed_history]
+    files = sorted(os.listdir(tmp_path / "b"))
+    assert files == ["checkpoint.pt", "metrics.csv", "metrics.json"], "no temporary files left behind"
+    assert len(open(tmp_path / "b" / "metrics.csv").read().strip().splitlines()) == 1 + 3
+
+
+def test_scores_only_phase_leaves_weights_alone(small_train):
+    torch.manual_seed(0)
+    model = prune_model(get_model("cnn-small", 10, 1), 0.9)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith("scores")}
+    scores = [p for n, p in model.named_parameters() if n.endswith("scores")]
+    before = [s.detach().clone() for s in scores]
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.endswith("scores"))
+    fit(model, small_train, epochs=1, lr=0.1, batch_size=64, params=scores, progress=False)
+    for n, p in model.named_parameters():
+        if not n.endswith("scores"):
+            assert torch.equal(p, weights[n]), n
+    assert any(not torch.equal(a, b) for a, b in zip(before, scores))
+
+
+def test_trades_maximises_the_kl_within_the_ball(digits):
+    torch.manual_seed(0)
+    model = get_model("cnn-small", 10, 1)
+    fit(model, digits.train, epochs=2, lr=0.05, batch_size=64, progress=False)
+    x = digits.test.tensors[0][:64]
+    trades = TRADES(eps=0.1, alpha=0.025, steps=5)
+    x_adv = trades.adversarial(model, x)
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    model.eval()
+    with torch.no_grad():
+        p = F.softmax(model(x), 1)
+
+        def kl(z):
+            return F.kl_div(F.log_softmax(model(z), 1), p, reduction="sum").item()
+
+        noise = (x + (torch.rand_like(x) * 2 - 1) * 0.1).clamp(0, 1)
+        assert kl(x_adv) > 2 * kl(noise)
+    loss = trades(model.train(), x, digits.test.tensors[1][:64])
+    assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(epochs=0), "epochs"),
+        (dict(epochs=1, lr=-1.0), "lr"),
+        (dict(epochs=1, batch_size=0), "batch_size"),
+        (dict(epochs=1, params=[]), "params"),
+    ],
+)
+def test_bad_arguments(small_train, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fit(get_model("cnn-small", 10, 1), small_train, progress=False, **kwargs)
+
+
+def test_unknown_objective():
+    with pytest.raises(ValueError, match="objective"):
+        make_objective("mart")
+    with pytest.raises(ValueError, match="beta"):
+        make_objective("trades", beta=-1.0)
