@@ -1,0 +1,71 @@
+"""HYDRA (Sehwag et al., NeurIPS 2020) and its LWM baseline, as phases over a (pre)trained model.
+
+HYDRA: every conv and linear layer gets importance scores initialised from its weights (so the first
+mask is the magnitude mask); the prune phase trains the scores only, weights and BatchNorm frozen,
+under the robust objective; the finetune phase freezes the mask and trains the weights. LWM skips the
+prune phase: magnitude mask, then the same finetune.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from ..nn.masked import MASKED_TYPES, check_sparsity, prune_model
+from ..train.loops import fit
+
+
+def _masked_layers(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, MASKED_TYPES)]
+
+
+def _phase_dir(run_dir: str | None, phase: str) -> str | None:
+    return os.path.join(run_dir, phase) if run_dir else None
+
+
+def prune_phase(model: nn.Module, train: TensorDataset, *, objective: Callable, epochs: int, lr: float = 0.1,
+                run_dir: str | None = None, **fit_options) -> list[dict]:
+    """Train only the scores of ``model``'s score-masked layers (everything else frozen)."""
+    scores = [m.scores for m in _masked_layers(model) if m.source == "scores"]
+    if not scores:
+        raise ValueError("model has no score-masked layers: call prune_model(model, sparsity, 'scores') first")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("scores"))
+    return fit(model, train, objective=objective, epochs=epochs, lr=lr, params=scores,
+               run_dir=_phase_dir(run_dir, "prune"), **fit_options)
+
+
+def finetune_phase(model: nn.Module, train: TensorDataset, *, objective: Callable, epochs: int, lr: float = 0.01,
+                   run_dir: str | None = None, **fit_options) -> list[dict]:
+    """Freeze every mask as it is, then train the weights (HYDRA's and LWM's last phase)."""
+    for layer in _masked_layers(model):
+        layer.freeze_mask()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return fit(model, train, objective=objective, epochs=epochs, lr=lr, run_dir=_phase_dir(run_dir, "finetune"),
+               **fit_options)
+
+
+def hydra(model: nn.Module, train: TensorDataset, *, sparsity: float, objective: Callable, prune_epochs: int = 20,
+          finetune_epochs: int = 100, prune_lr: float = 0.1, finetune_lr: float = 0.01, skip=(),
+          run_dir: str | None = None, **fit_options) -> nn.Module:
+    """Prune ``model`` (in place) to ``sparsity`` in every layer with HYDRA; returns it, masks frozen.
+    Defaults follow the paper: 20 prune epochs at lr 0.1, 100 finetune epochs at lr 0.01."""
+    check_sparsity(sparsity)
+    prune_model(model, sparsity, method="scores", skip=skip)
+    prune_phase(model, train, objective=objective, epochs=prune_epochs, lr=prune_lr, run_dir=run_dir, **fit_options)
+    finetune_phase(model, train, objective=objective, epochs=finetune_epochs, lr=finetune_lr, run_dir=run_dir,
+                   **fit_options)
+    return model
+
+
+def lwm(model: nn.Module, train: TensorDataset, *, sparsity: float, objective: Callable, finetune_epochs: int = 100,
+        finetune_lr: float = 0.01, skip=(), run_dir: str | None = None, **fit_options) -> nn.Module:
+    """Least-weight-magnitude pruning: magnitude mask per layer, then the robust finetune."""
+    check_sparsity(sparsity)
+    prune_model(model, sparsity, method="magnitude", skip=skip)
+    finetune_phase(model, train, objective=objective, epochs=finetune_epochs, lr=finetune_lr, run_dir=run_dir,
+                   **fit_options)
+    return model

@@ -1,0 +1,48 @@
+"""HYDRA's phases on digits: the prune phase changes only scores, finetuning keeps the mask."""
+import torch
+
+from fastprune.models import get_model
+from fastprune.nn import MaskedConv2d, prune_model, sparsity_report
+from fastprune.prune import finetune_phase, hydra, lwm, prune_phase
+from fastprune.train import fit, make_objective
+
+
+def pretrained(digits):
+    torch.manual_seed(0)
+    model = get_model("cnn-small", 10, 1)
+    fit(model, digits.train, epochs=3, lr=0.05, batch_size=64, progress=False)
+    return model
+
+
+def test_prune_phase_changes_only_scores_and_finetune_keeps_the_mask(digits, tmp_path):
+    model = prune_model(pretrained(digits), 0.9, method="scores")
+    objective = make_objective("trades", eps=0.1, alpha=0.025, steps=2)
+    frozen = {n: t.clone() for n, t in model.state_dict().items() if not n.endswith(("scores", "mask"))}
+    masks_before = [m.refresh_mask().clone() for m in model.modules() if isinstance(m, MaskedConv2d)]
+    prune_phase(model, digits.train, objective=objective, epochs=2, lr=0.1, batch_size=64, progress=False,
+                run_dir=str(tmp_path))
+    for name, tensor in model.state_dict().items():
+        if name in frozen and "running" not in name and "num_batches" not in name:
+            assert torch.equal(tensor, frozen[name]), f"{name} changed in the prune phase"
+    masks_after = [m.refresh_mask().clone() for m in model.modules() if isinstance(m, MaskedConv2d)]
+    assert any(not torch.equal(a, b) for a, b in zip(masks_before, masks_after)), "the scores should move the mask"
+    finetune_phase(model, digits.train, objective=objective, epochs=1, lr=0.01, batch_size=64, progress=False,
+                   run_dir=str(tmp_path))
+    masks_final = [m.mask.clone() for m in model.modules() if isinstance(m, MaskedConv2d)]
+    assert all(torch.equal(a, b) for a, b in zip(masks_after, masks_final)), "finetuning must keep the mask"
+    assert abs(sparsity_report(model)["sparsity"] - 0.9) < 0.01
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finetune", "prune"]
+
+
+def test_hydra_and_lwm_end_to_end(digits):
+    objective = make_objective("natural")
+    for method in (hydra, lwm):
+        model = pretrained(digits)
+        kwargs = dict(prune_epochs=1) if method is hydra else {}
+        method(model, digits.train, sparsity=0.8, objective=objective, finetune_epochs=2, batch_size=64,
+               progress=False, **kwargs)
+        x, y = digits.test.tensors
+        with torch.no_grad():
+            accuracy = (model.eval()(x).argmax(1) == y).float().mean().item()
+        assert accuracy > 0.8, (method.__name__, accuracy)
+        assert abs(sparsity_report(model)["sparsity"] - 0.8) < 0.01
