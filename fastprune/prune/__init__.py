@@ -1,4 +1,5 @@
-"""Pruning methods. So far HYDRA and its LWM baseline; PwoA (ADMM, distillation, HSIC) comes next."""
+"""Pruning methods: HYDRA and its LWM baseline (adversarial), PwoA (no adversarial examples)."""
 from .hydra import finetune_phase, hydra, lwm, prune_phase
+from .pwoa import block_outputs, distillation_loss, pwoa
 
-__all__ = ["finetune_phase", "hydra", "lwm", "prune_phase"]
+__all__ = ["block_outputs", "distillation_loss", "finetune_phase", "hydra", "lwm", "prune_phase", "pwoa"]

@@ -1,0 +1,146 @@
+"""PwoA (Jian et al. 2022): prune a robust model without adversarial examples.
+
+Stage 1, ADMM pruning with distillation: loss = alpha T^2 KL(teacher || student at temperature T)
++ rho/2 sum_l |W_l - Z_l + U_l|^2, with Z the per-layer magnitude projection of W + U onto the
+sparsity constraint and U the scaled dual, updated every ``admm_every`` epochs while rho grows by
+``rho_growth`` up to ``rho_max``. Stage 2: hard magnitude prune to the target per layer. Stage 3:
+masked retrain with distillation plus the HSIC bottleneck (fastprune.hsic_bottleneck) over the
+student's block outputs. No adversarial example is computed unless ``mix_ratio`` > 0, which swaps a
+batch for PGD examples with that probability, as in the paper's optional mix.
+
+The KL term uses reduction "batchmean" (the KL per sample); the papers' code uses PyTorch's
+elementwise "mean", which divides it by the number of classes as well.
+"""
+from __future__ import annotations
+
+import copy
+import random
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from ..attacks.base import check_count, check_positive
+from ..attacks.losses import logits_of
+from ..models.resnet import BasicBlock
+from ..models.wide_resnet import WideBlock
+from ..nn.hsic import HSICBottleneck
+from ..nn.masked import MASKED_TYPES, check_sparsity, kept_count, prune_model, topk_mask
+from ..train.loops import fit
+from ..train.objectives import PGDTraining
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                      alpha: float) -> torch.Tensor:
+    """alpha T^2 KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch."""
+    return alpha * temperature ** 2 * F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
+                                               F.softmax(teacher_logits / temperature, dim=1), reduction="batchmean")
+
+
+def block_outputs(model: nn.Module) -> list[str]:
+    """PwoA's hidden layers: every residual block's output, or every ReLU in a plain network."""
+    blocks = [n for n, m in model.named_modules() if isinstance(m, (BasicBlock, WideBlock))]
+    return blocks or [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
+
+
+def _prunable(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m) in (nn.Conv2d, nn.Linear)]
+
+
+class _ADMM:
+    """Z, U and rho of the ADMM penalty for every prunable layer of ``model``."""
+
+    def __init__(self, model: nn.Module, sparsity: float, rho: float, growth: float, rho_max: float):
+        self.layers = _prunable(model)
+        self.k = [kept_count(m.weight.numel(), sparsity) for m in self.layers]
+        self.rho, self.growth, self.rho_max = rho, growth, rho_max
+        self.u = [torch.zeros_like(m.weight) for m in self.layers]
+        self.z = [self._project(m.weight.detach(), k) for m, k in zip(self.layers, self.k)]
+
+    @staticmethod
+    def _project(w: torch.Tensor, k: int) -> torch.Tensor:
+        return w * topk_mask(w.abs(), k)
+
+    def penalty(self) -> torch.Tensor:
+        return sum((m.weight - z + u).square().sum() for m, z, u in zip(self.layers, self.z, self.u)) * (self.rho / 2)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for i, m in enumerate(self.layers):
+            self.z[i] = self._project(m.weight + self.u[i], self.k[i])
+            self.u[i] += m.weight - self.z[i]
+        self.rho = min(self.rho * self.growth, self.rho_max)
+
+    def distance(self) -> float:
+        """Relative distance of the weights from the sparse set, sum |W - Z|^2 / sum |W|^2."""
+        with torch.no_grad():
+            num = sum((m.weight - z).square().sum() for m, z in zip(self.layers, self.z))
+            return float(num / sum(m.weight.square().sum() for m in self.layers))
+
+
+def pwoa(student: nn.Module, teacher: nn.Module | None, train: TensorDataset, *, sparsity: float,
+         admm_epochs: int = 50, retrain_epochs: int = 100, admm_lr: float = 0.01, retrain_lr: float = 0.005,
+         temperature: float = 30.0, alpha: float = 10.0, rho: float = 0.01, rho_growth: float = 1.35,
+         rho_max: float = 1.0, admm_every: int = 3, lambda_x: float = 2e-5, lambda_y: float = 1e-4,
+         sigma: float = 5.0, hsic_layers: Sequence[str] | None = None, num_classes: int | None = None,
+         mix_ratio: float = 0.0, mix_attack: Callable | None = None, run_dir: str | None = None,
+         **fit_options) -> nn.Module:
+    """Prune ``student`` (in place; usually a copy of the robust ``teacher``) to ``sparsity`` per
+    layer with PwoA's three stages; returns it with frozen masks. Defaults follow the paper's CIFAR-10
+    settings. ``mix_attack``: the attack objective for mixed batches (default PGD, eps 8/255)."""
+    if teacher is None:
+        raise ValueError("teacher: PwoA distils from the pre-trained robust model; pass it")
+    check_sparsity(sparsity)
+    check_count("admm_every", admm_every)
+    for name, value in (("temperature", temperature), ("alpha", alpha), ("rho", rho), ("rho_growth", rho_growth)):
+        check_positive(name, value, allow_zero=False)
+    if not 0 <= mix_ratio <= 1:
+        raise ValueError(f"mix_ratio must be in [0, 1], got {mix_ratio!r}")
+    teacher = copy.deepcopy(teacher).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    def distill(model, x):
+        with torch.no_grad():
+            target = logits_of(teacher(x))
+        return distillation_loss(logits_of(model(x)), target, temperature, alpha)
+
+    # Stage 1: ADMM with distillation.
+    admm = _ADMM(student, sparsity, rho, rho_growth, rho_max)
+
+    def admm_objective(model, x, y):
+        return distill(model, x) + admm.penalty()
+
+    def admm_epoch_end(epoch, row):
+        row["admm_distance"] = admm.distance()
+        if (epoch + 1) % admm_every == 0:
+            admm.update()
+
+    fit(student, train, objective=admm_objective, epochs=admm_epochs, lr=admm_lr,
+        run_dir=f"{run_dir}/admm" if run_dir else None, on_epoch_end=admm_epoch_end, **fit_options)
+
+    # Stage 2: hard prune, the masks frozen from here on.
+    prune_model(student, sparsity, method="magnitude")
+    for layer in (m for m in student.modules() if isinstance(m, MASKED_TYPES)):
+        layer.freeze_mask()
+
+    # Stage 3: masked retrain, distillation + HSIC bottleneck; adversarial batches only if mixed in.
+    bottleneck = HSICBottleneck(student, list(hsic_layers or block_outputs(student)), lambda_x=lambda_x,
+                                lambda_y=lambda_y, sigma=sigma, num_classes=num_classes)
+    mixer = mix_attack or (PGDTraining(8 / 255, 2 / 255, 10) if mix_ratio > 0 else None)
+    coin = random.Random(0)
+
+    def retrain_objective(model, x, y):
+        if mixer is not None and coin.random() < mix_ratio:
+            bottleneck.taps.clear()
+            return mixer(model, x, y)
+        return distill(model, x) + bottleneck(x, y)
+
+    try:
+        fit(student, train, objective=retrain_objective, epochs=retrain_epochs, lr=retrain_lr,
+            run_dir=f"{run_dir}/retrain" if run_dir else None, **fit_options)
+    finally:
+        bottleneck.remove()
+    return student
