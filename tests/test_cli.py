@@ -24,3 +24,53 @@ def test_eval_errors_are_reported(tmp_path, capsys):
     assert "missing.pt" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["no-such-command"])
+
+
+def test_train_prune_finetune_export_eval_pipeline(tmp_path, capsys):
+    import json
+
+    base = tmp_path / "base"
+    args = ["--epochs", "2", "--objective", "pgd", "--eps", "0.1", "--alpha", "0.025", "--steps", "2",
+            "--batch-size", "64", "--quiet"]
+    assert main(["train", "--model", "cnn-small", "--out", str(base)] + args) == 0
+    assert {"config.json", "checkpoint.pt", "metrics.csv", "metrics.json", "model.pt", "report.json"} <= {
+        p.name for p in base.iterdir()}
+    rows = (base / "metrics.csv").read_text().strip().splitlines()
+    # Running again with the same directory resumes: nothing left to train, same metrics.
+    assert main(["train", "--model", "cnn-small", "--out", str(base)] + args) == 0
+    assert (base / "metrics.csv").read_text().strip().splitlines() == rows
+    short = ["--eps", "0.1", "--objective", "natural", "--batch-size", "64", "--quiet"]
+    for method, extra in (("hydra", ["--prune-epochs", "1", "--finetune-epochs", "1"]),
+                          ("lwm", ["--finetune-epochs", "1"]),
+                          ("pwoa", ["--teacher", str(base / "model.pt"), "--admm-epochs", "1",
+                                    "--retrain-epochs", "1", "--temperature", "4", "--kd-alpha", "1"])):
+        out = tmp_path / method
+        assert main(["prune", "--method", method, "--checkpoint", str(base / "model.pt"), "--sparsity", "0.9",
+                     "--out", str(out)] + short + extra) == 0
+        report = json.loads((out / "report.json").read_text())
+        assert abs(report["sparsity"] - 0.9) < 0.01 and 0 <= report["pgd20"] <= report["clean"] <= 1
+    config = tmp_path / "ft.yaml"
+    config.write_text(f"checkpoint: {tmp_path / 'hydra' / 'model.pt'}\nepochs: 1\nobjective: natural\neps: 0.1\n")
+    assert main(["finetune", "--config", str(config), "--out", str(tmp_path / "ft"), "--quiet"]) == 0
+    sparse = tmp_path / "model.sparse.pt"
+    assert main(["export", "--checkpoint", str(tmp_path / "ft" / "model.pt"), "--out", str(sparse),
+                 "--batch-size", "32", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(sparse), "--eps", "0.1", "--attacks", "clean", "--quiet"]) == 0
+    assert "clean" in capsys.readouterr().out
+
+
+def test_bad_configs_are_reported(tmp_path, capsys):
+    assert main(["train", "--model", "nope", "--epochs", "1", "--out", str(tmp_path / "a"), "--quiet"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    ckpt = tmp_path / "missing.pt"
+    assert main(["prune", "--method", "lwm", "--checkpoint", str(ckpt), "--sparsity", "1.5"]) == 2
+    assert "sparsity" in capsys.readouterr().err
+    assert main(["prune", "--method", "pwoa", "--checkpoint", str(ckpt), "--sparsity", "0.5"]) == 2
+    assert "--teacher is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["prune", "--method", "snip", "--checkpoint", str(ckpt), "--sparsity", "0.5"])
+    config = tmp_path / "c.yaml"
+    config.write_text("epochz: 3\n")
+    assert main(["train", "--config", str(config)]) == 2
+    assert "unknown options ['epochz']" in capsys.readouterr().err

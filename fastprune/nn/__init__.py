@@ -3,6 +3,7 @@ from .hsic import FeatureTaps, HSICBottleneck
 from .masked import (
     MaskedConv2d,
     MaskedLinear,
+    check_sparsity,
     dense_twin,
     fold_masks,
     kept_count,
@@ -22,6 +23,6 @@ from .sparse import (
 )
 
 __all__ = [
-    "ChannelsLastInput", "FeatureTaps", "HSICBottleneck", "dense_twin", "fold_batchnorm", "fold_masks", "MaxPool2x2", "MaskedConv2d", "MaskedLinear", "kept_count", "prune_model",
+    "ChannelsLastInput", "FeatureTaps", "HSICBottleneck", "check_sparsity", "dense_twin", "fold_batchnorm", "fold_masks", "MaxPool2x2", "MaskedConv2d", "MaskedLinear", "kept_count", "prune_model",
     "sparsity_report", "topk_mask", "SparseConv2d", "SparseLinear", "load_sparse", "save_sparse", "sparsify",
 ]

@@ -26,10 +26,17 @@ def atomic_save(obj, path: str) -> None:
 
 
 def save_model(path: str, model: nn.Module, name: str, num_classes: int, in_channels: int, **meta) -> None:
-    """Save a model of fastprune.models with what is needed to rebuild it."""
+    """Save a model of fastprune.models with what is needed to rebuild it (masked layers included:
+    their masks are frozen into the file)."""
+    from ..nn.masked import MASKED_TYPES
+
+    masked = [n for n, m in model.named_modules() if isinstance(m, MASKED_TYPES)]
+    for n, m in model.named_modules():
+        if isinstance(m, MASKED_TYPES) and m.source != "fixed":
+            raise ValueError(f"layer {n!r} still has a trainable mask: freeze_mask() it before saving")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_save({"model": name, "num_classes": num_classes, "in_channels": in_channels,
-                 "state_dict": state, "meta": meta}, path)
+                 "state_dict": state, "masked_layers": masked, "meta": meta}, path)
 
 
 def load_model(path: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -41,5 +48,14 @@ def load_model(path: str, device: str | torch.device = "cpu") -> tuple[nn.Module
         if key not in ckpt:
             raise ValueError(f"checkpoint {path!r} lacks {key!r}: not written by fastprune")
     model = get_model(ckpt["model"], ckpt["num_classes"], ckpt["in_channels"])
+    if ckpt.get("masked_layers"):
+        from ..nn.masked import MASKED_TYPES, prune_model
+
+        skip = [n for n, m in model.named_modules()
+                if type(m) in (nn.Conv2d, nn.Linear) and n not in set(ckpt["masked_layers"])]
+        prune_model(model, 0.0, method="magnitude", skip=skip)
+        for m in model.modules():
+            if isinstance(m, MASKED_TYPES):
+                m.freeze_mask()  # the saved masks are loaded into these buffers just below
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval(), ckpt
