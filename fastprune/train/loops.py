@@ -25,14 +25,18 @@ METRICS = "metrics.csv"
 def fit(model: nn.Module, train: TensorDataset, *, objective: Callable = natural_loss, epochs: int, lr: float = 0.1,
         batch_size: int = 128, weight_decay: float = 1e-4, params: Iterable[nn.Parameter] | None = None,
         run_dir: str | None = None, seed: int = 0, progress: bool = True,
-        on_epoch_end: Callable[[int, dict], None] | None = None) -> list[dict]:
+        on_epoch_end: Callable[[int, dict], None] | None = None, augment: Callable | None = None,
+        amp: bool = False, channels_last: bool = False) -> list[dict]:
     """Train ``model`` on ``train`` (images (M, ...) in [0, 1], labels (M,), moved to the model's device).
 
     objective: (model, x, y) -> loss (see fastprune.train.objectives). params: what the optimiser
     updates (default every parameter that requires grad; HYDRA's prune phase passes the scores).
     run_dir: after every epoch, a checkpoint (model, optimiser, schedule, random states; written
     atomically) and a row of metrics.csv; calling again with the same run_dir resumes after the last
-    finished epoch and gives the same result as an uninterrupted run. Returns the per-epoch metrics.
+    finished epoch and gives the same result as an uninterrupted run. augment: a batch transform run
+    on the device (e.g. fastprune.data.augment.random_crop_flip). amp: autocast (bfloat16 on CPU;
+    float16 with loss scaling on CUDA). channels_last: model and batches in that memory format.
+    Returns the per-epoch metrics.
     """
     check_count("epochs", epochs)
     check_positive("lr", lr, allow_zero=False)
@@ -58,6 +62,10 @@ def fit(model: nn.Module, train: TensorDataset, *, objective: Callable = natural
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         history, start_epoch = state["history"], state["epoch"] + 1
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
     model.train()
     bar = tqdm(range(start_epoch, epochs), desc="train", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
@@ -66,10 +74,17 @@ def fit(model: nn.Module, train: TensorDataset, *, objective: Callable = natural
         total_loss, seen = 0.0, 0
         for start in range(0, images.shape[0], batch_size):
             index = order[start:start + batch_size]
-            loss = objective(model, images[index], labels[index])
+            x = images[index]
+            if augment is not None:
+                x = augment(x)
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                loss = objective(model, x, labels[index])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
             total_loss += loss.detach() * index.shape[0]
             seen += index.shape[0]

@@ -102,3 +102,25 @@ def test_unknown_objective():
         make_objective("mart")
     with pytest.raises(ValueError, match="beta"):
         make_objective("trades", beta=-1.0)
+
+
+def test_augmentation_amp_and_channels_last(digits, small_train):
+    from fastprune.data.augment import random_crop_flip
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 8, 8, generator=gen)
+    out = random_crop_flip(x, padding=2, generator=torch.Generator().manual_seed(1))
+    assert out.shape == x.shape
+    same = random_crop_flip(x, padding=0, flip=False)
+    assert torch.equal(same, x)
+    # Every augmented image is a shifted (zero-filled), possibly mirrored copy of its source.
+    for i in range(16):
+        candidates = [torch.roll(F.pad(x[i], (2, 2, 2, 2)), (dy, dx), (1, 2))[:, 2:10, 2:10]
+                      for dy in range(-2, 3) for dx in range(-2, 3)]
+        assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(2)) for c in candidates), i
+    torch.manual_seed(0)
+    model = get_model("cnn-small", 10, 1)
+    history = fit(model, small_train, epochs=2, lr=0.05, batch_size=64, progress=False, amp=True,
+                  channels_last=True, augment=lambda b: random_crop_flip(b, padding=1))
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    assert history[-1]["loss"] < history[0]["loss"] * 1.5
