@@ -14,7 +14,7 @@ from torch import nn
 from ..ops.sparse import ALGORITHMS, direct_applicable, sparse_conv2d, sparse_linear
 from ..reference.sparse import csr_to_dense, dense_to_csr
 from ..train.checkpoint import atomic_save
-from .masked import _replace, check_sparsity, dense_twin, effective_weight, fold_masks
+from .masked import _replace, check_sparsity, effective_weight, fold_masks
 
 
 class _CSRWeight(nn.Module):
