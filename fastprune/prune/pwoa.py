@@ -8,8 +8,9 @@ masked retrain with distillation plus the HSIC bottleneck (fastprune.hsic_bottle
 student's block outputs. No adversarial example is computed unless ``mix_ratio`` > 0, which swaps a
 batch for PGD examples with that probability, as in the paper's optional mix.
 
-The KL term uses reduction "batchmean" (the KL per sample); the papers' code uses PyTorch's
-elementwise "mean", which divides it by the number of classes as well.
+The KL term is averaged over the batch and the classes, as PyTorch's elementwise "mean" in the papers'
+code does: alpha = 10 and T = 30 mean what they mean there (the per-sample KL would be 10x larger on
+ten classes and makes the paper's learning rates diverge).
 """
 from __future__ import annotations
 
@@ -34,9 +35,11 @@ from ..train.objectives import PGDTraining
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
                       alpha: float) -> torch.Tensor:
-    """alpha T^2 KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch."""
-    return alpha * temperature ** 2 * F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
-                                               F.softmax(teacher_logits / temperature, dim=1), reduction="batchmean")
+    """alpha T^2 KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch and the
+    classes (student and teacher logits (N, classes) -> 0-dim)."""
+    kl = F.kl_div(F.log_softmax(student_logits / temperature, dim=1), F.softmax(teacher_logits / temperature, dim=1),
+                  reduction="batchmean")
+    return alpha * temperature ** 2 * kl / student_logits.shape[1]
 
 
 def block_outputs(model: nn.Module) -> list[str]:

@@ -109,7 +109,9 @@ def nocco_operator(k: torch.Tensor, eps: float) -> torch.Tensor:
     kc = centre(k)
     kc = 0.5 * (kc + kc.transpose(-2, -1))  # exactly symmetric for the Cholesky factorisation
     eye = torch.eye(m, dtype=k.dtype, device=k.device)
-    factor = torch.linalg.cholesky(kc + eps * m * eye)
+    # cholesky_ex: no host sync to check success; a non-finite input gives a non-finite result,
+    # which the training loop reports, instead of an error raised mid-step
+    factor, _ = torch.linalg.cholesky_ex(kc + eps * m * eye)
     return torch.cholesky_solve(kc, factor)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import time
 from typing import Callable, Iterable
@@ -90,6 +91,9 @@ def fit(model: nn.Module, train: TensorDataset, *, objective: Callable = natural
             seen += index.shape[0]
         row = {"epoch": epoch, "loss": (total_loss / seen).item(), "lr": schedule.get_last_lr()[0],
                "seconds": time.perf_counter() - started}
+        if not math.isfinite(row["loss"]):  # stop before a diverged model overwrites the last good checkpoint
+            raise FloatingPointError(f"the training loss became {row['loss']} in epoch {epoch}: the run diverged; "
+                                     f"lower lr (was {lr}) or the loss weights")
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}")
         if run_dir:

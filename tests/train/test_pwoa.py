@@ -74,3 +74,18 @@ def test_mix_ratio_mixes_in_pgd_batches(digits, monkeypatch):
     pwoa(student, teacher, small, sparsity=0.5, admm_epochs=1, retrain_epochs=1, mix_ratio=1.0, num_classes=10,
          batch_size=64, progress=False)
     assert len(calls) == 2, "with mix_ratio=1 every retrain batch is adversarial"
+
+
+def test_distillation_loss_matches_the_papers_elementwise_mean():
+    import warnings
+
+    import torch.nn.functional as F
+
+    from fastprune.prune import distillation_loss
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(16, 10, dtype=torch.float64), torch.randn(16, 10, dtype=torch.float64)
+    with warnings.catch_warnings():  # reduction="mean" warns that it is not the per-sample KL
+        warnings.simplefilter("ignore")
+        paper = F.kl_div(F.log_softmax(student / 30, 1), F.softmax(teacher / 30, 1), reduction="mean") * 10 * 30 ** 2
+    assert distillation_loss(student, teacher, 30.0, 10.0).item() == pytest.approx(paper.item(), rel=1e-12)

@@ -124,3 +124,21 @@ def test_augmentation_amp_and_channels_last(digits, small_train):
                   channels_last=True, augment=lambda b: random_crop_flip(b, padding=1))
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert history[-1]["loss"] < history[0]["loss"] * 1.5
+
+
+def test_a_diverged_run_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, small_train):
+    from fastprune.train.objectives import natural_loss
+
+    model = get_model("cnn-small", 10, 1)
+    calls = {"n": 0}
+
+    def blows_up_in_epoch_two(m, x, y):
+        calls["n"] += 1
+        loss = natural_loss(m, x, y)
+        return loss * float("nan") if calls["n"] > 4 else loss  # 4 batches of 64 per epoch
+
+    with pytest.raises(FloatingPointError, match="epoch 1.*lower lr"):
+        fit(model, small_train, objective=blows_up_in_epoch_two, epochs=3, batch_size=64, run_dir=str(tmp_path),
+            progress=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values())
