@@ -77,7 +77,9 @@ def evaluate(model: nn.Module, data, attacks: Sequence[str] = DEFAULT_ATTACKS, *
 
     Returns:
         {name: accuracy for each attack, "worst": fraction of samples correct under every attack,
-        "n": number of samples}.
+        "n": number of samples}. As in RobustBench and AutoAttack, a sample counts as robust to an
+        attack only if its clean image is classified correctly too, so no attack's accuracy
+        exceeds the clean accuracy (an attack can stumble onto the right class from a wrong one).
     """
     check_positive("eps", eps)
     check_count("batch_size", batch_size)
@@ -94,11 +96,16 @@ def evaluate(model: nn.Module, data, attacks: Sequence[str] = DEFAULT_ATTACKS, *
     bar = tqdm(total=_length(data), desc="evaluate", unit="img", disable=not progress, leave=False)
     for images, labels in _batches(data, batch_size):
         images, labels = images.to(device), labels.to(device)
-        robust = torch.ones_like(labels, dtype=torch.bool)
+        with torch.no_grad(), eval_mode(model):
+            clean_right = logits_of(model(images)).argmax(dim=1) == labels
+        robust = clean_right.clone()
         for name, attack in built.items():
-            x = images if attack is None else attack(images, labels)
-            with torch.no_grad(), eval_mode(model):
-                right = logits_of(model(x)).argmax(dim=1) == labels
+            if attack is None:
+                right = clean_right
+            else:
+                x_adv = attack(images, labels)
+                with torch.no_grad(), eval_mode(model):
+                    right = (logits_of(model(x_adv)).argmax(dim=1) == labels) & clean_right
             correct[name] += right.sum()
             robust &= right
         worst += robust.sum()
