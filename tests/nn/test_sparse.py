@@ -150,6 +150,22 @@ def test_fast_pooling_equals_max_pool():
     assert not MaxPool2x2.replaces(nn.MaxPool2d(2, ceil_mode=True))
 
 
+def test_fast_adaptive_pooling_equals_adaptive_max_pool():
+    from fastprune.nn.sparse import AdaptiveMaxPool2x2
+
+    pool = AdaptiveMaxPool2x2.from_module(nn.AdaptiveMaxPool2d(4))
+    # (8, 8) takes the 2x2 path, in both layouts; other sizes fall back to PyTorch's adaptive windows
+    for shape in [(2, 3, 8, 8), (1, 2, 7, 9), (3, 1, 12, 8), (2, 2, 4, 4)]:
+        x = torch.randn(shape)
+        assert torch.equal(pool(x), F.adaptive_max_pool2d(x, 4)), shape
+        assert torch.equal(pool(x.contiguous(memory_format=torch.channels_last)), F.adaptive_max_pool2d(x, 4))
+    assert AdaptiveMaxPool2x2.from_module(nn.AdaptiveMaxPool2d((2, 3))).output_size == (2, 3)
+    assert AdaptiveMaxPool2x2.replaces(nn.AdaptiveMaxPool2d(4))
+    assert not AdaptiveMaxPool2x2.replaces(nn.AdaptiveMaxPool2d((None, 4)))
+    assert not AdaptiveMaxPool2x2.replaces(nn.AdaptiveMaxPool2d(4, return_indices=True))
+    assert not AdaptiveMaxPool2x2.replaces(nn.AdaptiveAvgPool2d(4))
+
+
 def test_save_load_round_trip_and_size(tmp_path):
     torch.manual_seed(0)
     model = prune_model(get_model("resnet18", 10, 3).eval(), 0.99, method="magnitude")
