@@ -1,7 +1,8 @@
 """The ``fastprune`` command.
 
   fastprune info                  versions, backends and extension status as one JSON object
-  fastprune demo                  adversarially train a small CNN on digits, print its robustness
+  fastprune demo                  the robust-pruning study on digits (fastprune.study): every method,
+                                  90/95/99% sparsity, five attacks, latency; results into --out
   fastprune eval --checkpoint P   robust accuracy of a saved model under the attack suite
   fastprune bench sparse ...      sparse-inference latency vs the best dense (fastprune.benchmarks.sparse)
   fastprune train ...             (robust) training of a model; a run directory that resumes
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -56,31 +58,25 @@ def _device(name: str | None) -> torch.device:
 
 
 def _demo(args) -> int:
-    from fastprune.attacks import PGD, evaluate, format_table
-    from fastprune.data import get_dataset
-    from fastprune.models import get_model
-    from fastprune.train import save_model, train_classifier
+    import dataclasses
+
+    from fastprune.study import StudySettings, run_study
 
     device = _device(args.device)
-    torch.manual_seed(args.seed)
-    data = get_dataset("digits")
-    epochs = 3 if args.quick else args.epochs
-    model = get_model("cnn-small", data.num_classes, data.in_channels).to(device)
-    attack = PGD(model, eps=args.eps, alpha=args.eps / 4, steps=5 if args.quick else 7, seed=args.seed)
-    print(f"PGD adversarial training of cnn-small on digits ({len(data.train)} train images), "
-          f"eps={args.eps}, {epochs} epochs, on {device}", flush=True)
-    start = time.perf_counter()
-    train_classifier(model, data.train, epochs=epochs, attack=attack, seed=args.seed, progress=not args.quiet)
-    print(f"trained in {time.perf_counter() - start:.1f} s", flush=True)
-    attacks = ("clean", "fgsm", "pgd20") if args.quick else ("clean", "fgsm", "pgd20", "cw", "apgd-ce", "apgd-t")
-    start = time.perf_counter()
-    result = evaluate(model, data.test.tensors, attacks, eps=args.eps, seed=args.seed, progress=not args.quiet)
-    print(f"\nrobustness on the {result['n']} held-out test images "
-          f"(evaluated in {time.perf_counter() - start:.1f} s):")
-    print(format_table(result))
-    if args.save:
-        save_model(args.save, model, "cnn-small", data.num_classes, data.in_channels, eps=args.eps)
-        print(f"saved the model to {args.save}; try: fastprune eval --checkpoint {args.save} --eps {args.eps}")
+    settings = StudySettings.quick() if args.quick else StudySettings()
+    overrides = {k: v for k, v in (("eps", args.eps), ("base_epochs", args.epochs), ("model", args.model),
+                                   ("sparsities", args.sparsities), ("methods", args.methods)) if v is not None}
+    settings = dataclasses.replace(settings, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    settings.check()
+    out = args.out or os.path.join("runs", f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(f"fastprune demo: robust pruning on digits into {out} (on {device}; rerun with --out {out} to resume)",
+          flush=True)
+    started = time.perf_counter()
+    run_study(out, settings, device=device, seed=args.seed, progress=not args.quiet,
+              log=lambda line: print(line, flush=True))
+    with open(os.path.join(out, "results.md")) as f:
+        print("\n" + f.read())
+    print(f"done in {time.perf_counter() - started:.0f} s; results.md, results.csv and the plots are in {out}")
     return 0
 
 
@@ -98,7 +94,6 @@ def _load_any(path: str, device):
 
 
 def _run_dir(args, kind: str) -> str:
-    import os
 
     out = args.out or os.path.join("runs", f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(out, exist_ok=True)
@@ -115,7 +110,6 @@ def _objective(args):
 
 
 def _report(out: str, model, data, args, started: float, **extra) -> dict:
-    import os
 
     from fastprune.attacks import evaluate, format_table
     from fastprune.nn import sparsity_report
@@ -131,7 +125,6 @@ def _report(out: str, model, data, args, started: float, **extra) -> dict:
 
 
 def _train(args) -> int:
-    import os
 
     from fastprune.data import get_dataset
     from fastprune.models import get_model
@@ -151,7 +144,6 @@ def _train(args) -> int:
 
 
 def _prune(args) -> int:
-    import os
 
     from fastprune.data import get_dataset
     from fastprune.nn import check_sparsity
@@ -185,7 +177,6 @@ def _prune(args) -> int:
 
 
 def _finetune(args) -> int:
-    import os
 
     from fastprune.data import get_dataset
     from fastprune.prune import finetune_phase
@@ -249,13 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="versions, backends and extension status (JSON)").set_defaults(func=_info)
 
-    demo = sub.add_parser("demo", help="adversarially train a small CNN on digits and print its robustness")
-    demo.add_argument("--eps", type=float, default=0.1, help="Linf radius in pixel units (default 0.1)")
-    demo.add_argument("--epochs", type=int, default=15)
-    demo.add_argument("--quick", action="store_true", help="a few epochs and three attacks (for tests)")
+    demo = sub.add_parser("demo", help="the robust-pruning study on digits: every method at 90/95/99%% sparsity",
+                          description="Adversarially train a CNN on digits, prune it with HYDRA, LWM, PwoA and "
+                                      "naive pruning, evaluate every model under FGSM, PGD-20, CW and APGD, time "
+                                      "dense vs sparse inference; results.md/csv and plots go into --out.")
+    demo.add_argument("--out", default=None, help="run directory (default: a new folder under ./runs; an existing "
+                                                  "one resumes)")
+    demo.add_argument("--quick", action="store_true", help="one or two epochs per phase (for tests)")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--save", default=None, help="write the trained model's checkpoint here")
+    demo.add_argument("--eps", type=float, default=None, help="Linf radius in pixel units (default 0.1)")
+    demo.add_argument("--epochs", type=int, default=None, help="epochs of the base model's adversarial training")
+    demo.add_argument("--model", default=None, help="the model to train and prune (default cnn-wide)")
+    demo.add_argument("--sparsities", type=float, nargs="+", default=None, help="default 0.9 0.95 0.99")
+    demo.add_argument("--methods", nargs="+", default=None, help="default hydra lwm pwoa naive")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 
@@ -368,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _with_config(parser, argv)
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
         command = argv[0] if argv else (sys.argv[1] if len(sys.argv) > 1 else "")
         print(f"fastprune {command}: error: {exc}", file=sys.stderr)
         return 2

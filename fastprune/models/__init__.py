@@ -11,6 +11,7 @@ from .wide_resnet import WideResNet
 
 _MODELS = {
     "cnn-small": cnn_small,
+    "cnn-wide": lambda num_classes, in_channels: cnn_small(num_classes, in_channels, width=64),
     "lenet": lenet,
     "resnet18": resnet18,
     "vgg16": vgg16,

@@ -5,7 +5,7 @@ import torch
 from fastprune.models import available_models, get_model
 from fastprune.models.common import Normalize
 
-SHAPES = {"cnn-small": (1, 8), "lenet": (1, 28), "resnet18": (3, 32), "vgg16": (3, 32), "wrn-28-4": (3, 32)}
+SHAPES = {"cnn-small": (1, 8), "cnn-wide": (1, 8), "lenet": (1, 28), "resnet18": (3, 32), "vgg16": (3, 32), "wrn-28-4": (3, 32)}
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
@@ -22,7 +22,7 @@ def test_forward_backward(name):
 
 
 def test_all_names_build_and_bad_names_fail():
-    assert {"cnn-small", "lenet", "resnet18", "vgg16", "wrn-28-4", "wrn-28-10", "wrn-34-10"} <= set(available_models())
+    assert {"cnn-small", "cnn-wide", "lenet", "resnet18", "vgg16", "wrn-28-4", "wrn-28-10", "wrn-34-10"} <= set(available_models())
     with pytest.raises(ValueError, match="unknown model"):
         get_model("alexnet")
     with pytest.raises(ValueError, match="num_classes"):
