@@ -93,14 +93,41 @@ def _load_any(path: str, device):
         return load_sparse(path, map_location=device).eval()
 
 
+def _training_device(args) -> torch.device:
+    """This process's device: under torchrun (WORLD_SIZE > 1) it joins the process group and takes
+    its local GPU (or the CPU, with gloo); otherwise --device as usual."""
+    from fastprune.train.distributed import init_from_env
+
+    return init_from_env(args.device) or _device(args.device)
+
+
 def _run_dir(args, kind: str) -> str:
+    """Create the run directory and write the resolved config (rank 0 names it for every rank)."""
+    from fastprune.train import distributed as dist
 
     out = args.out or os.path.join("runs", f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(out, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k not in ("func", "rest")}
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
+    if dist.is_distributed():
+        shared = [out]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        out = shared[0]
+    if dist.is_main():
+        os.makedirs(out, exist_ok=True)
+        config = {k: v for k, v in vars(args).items() if k not in ("func", "rest")}
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+    dist.barrier()
     return out
+
+
+def _finish(out: str, model, data, args, started: float, save_args: tuple, save_extra: dict, **report_extra) -> None:
+    """Rank 0 saves the model and writes the report; every rank waits for it."""
+    from fastprune.train import distributed as dist
+    from fastprune.train import save_model
+
+    if dist.is_main():
+        save_model(os.path.join(out, "model.pt"), model, *save_args, **save_extra)
+        _report(out, model, data, args, started, **report_extra)
+    dist.barrier()
 
 
 def _objective(args):
@@ -124,41 +151,48 @@ def _report(out: str, model, data, args, started: float, **extra) -> dict:
     return report
 
 
-def _train(args) -> int:
+def _fit_options(args) -> dict:
+    """Options every training command passes to fit(): batching, seed, progress, augmentation
+    ("auto": CIFAR's crop+flip on cifar10/cifar100, none elsewhere), AMP, channels_last."""
+    from fastprune.data.augment import random_crop_flip
 
+    augment = args.augment if args.augment != "auto" else ("crop-flip" if args.data.startswith("cifar") else "none")
+    return dict(batch_size=args.batch_size, seed=args.seed, progress=not args.quiet, amp=args.amp,
+                channels_last=args.channels_last, augment=random_crop_flip if augment == "crop-flip" else None)
+
+
+def _train(args) -> int:
     from fastprune.data import get_dataset
     from fastprune.models import get_model
-    from fastprune.train import fit, save_model
+    from fastprune.train import fit
 
     started = time.perf_counter()
-    device = _device(args.device)
+    device = _training_device(args)
     out = _run_dir(args, "train")
     data = get_dataset(args.data, root=args.root)
     torch.manual_seed(args.seed)
     model = get_model(args.model, data.num_classes, data.in_channels).to(device)
-    fit(model, data.train, objective=_objective(args), epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-        run_dir=out, seed=args.seed, progress=not args.quiet)
-    save_model(os.path.join(out, "model.pt"), model, args.model, data.num_classes, data.in_channels, data=args.data)
-    _report(out, model, data, args, started)
+    fit(model, data.train, objective=_objective(args), epochs=args.epochs, lr=args.lr, run_dir=out,
+        **_fit_options(args))
+    _finish(out, model, data, args, started, (args.model, data.num_classes, data.in_channels), {"data": args.data})
     return 0
 
 
 def _prune(args) -> int:
-
     from fastprune.data import get_dataset
     from fastprune.nn import check_sparsity
     from fastprune.prune import hydra, lwm, pwoa
-    from fastprune.train import load_model, save_model
+    from fastprune.train import load_model
 
     check_sparsity(args.sparsity)
     if args.method == "pwoa" and not args.teacher:
         raise ValueError("--teacher is required for pwoa (the robust model it distils from)")
     started = time.perf_counter()
-    device = _device(args.device)
+    device = _training_device(args)
     model, ckpt = load_model(args.checkpoint, device)
     data = get_dataset(args.data, root=args.root)
     out = _run_dir(args, f"prune-{args.method}")
-    common = dict(run_dir=out, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+    common = dict(run_dir=out, **_fit_options(args))
     if args.method == "hydra":
         hydra(model, data.train, sparsity=args.sparsity, objective=_objective(args), prune_epochs=args.prune_epochs,
               finetune_epochs=args.finetune_epochs, prune_lr=args.prune_lr, finetune_lr=args.finetune_lr, **common)
@@ -170,27 +204,24 @@ def _prune(args) -> int:
         pwoa(model, teacher, data.train, sparsity=args.sparsity, admm_epochs=args.admm_epochs,
              retrain_epochs=args.retrain_epochs, temperature=args.temperature, alpha=args.kd_alpha,
              lambda_x=args.lambda_x, lambda_y=args.lambda_y, num_classes=data.num_classes, **common)
-    save_model(os.path.join(out, "model.pt"), model, ckpt["model"], ckpt["num_classes"], ckpt["in_channels"],
-               method=args.method, sparsity=args.sparsity)
-    _report(out, model, data, args, started, method=args.method)
+    _finish(out, model, data, args, started, (ckpt["model"], ckpt["num_classes"], ckpt["in_channels"]),
+            {"method": args.method, "sparsity": args.sparsity}, method=args.method)
     return 0
 
 
 def _finetune(args) -> int:
-
     from fastprune.data import get_dataset
     from fastprune.prune import finetune_phase
-    from fastprune.train import load_model, save_model
+    from fastprune.train import load_model
 
     started = time.perf_counter()
-    device = _device(args.device)
+    device = _training_device(args)
     model, ckpt = load_model(args.checkpoint, device)
     data = get_dataset(args.data, root=args.root)
     out = _run_dir(args, "finetune")
     finetune_phase(model, data.train, objective=_objective(args), epochs=args.epochs, lr=args.lr, run_dir=out,
-                   batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
-    save_model(os.path.join(out, "model.pt"), model, ckpt["model"], ckpt["num_classes"], ckpt["in_channels"])
-    _report(out, model, data, args, started)
+                   **_fit_options(args))
+    _finish(out, model, data, args, started, (ckpt["model"], ckpt["num_classes"], ckpt["in_channels"]), {})
     return 0
 
 
@@ -284,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default=None, help="run directory (an existing one resumes)")
         p.add_argument("--quiet", action="store_true")
         if objective:
+            p.add_argument("--augment", choices=("auto", "none", "crop-flip"), default="auto",
+                           help="on-device augmentation (auto: crop-flip for CIFAR, none elsewhere)")
+            p.add_argument("--amp", action="store_true", help="autocast: bf16 on CPU, fp16 with loss scaling on CUDA")
+            p.add_argument("--channels-last", action="store_true")
             p.add_argument("--objective", choices=("natural", "pgd", "trades"), default="trades")
             p.add_argument("--eps", type=float, default=8 / 255)
             p.add_argument("--alpha", type=float, default=2 / 255)
@@ -365,7 +400,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = _with_config(parser, argv)
-        return args.func(args)
+        try:
+            return args.func(args)
+        finally:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
     except (ValueError, FileNotFoundError, FloatingPointError) as exc:
         command = argv[0] if argv else (sys.argv[1] if len(sys.argv) > 1 else "")
         print(f"fastprune {command}: error: {exc}", file=sys.stderr)

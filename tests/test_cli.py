@@ -59,3 +59,17 @@ def test_bad_configs_are_reported(tmp_path, capsys):
     config.write_text("epochz: 3\n")
     assert main(["train", "--config", str(config)]) == 2
     assert "unknown options ['epochz']" in capsys.readouterr().err
+
+
+def test_training_options_reach_fit():
+    from fastprune.cli import _fit_options, build_parser
+    from fastprune.data.augment import random_crop_flip
+
+    parser = build_parser()
+    cifar = _fit_options(parser.parse_args(["train", "--data", "cifar10", "--amp", "--channels-last"]))
+    assert cifar["augment"] is random_crop_flip and cifar["amp"] and cifar["channels_last"]
+    digits = _fit_options(parser.parse_args(["train", "--data", "digits"]))
+    assert digits["augment"] is None and not digits["amp"]
+    forced = _fit_options(parser.parse_args(["prune", "--method", "lwm", "--checkpoint", "x", "--sparsity", "0.9",
+                                             "--augment", "crop-flip"]))
+    assert forced["augment"] is random_crop_flip

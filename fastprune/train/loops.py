@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..attacks.base import Attack, check_count, check_positive
 from ..attacks.losses import logits_of
+from . import distributed as dist
 from .checkpoint import atomic_save
 from .objectives import natural_loss
 
@@ -37,6 +38,9 @@ def fit(model: nn.Module, train: TensorDataset, *, objective: Callable = natural
     finished epoch and gives the same result as an uninterrupted run. augment: a batch transform run
     on the device (e.g. fastprune.data.augment.random_crop_flip). amp: autocast (bfloat16 on CPU;
     float16 with loss scaling on CUDA). channels_last: model and batches in that memory format.
+    Under ``torchrun`` (a process group initialised; see fastprune.train.distributed) each rank
+    trains on its share of every batch, gradients are averaged across ranks, and rank 0 writes the
+    run directory; the result matches one process on the whole batch up to float rounding.
     Returns the per-epoch metrics.
     """
     check_count("epochs", epochs)
@@ -63,8 +67,10 @@ def fit(model: nn.Module, train: TensorDataset, *, objective: Callable = natural
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         history, start_epoch = state["history"], state["epoch"] + 1
+    progress = progress and dist.is_main()
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    trained = dist.wrap(model)  # DistributedDataParallel under torchrun (rank 0's weights everywhere)
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
     model.train()
@@ -74,14 +80,17 @@ def fit(model: nn.Module, train: TensorDataset, *, objective: Callable = natural
         order = torch.randperm(images.shape[0], generator=order_gen).to(device)
         total_loss, seen = 0.0, 0
         for start in range(0, images.shape[0], batch_size):
-            index = order[start:start + batch_size]
+            batch = order[start:start + batch_size]
+            if batch.shape[0] < dist.world_size():  # a last batch too small to give every rank a sample
+                continue
+            index = dist.local_slice(batch)  # this rank's share of the global batch
             x = images[index]
             if augment is not None:
                 x = augment(x)
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                loss = objective(model, x, labels[index])
+                loss = objective(trained, x, labels[index])
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -89,6 +98,8 @@ def fit(model: nn.Module, train: TensorDataset, *, objective: Callable = natural
             schedule.step()
             total_loss += loss.detach() * index.shape[0]
             seen += index.shape[0]
+        total_loss = dist.sum_across_ranks(torch.as_tensor(total_loss, dtype=torch.float64, device=device))
+        seen = int(dist.sum_across_ranks(torch.tensor(seen, device=device)))
         row = {"epoch": epoch, "loss": (total_loss / seen).item(), "lr": schedule.get_last_lr()[0],
                "seconds": time.perf_counter() - started}
         if not math.isfinite(row["loss"]):  # stop before a diverged model overwrites the last good checkpoint
@@ -96,8 +107,9 @@ def fit(model: nn.Module, train: TensorDataset, *, objective: Callable = natural
                                      f"lower lr (was {lr}) or the loss weights")
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}")
-        if run_dir:
+        if run_dir and dist.is_main():
             _write_epoch(run_dir, model, optimizer, schedule, order_gen, history, epoch, device)
+        dist.barrier()  # no rank runs ahead of the checkpoint
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
     return history
