@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fastprune  # noqa: E402
 from fastprune.benchmarks.common import (  # noqa: E402
-    device_label, device_slug, interleaved_medians, markdown_table, versions, write_csv)
+    device_label, interleaved_medians, markdown_table, save_results, versions)
 from fastprune import backends  # noqa: E402
 from fastprune.attacks import APGD, PGD  # noqa: E402
 from fastprune.data import get_dataset  # noqa: E402
@@ -190,9 +190,7 @@ def main(argv=None) -> int:
     print(markdown_table(step_rows, ["shape", "norm", "impl", "median_ms", "GB/s", "vs_copy", "speedup_vs_eager"]))
     attack_rows = bench_attacks(device, args.quick)
     print(markdown_table(attack_rows, ["attack", "impl", "options", "median_ms", "images/s", "speedup", "robust_acc"]))
-    path = os.path.join(args.out, f"attacks-{device_slug(device)}{'-quick' if args.quick else ''}.csv")
-    write_csv([{**row, **meta} for row in step_rows + attack_rows], path)
-    print(f"wrote {path}")
+    save_results(step_rows + attack_rows, meta, args.out, "attacks", device, args.quick)
     return 0
 
 

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fastprune  # noqa: E402
 from fastprune.benchmarks.common import (  # noqa: E402
-    device_label, device_slug, interleaved_medians, markdown_table, versions, write_csv)
+    device_label, interleaved_medians, markdown_table, save_results, versions)
 
 SIGMA = 5.0  # PwoA/HBaR: sigma 5, scaled by sqrt(d)
 EPS = 1e-5
@@ -187,9 +187,7 @@ def main(argv=None) -> int:
         bottleneck = bench_bottleneck(device, models, max(3, repeats // 2))
         print(markdown_table(bottleneck, ["model", "layers", "impl", "fwd+bwd_ms", "fastprune_speedup"]))
         rows += bottleneck
-    path = os.path.join(args.out, f"hsic-{device_slug(device)}{'-quick' if args.quick else ''}.csv")
-    write_csv([{**row, **meta} for row in rows], path)
-    print(f"wrote {path}")
+    save_results(rows, meta, args.out, "hsic", device, args.quick)
     return 0
 
 

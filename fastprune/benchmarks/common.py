@@ -83,6 +83,16 @@ def write_csv(rows: list[dict], path: str) -> None:
         writer.writerows(rows)
 
 
+def save_results(rows: list[dict], meta: dict, out_dir: str, suite: str, device: torch.device,
+                 quick: bool = False) -> str:
+    """Write ``rows`` (each with ``meta``: device, versions) to <out_dir>/<suite>-<device>[-quick].csv,
+    say so, and return the path."""
+    path = os.path.join(out_dir, f"{suite}-{device_slug(device)}{'-quick' if quick else ''}.csv")
+    write_csv([{**row, **meta} for row in rows], path)
+    print(f"wrote {path}")
+    return path
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v):
         if isinstance(v, float):
