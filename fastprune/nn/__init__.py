@@ -1,4 +1,4 @@
-"""Modules built on fastprune's ops: masked training layers, the HSIC bottleneck."""
+"""Modules built on fastprune's ops: masked training layers, sparse inference layers, the HSIC bottleneck."""
 from .hsic import FeatureTaps, HSICBottleneck
 from .masked import (
     MaskedConv2d,
@@ -7,22 +7,29 @@ from .masked import (
     dense_twin,
     fold_masks,
     kept_count,
+    nm_mask,
     prune_model,
     sparsity_report,
     topk_mask,
 )
 from .sparse import (
+    AdaptiveMaxPool2x2,
     ChannelsLastInput,
     MaxPool2x2,
+    SemiStructuredLinear,
     SparseConv2d,
     SparseLinear,
     fold_batchnorm,
+    is_2to4,
     load_sparse,
     save_sparse,
+    semi_structured_supported,
     sparsify,
 )
 
 __all__ = [
-    "ChannelsLastInput", "FeatureTaps", "HSICBottleneck", "check_sparsity", "dense_twin", "fold_batchnorm", "fold_masks", "MaxPool2x2", "MaskedConv2d", "MaskedLinear", "kept_count", "prune_model",
-    "sparsity_report", "topk_mask", "SparseConv2d", "SparseLinear", "load_sparse", "save_sparse", "sparsify",
+    "AdaptiveMaxPool2x2", "ChannelsLastInput", "FeatureTaps", "HSICBottleneck", "MaskedConv2d", "MaskedLinear",
+    "MaxPool2x2", "SemiStructuredLinear", "SparseConv2d", "SparseLinear", "check_sparsity", "dense_twin",
+    "fold_batchnorm", "fold_masks", "is_2to4", "kept_count", "load_sparse", "nm_mask", "prune_model", "save_sparse",
+    "semi_structured_supported", "sparsify", "sparsity_report", "topk_mask",
 ]

@@ -48,6 +48,37 @@ def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     return keep.to(values.dtype).view_as(values)
 
 
+def parse_pattern(pattern) -> tuple[int, int] | None:
+    """"N:M" (keep N of every M consecutive weights along the reduction dimension) -> (N, M)."""
+    if pattern is None:
+        return None
+    try:
+        n, m = (int(v) for v in str(pattern).split(":"))
+    except ValueError:
+        raise ValueError(f"pattern must be 'N:M' such as '2:4', got {pattern!r}") from None
+    if not 0 < n < m:
+        raise ValueError(f"pattern must have 0 < N < M, got {pattern!r}")
+    return n, m
+
+
+def nm_applicable(weight_shape, m: int) -> bool:
+    """Whether a weight (out, ...) splits into groups of m along its flattened reduction dimension."""
+    reduction = math.prod(weight_shape[1:])
+    return reduction % m == 0
+
+
+def nm_mask(values: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """A float 0/1 mask keeping the n largest of every m consecutive entries along the flattened
+    reduction dimension of ``values`` (out, ...) (2:4 is NVIDIA's semi-structured sparsity); ties go
+    to the lower index. values (out, K...) with prod(K...) divisible by m."""
+    if not nm_applicable(values.shape, m):
+        raise ValueError(f"values of shape {tuple(values.shape)}: the reduction size is not a multiple of {m}")
+    groups = values.detach().reshape(values.shape[0], -1, m)
+    order = groups.argsort(dim=-1, descending=True, stable=True)
+    keep = torch.zeros_like(groups).scatter_(-1, order[..., :n], 1.0)
+    return keep.view_as(values)
+
+
 class _ScoreMaskedWeight(torch.autograd.Function):
     """w * mask, with HYDRA's straight-through gradient for the scores: the top-k is treated as
     the identity, so dL/dscores = dL/dw_eff * w * sign(scores)."""
@@ -70,11 +101,21 @@ class _MaskedMixin:
 
     weight: nn.Parameter
 
-    def _init_mask(self, source: str, sparsity: float, mask: torch.Tensor | None) -> None:
+    def _init_mask(self, source: str, sparsity: float, mask: torch.Tensor | None, pattern=None) -> None:
         if source not in MASK_SOURCES:
             raise ValueError(f"source must be one of {MASK_SOURCES}, got {source!r}")
         self.source = source
         self.sparsity = check_sparsity(sparsity)
+        self.pattern = parse_pattern(pattern)
+        if self.pattern is not None:
+            n, m = self.pattern
+            if source == "fixed":
+                raise ValueError("pattern applies to 'scores' and 'magnitude' masks; a fixed mask is given as is")
+            if not math.isclose(self.sparsity, 1 - n / m):
+                raise ValueError(f"pattern {n}:{m} prunes {1 - n / m:g} of the weights; sparsity is {self.sparsity!r}")
+            if not nm_applicable(self.weight.shape, m):
+                raise ValueError(f"pattern {n}:{m}: the weight {tuple(self.weight.shape)} has a reduction size "
+                                 f"that is not a multiple of {m}")
         self.k = kept_count(self.weight.numel(), self.sparsity)
         if source == "fixed":
             if mask is None:
@@ -105,7 +146,10 @@ class _MaskedMixin:
         key = (src._version, src.data_ptr(), self.k)
         if force or key != self._mask_key:
             with torch.no_grad():
-                self.mask.copy_(topk_mask(src.detach().abs(), self.k))
+                if self.pattern is not None:
+                    self.mask.copy_(nm_mask(src.detach().abs(), *self.pattern))
+                else:
+                    self.mask.copy_(topk_mask(src.detach().abs(), self.k))
             self._mask_key = key
         return self.mask
 
@@ -113,6 +157,8 @@ class _MaskedMixin:
         """Change the fraction pruned; the mask follows on the next forward pass."""
         if self.source == "fixed":
             raise ValueError("a fixed mask has no sparsity to set")
+        if self.pattern is not None:
+            raise ValueError(f"an {self.pattern[0]}:{self.pattern[1]} mask has a fixed sparsity")
         self.sparsity = check_sparsity(sparsity)
         self.k = kept_count(self.weight.numel(), self.sparsity)
 
@@ -136,7 +182,7 @@ class _MaskedMixin:
         if x.dtype != self.weight.dtype or x.device != self.weight.device:
             raise ValueError(f"input is {x.dtype} on {x.device}, the layer {self.weight.dtype} on {self.weight.device}")
 
-    def _adopt(self, dense: nn.Module, source: str, sparsity: float, mask: torch.Tensor | None):
+    def _adopt(self, dense: nn.Module, source: str, sparsity: float, mask: torch.Tensor | None, pattern=None):
         """Take ``dense``'s weights, then set up the mask. The layer was built as a magnitude layer
         because scores must be initialised from the copied weights, not the random ones."""
         with torch.no_grad():
@@ -144,11 +190,12 @@ class _MaskedMixin:
             if dense.bias is not None:
                 self.bias.copy_(dense.bias)
         del self.mask
-        self._init_mask(source, sparsity, mask)
+        self._init_mask(source, sparsity, mask, pattern)
         return self
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, source={self.source}, sparsity={self.sparsity}"
+        pattern = f", pattern={self.pattern[0]}:{self.pattern[1]}" if self.pattern else ""
+        return f"{super().extra_repr()}, source={self.source}, sparsity={self.sparsity}{pattern}"
 
 
 class MaskedConv2d(_MaskedMixin, nn.Conv2d):
@@ -161,13 +208,14 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, source: str = "scores", sparsity: float = 0.0,
-                   mask: torch.Tensor | None = None) -> "MaskedConv2d":
-        """A masked copy of ``conv`` (same weights, device and dtype)."""
+                   mask: torch.Tensor | None = None, pattern: str | None = None) -> "MaskedConv2d":
+        """A masked copy of ``conv`` (same weights, device and dtype). pattern "N:M" (with sparsity
+        1 - N/M): keep N of every M consecutive weights of each output channel (2:4: semi-structured)."""
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                     dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
                     padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
                     source="magnitude")
-        return layer._adopt(conv, source, sparsity, mask)
+        return layer._adopt(conv, source, sparsity, mask, pattern)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, (4,))
@@ -184,11 +232,11 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, source: str = "scores", sparsity: float = 0.0,
-                   mask: torch.Tensor | None = None) -> "MaskedLinear":
-        """A masked copy of ``linear`` (same weights, device and dtype)."""
+                   mask: torch.Tensor | None = None, pattern: str | None = None) -> "MaskedLinear":
+        """A masked copy of ``linear`` (same weights, device and dtype); pattern as for MaskedConv2d."""
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                     device=linear.weight.device, dtype=linear.weight.dtype, source="magnitude")
-        return layer._adopt(linear, source, sparsity, mask)
+        return layer._adopt(linear, source, sparsity, mask, pattern)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, tuple(range(1, 9)))
@@ -204,13 +252,19 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def prune_model(model: nn.Module, sparsity: float, method: str = "scores", skip=()) -> nn.Module:
+def prune_model(model: nn.Module, sparsity: float, method: str = "scores", skip=(), pattern: str | None = None) -> nn.Module:
     """Swap every nn.Conv2d and nn.Linear of ``model`` (first and last included, unless named in
     ``skip``) for a masked layer keeping a (1 - sparsity) fraction of its weights, per layer.
-    method: "scores" (HYDRA) or "magnitude". Modifies ``model`` in place and returns it."""
+    method: "scores" (HYDRA) or "magnitude". pattern: "N:M" (e.g. "2:4", with sparsity 1 - N/M)
+    keeps N of every M consecutive weights along each layer's reduction dimension, the form GPUs
+    with semi-structured sparsity accelerate; layers whose reduction size is not a multiple of M
+    get an unstructured mask of the same sparsity. Modifies ``model`` in place and returns it."""
     check_sparsity(sparsity)
     if method not in ("scores", "magnitude"):
         raise ValueError(f"method must be 'scores' or 'magnitude', got {method!r}")
+    nm = parse_pattern(pattern)
+    if nm is not None and not math.isclose(sparsity, 1 - nm[0] / nm[1]):
+        raise ValueError(f"pattern {pattern!r} prunes {1 - nm[0] / nm[1]:g} of the weights; sparsity is {sparsity!r}")
     names = {n for n, _ in model.named_modules()}
     unknown = [s for s in skip if s not in names]
     if unknown:
@@ -219,7 +273,8 @@ def prune_model(model: nn.Module, sparsity: float, method: str = "scores", skip=
                if type(m) in (nn.Conv2d, nn.Linear) and n not in skip]
     for name, module in targets:
         cls = MaskedConv2d if isinstance(module, nn.Conv2d) else MaskedLinear
-        _replace(model, name, cls.from_dense(module, source=method, sparsity=sparsity))
+        layer_pattern = pattern if nm is not None and nm_applicable(module.weight.shape, nm[1]) else None
+        _replace(model, name, cls.from_dense(module, source=method, sparsity=sparsity, pattern=layer_pattern))
     return model
 
 

@@ -112,12 +112,80 @@ class SparseLinear(_CSRWeight):
         return f"{self.in_features}, {self.out_features}, nnz={self.nnz}"
 
 
-def _sparse_twin(module: nn.Module) -> nn.Module | None:
-    if isinstance(module, nn.Conv2d) and SparseConv2d.supports(module) and module.weight.dtype == torch.float32:
-        return SparseConv2d.from_dense(module)
-    if isinstance(module, nn.Linear) and module.weight.dtype == torch.float32:
-        return SparseLinear.from_dense(module)
-    return None
+def semi_structured_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether PyTorch's 2:4 semi-structured kernels run here: CUDA, compute capability >= 8.0
+    (Ampere, Hopper), float16 or bfloat16."""
+    device = torch.device(device)
+    return (device.type == "cuda" and torch.cuda.is_available() and dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(device)[0] >= 8)
+
+
+def is_2to4(weight: torch.Tensor) -> bool:
+    """Whether every 4 consecutive entries along each row of ``weight`` (out, in) hold at most 2
+    non-zeros (what prune_model(..., pattern="2:4") produces)."""
+    if weight.dim() != 2 or weight.shape[1] % 4:
+        return False
+    return bool(((weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
+
+
+class SemiStructuredLinear(nn.Module):
+    """nn.Linear with a 2:4-sparse weight kept in PyTorch's semi-structured format (half the values
+    plus metadata) and run by its sparse tensor-core kernels: (..., in) -> (..., out). Needs
+    :func:`semi_structured_supported`; pickles as the dense weight and converts back on load."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        weight = weight.detach()
+        if not semi_structured_supported(weight.device, weight.dtype):
+            raise ValueError(f"weight: 2:4 semi-structured kernels need a CUDA device of compute capability >= 8.0 "
+                             f"and float16/bfloat16; got {weight.dtype} on {weight.device}")
+        if not is_2to4(weight):
+            raise ValueError("weight is not 2:4 sparse (prune with prune_model(..., pattern='2:4'))")
+        self._set_weight(weight)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def _set_weight(self, weight: torch.Tensor) -> None:
+        from torch.sparse import to_sparse_semi_structured
+
+        self.weight = nn.Parameter(to_sparse_semi_structured(weight), requires_grad=False)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear) -> "SemiStructuredLinear":
+        return cls(linear.weight, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        return torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias).reshape(*lead, -1)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_parameters"] = dict(state["_parameters"])
+        state["_dense_weight"] = state["_parameters"].pop("weight").to_dense()
+        return state
+
+    def __setstate__(self, state):
+        dense = state.pop("_dense_weight")
+        self.__dict__.update(state)
+        self._set_weight(dense)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, 2:4 semi-structured"
+
+
+def _sparse_twins(module: nn.Module) -> list[nn.Module]:
+    """The sparse layers that could replace ``module``: CSR (float32; any float on CUDA), and the
+    2:4 semi-structured linear where its weight and the hardware allow."""
+    w = module.weight
+    csr_dtype = w.dtype == torch.float32 or (w.is_cuda and w.dtype in (torch.float16, torch.bfloat16))
+    twins = []
+    if isinstance(module, nn.Linear) and is_2to4(w.detach()) and semi_structured_supported(w.device, w.dtype):
+        twins.append(SemiStructuredLinear.from_dense(module))
+    if isinstance(module, nn.Conv2d) and SparseConv2d.supports(module) and csr_dtype:
+        twins.append(SparseConv2d.from_dense(module))
+    elif isinstance(module, nn.Linear) and csr_dtype:
+        twins.append(SparseLinear.from_dense(module))
+    return twins
 
 
 def _median_seconds(fn, x, repeats: int) -> float:
@@ -242,22 +310,25 @@ def _convert_layers(dense: nn.Module, inputs: dict, min_sparsity: float, repeats
     input, else by the sparsity rule. Returns (model, decisions); ``dense`` is modified."""
     decisions = {}
     for name, module in [(n, m) for n, m in dense.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]:
-        sparse = _sparse_twin(module)
+        twins = _sparse_twins(module)
         weight = module.weight.detach()
         decision = {"sparsity": float((weight == 0).float().mean()), "dense_s": None, "sparse_s": None}
-        if sparse is None:
-            use_sparse = False
-        elif name in inputs:
+        chosen = None
+        if twins and name in inputs:
             x = inputs[name]
             decision["dense_s"] = _median_seconds(module, x, repeats)
-            decision["sparse_s"] = _tune_sparse(sparse, x, repeats)
-            use_sparse = decision["sparse_s"] < decision["dense_s"]
-        else:
-            use_sparse = decision["sparsity"] >= min_sparsity
-        decision["kept"] = "sparse" if use_sparse else "dense"
+            times = [_tune_sparse(twin, x, repeats) for twin in twins]
+            best = min(range(len(twins)), key=times.__getitem__)
+            decision["sparse_s"] = times[best]
+            chosen = twins[best] if times[best] < decision["dense_s"] else None
+        elif twins:  # no timing: semi-structured wherever it applies, CSR from min_sparsity on
+            semi = [t for t in twins if isinstance(t, SemiStructuredLinear)]
+            chosen = semi[0] if semi else (twins[0] if decision["sparsity"] >= min_sparsity else None)
+        decision["kept"] = "sparse" if chosen is not None else "dense"
+        decision["format"] = "2:4" if isinstance(chosen, SemiStructuredLinear) else "csr" if chosen else "dense"
         decisions[name] = decision
-        if use_sparse:
-            _replace(dense, name, sparse)
+        if chosen is not None:
+            _replace(dense, name, chosen)
     return dense, decisions
 
 
@@ -353,7 +424,7 @@ def sparsify(model: nn.Module, example_input: torch.Tensor | None = None, *, ben
         wrap = ChannelsLastInput if cl else (lambda m: m)
         layout = "channels_last" if cl else "contiguous"
         candidates[f"sparse, {layout}"] = (wrap(sparse), decisions)
-        all_dense = {k: {**d, "kept": "dense"} for k, d in decisions.items()}
+        all_dense = {k: {**d, "kept": "dense", "format": "dense"} for k, d in decisions.items()}
         candidates[f"dense, {layout}"] = (wrap(base), all_dense)
     times = {k: _median_seconds(m, example_input, repeats) for k, (m, _) in candidates.items()}
     best = min(times, key=times.get)

@@ -144,3 +144,64 @@ def test_bad_arguments(make, match):
     conv, lin = make_layers()
     with pytest.raises(ValueError, match=match):
         make(conv, lin)
+
+
+def _nm_reference(values, n, m):
+    """Brute force: per row, per group of m along the flattened reduction dim, the n largest (ties to
+    the lower index)."""
+    rows = values.reshape(values.shape[0], -1)
+    mask = torch.zeros_like(rows)
+    for r in range(rows.shape[0]):
+        for g in range(0, rows.shape[1], m):
+            group = rows[r, g:g + m].tolist()
+            order = sorted(range(m), key=lambda i: (-group[i], i))
+            for i in order[:n]:
+                mask[r, g + i] = 1
+    return mask.view_as(values)
+
+
+@pytest.mark.parametrize("shape,n,m", [((6, 16), 2, 4), ((5, 8, 3, 3), 2, 4), ((4, 24), 1, 4), ((3, 16), 4, 8)])
+def test_nm_mask_keeps_the_n_largest_of_every_m(shape, n, m):
+    torch.manual_seed(0)
+    values = torch.randn(shape).abs()
+    values.view(-1)[:8] = 0.5  # some ties
+    mask = masked.nm_mask(values, n, m)
+    assert torch.equal(mask, _nm_reference(values, n, m))
+    assert torch.equal(mask.reshape(shape[0], -1, m).sum(-1), torch.full(mask.reshape(shape[0], -1, m).shape[:2], n,
+                                                                          dtype=mask.dtype))
+    with pytest.raises(ValueError, match="multiple of"):
+        masked.nm_mask(torch.rand(3, 6), 2, 4)
+
+
+def test_prune_model_with_a_2_to_4_pattern():
+    from fastprune.nn import is_2to4
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 12),
+                          nn.Linear(12, 3))
+    prune_model(model, 0.5, method="magnitude", pattern="2:4")
+    # conv0 (reduction 9) and the last linear (12 = 3 groups) : 9 is not a multiple of 4 -> unstructured
+    assert model[0].pattern is None and model[2].pattern == (2, 4) and model[4].pattern == (2, 4)
+    model(torch.rand(2, 1, 8, 8))
+    assert is_2to4(model[4].masked_weight().detach())
+    assert is_2to4(model[2].masked_weight().detach().reshape(8, -1))
+    assert sparsity_report(model)["sparsity"] == pytest.approx(0.5, abs=0.01)
+    # the pattern follows the scores in HYDRA's prune phase too
+    hydra = prune_model(nn.Sequential(nn.Linear(16, 4)), 0.5, method="scores", pattern="2:4")
+    with torch.no_grad():
+        hydra[0].scores.copy_(torch.randn(4, 16))
+    assert torch.equal(hydra[0].refresh_mask(), masked.nm_mask(hydra[0].scores.abs(), 2, 4))
+    with pytest.raises(ValueError, match="fixed sparsity"):
+        hydra[0].set_sparsity(0.9)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(sparsity=0.9, pattern="2:4"), "prunes 0.5"),
+    (dict(sparsity=0.5, pattern="4:2"), "0 < N < M"),
+    (dict(sparsity=0.5, pattern="two:four"), "N:M"),
+])
+def test_bad_patterns(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        prune_model(nn.Sequential(nn.Linear(16, 4)), method="magnitude", **kwargs)
+    with pytest.raises(ValueError, match="pattern"):
+        MaskedLinear.from_dense(nn.Linear(6, 4), source="magnitude", sparsity=0.5, pattern="2:4")

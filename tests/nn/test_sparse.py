@@ -8,11 +8,11 @@ from torch import nn
 
 import fastprune
 from fastprune.models import get_model
-from fastprune.nn import SparseConv2d, SparseLinear, load_sparse, prune_model, save_sparse, sparsify
+from fastprune.nn import SparseConv2d, SparseLinear, fold_masks, load_sparse, prune_model, save_sparse, sparsify
 from fastprune.ops.sparse import _CONV_SPEC, _LINEAR_SPEC, sparse_conv2d, sparse_linear
 from fastprune.reference.sparse import csr_to_dense, dense_to_csr
 
-from ..conftest import backend_device_pairs
+from ..conftest import GPU, backend_device_pairs
 
 # (N, C, H, W, OC, k, stride, padding, sparsity): 1x1 and 3x3, strides 1 and 2, paddings 0-2,
 # batch 1 and more, an all-zero layer (1.0) and a fully dense one (0.0), odd sizes.
@@ -200,3 +200,37 @@ def test_bad_inputs():
         lin(torch.randn(2, 4))
     with pytest.raises(ValueError, match="min_sparsity"):
         sparsify(nn.Sequential(nn.Linear(2, 2)), min_sparsity=1.5)
+
+
+def test_semi_structured_needs_a_capable_gpu_and_a_2_to_4_weight():
+    from fastprune.nn import SemiStructuredLinear, is_2to4, semi_structured_supported
+
+    assert not semi_structured_supported(torch.device("cpu"), torch.float16)
+    w = torch.tensor([[1.0, 0, 2, 0, 0, 3, 0, 4]])
+    assert is_2to4(w) and not is_2to4(torch.ones(1, 8)) and not is_2to4(torch.ones(2, 6))
+    with pytest.raises(ValueError, match="compute capability"):
+        SemiStructuredLinear(w, None)
+    # on the CPU sparsify never picks it, and records each layer's format
+    model = prune_model(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)), 0.5, "magnitude", pattern="2:4")
+    sparse = sparsify(model, benchmark=False, min_sparsity=0.4)
+    assert {d["format"] for d in sparse.sparsify_decisions.values()} == {"csr"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU or not torch.cuda.get_device_capability()[0] >= 8, reason="needs an sm_80+ CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_semi_structured_linear_matches_the_masked_dense_layer(dtype, tmp_path):
+    from fastprune.nn import SemiStructuredLinear
+
+    torch.manual_seed(0)
+    layer = prune_model(nn.Sequential(nn.Linear(256, 128)), 0.5, "magnitude", pattern="2:4")[0]
+    dense = fold_masks(nn.Sequential(layer))[0].to("cuda", dtype)
+    semi = SemiStructuredLinear.from_dense(dense)
+    x = torch.randn(64, 256, device="cuda", dtype=dtype)
+    ref = F.linear(x.double(), dense.weight.double(), dense.bias.double())
+    assert torch.allclose(semi(x).double(), ref, rtol=2e-2, atol=2e-2)
+    assert torch.allclose(semi(x.view(8, 8, 256)).double().view(64, 128), ref, rtol=2e-2, atol=2e-2)
+    path = tmp_path / "semi.pt"
+    torch.save(semi, path)
+    loaded = torch.load(path, weights_only=False)
+    assert torch.equal(loaded(x), semi(x))
