@@ -7,7 +7,8 @@
 // v * xp[ic][q + r * Wp + s] from the non-zero weight v at (ic, r, s): one long contiguous AXPY per
 // non-zero over the whole batch, which vectorises even for 4x4 feature maps. Positions with
 // h >= Ho or w >= Wo are computed and dropped. Tasks are (output channel, chunk of padded rows)
-// with the chunk's accumulator in L1. Larger strides use a per-output-row strided loop.
+// with the chunk's accumulator in L1. A stride S splits the padded input into S x S phases (every
+// S-th row and column from each offset), on which the convolution is again a stride-1 one.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -46,6 +47,18 @@ FASTPRUNE_CPU_CLONES void axpy4(float* __restrict__ acc, const float* __restrict
                                 float v2, float v3, int64_t len) {
 #pragma omp simd
   for (int64_t j = 0; j < len; ++j) acc[j] += v0 * s0[j] + v1 * s1[j] + v2 * s2[j] + v3 * s3[j];
+}
+
+FASTPRUNE_CPU_CLONES void axpy8(float* __restrict__ acc, const float* const* __restrict__ s, const float* v,
+                                int64_t len) {
+  const float* __restrict__ s0 = s[0]; const float* __restrict__ s1 = s[1];
+  const float* __restrict__ s2 = s[2]; const float* __restrict__ s3 = s[3];
+  const float* __restrict__ s4 = s[4]; const float* __restrict__ s5 = s[5];
+  const float* __restrict__ s6 = s[6]; const float* __restrict__ s7 = s[7];
+  const float v0 = v[0], v1 = v[1], v2 = v[2], v3 = v[3], v4 = v[4], v5 = v[5], v6 = v[6], v7 = v[7];
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j)
+    acc[j] += (v0 * s0[j] + v1 * s1[j] + v2 * s2[j] + v3 * s3[j]) + (v4 * s4[j] + v5 * s5[j] + v6 * s6[j] + v7 * s7[j]);
 }
 
 FASTPRUNE_CPU_CLONES void axpy_strided(float* __restrict__ acc, const float* __restrict__ src, float v, int64_t len,
@@ -162,12 +175,43 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
     return out;
   }
 
-  // Padded, channel-major copy of the input with a zero tail for the shifted reads past the end.
-  // Every element is written once (padding included): no separate memset pass.
-  const int64_t tail = (kh - 1) * wp + kw;
-  const int64_t row_len = n * plane + tail;
-  at::Tensor xp = at::empty({c, row_len}, x.options());
-  {
+  // Padded, channel-major copy of the input, split into S x S phases for stride S (S = 1: the
+  // padded input itself): phase (a, b) of channel ic holds xpad[ic][n][S i + a][S j + b] on an
+  // Hq x Wq grid, so a stride-S convolution becomes a stride-1 one over S^2 C channels, each
+  // non-zero (ic, r, s) reading phase (r % S, s % S) shifted by (r / S, s / S). A zero tail covers
+  // the shifted reads past the end. Every element is written once: no separate memset pass.
+  // Unequal strides use S = 1 and the strided loop at the end.
+  const int64_t S = stride_h == stride_w ? stride_h : 1;
+  const int64_t gh = (hp + S - 1) / S, gw = (wp + S - 1) / S, gplane = gh * gw;
+  const int64_t tail = ((kh - 1) / S) * gw + (kw - 1) / S + 1;
+  const int64_t row_len = n * gplane + tail;
+  at::Tensor xp = at::empty({S * S * c, row_len}, x.options());
+  if (S > 1) {
+    // Phases: zero everything (borders, tail) in one fast pass, then split each input row into its
+    // S phase rows, a strided gather per phase column.
+    xp.zero_();
+    const float* src = x.const_data_ptr<float>();
+    float* dst = xp.mutable_data_ptr<float>();
+    const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+    at::parallel_for(0, c * n, 1, [=](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t ci = t / n, ni = t % n;
+        for (int64_t y = 0; y < h; ++y) {
+          const int64_t yp = y + pad_h, pa = yp % S, i = yp / S;
+          const float* s = src + ni * sn + ci * sc + y * sh;
+          for (int64_t pb = 0; pb < S; ++pb) {
+            // grid columns j whose input column S j + pb - pad_w lies in [0, w)
+            const int64_t j0 = pad_w - pb <= 0 ? 0 : (pad_w - pb + S - 1) / S;
+            const int64_t last = w - 1 + pad_w - pb;
+            const int64_t j1 = last < 0 ? 0 : std::min<int64_t>(gw, last / S + 1);
+            float* line = dst + ((pa * S + pb) * c + ci) * row_len + ni * gplane + i * gw;
+            const float* first = s + (S * j0 + pb - pad_w) * sw;
+            for (int64_t j = 0; j < j1 - j0; ++j) line[j0 + j] = first[j * S * sw];
+          }
+        }
+      }
+    });
+  } else {
     const float* src = x.const_data_ptr<float>();
     float* dst = xp.mutable_data_ptr<float>();
     const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
@@ -175,57 +219,69 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
       for (int64_t ci = begin; ci < end; ++ci) {
         float* row = dst + ci * row_len;
         for (int64_t ni = 0; ni < n; ++ni) {
-          float* d = row + ni * plane;
-          std::fill(d, d + pad_h * wp, 0.f);
-          for (int64_t y = 0; y < h; ++y) {
-            float* line = d + (y + pad_h) * wp;
-            std::fill(line, line + pad_w, 0.f);
-            const float* s = src + ni * sn + ci * sc + y * sh;
-            if (sw == 1) {
-              std::copy(s, s + w, line + pad_w);
-            } else {  // channels_last: a strided gather
-              for (int64_t xx = 0; xx < w; ++xx) line[pad_w + xx] = s[xx * sw];
+          for (int64_t i = 0; i < gh; ++i) {
+            float* line = row + ni * gplane + i * gw;
+            const int64_t y = i - pad_h;  // input row of this padded row
+            if (y < 0 || y >= h) {
+              std::fill(line, line + gw, 0.f);
+              continue;
             }
-            std::fill(line + pad_w + w, line + wp, 0.f);
+            const float* s = src + ni * sn + ci * sc + y * sh;
+            if (sw == 1) {  // contiguous rows: one copy between the pads
+              std::fill(line, line + pad_w, 0.f);
+              std::copy(s, s + w, line + pad_w);
+              std::fill(line + pad_w + w, line + gw, 0.f);
+            } else {  // channels_last: a strided gather
+              std::fill(line, line + pad_w, 0.f);
+              for (int64_t xx = 0; xx < w; ++xx) line[pad_w + xx] = s[xx * sw];
+              std::fill(line + pad_w + w, line + gw, 0.f);
+            }
           }
-          std::fill(d + (h + pad_h) * wp, d + plane, 0.f);
         }
-        std::fill(row + n * plane, row + row_len, 0.f);
+        std::fill(row + n * gplane, row + row_len, 0.f);
       }
     });
   }
   // Output strides: (n, oc, y, x) -> offset, for either layout.
   const int64_t on = out.stride(0), ocs = out.stride(1), oys = out.stride(2), oxs = out.stride(3);
   const float* xpp = xp.const_data_ptr<float>();
+  // Where each non-zero reads, relative to an output position: built once per call.
+  std::vector<int64_t> offs(rp[oc_count]);
+  for (size_t e = 0; e < offs.size(); ++e) {
+    const int64_t col = ci_[e], ic = col / ksize, r = (col % ksize) / kw, sx = (col % ksize) % kw;
+    offs[e] = ((r % S) * S + sx % S) * c * row_len + ic * row_len + (r / S) * gw + sx / S;
+  }
+  const int64_t* offp = offs.data();
 
-  if (stride_h == 1 && stride_w == 1) {
-    // Tasks: (block of whole padded rows of the flattened (N * Hp) x Wp grid, output channel),
-    // chunk-major.
-    const int64_t rows_total = n * hp;
-    const int64_t chunk_floats =
-        std::clamp<int64_t>(kSliceBytes / (c * static_cast<int64_t>(sizeof(float))), kMinChunkFloats, kMaxChunkFloats);
-    const int64_t rows_per_chunk = std::max<int64_t>(1, chunk_floats / wp);
+  if (stride_h == stride_w) {
+    // Tasks: (block of whole rows of the flattened (N * Hq) x Wq grid, output channel), chunk-major.
+    const int64_t rows_total = n * gh;
+    const int64_t chunk_floats = std::clamp<int64_t>(kSliceBytes / (S * S * c * static_cast<int64_t>(sizeof(float))),
+                                                     kMinChunkFloats, kMaxChunkFloats);
+    const int64_t rows_per_chunk = std::max<int64_t>(1, chunk_floats / gw);
     const int64_t chunks = (rows_total + rows_per_chunk - 1) / rows_per_chunk;
     at::parallel_for(0, oc_count * chunks, 1, [=](int64_t begin, int64_t end) {
-      std::vector<float> acc(rows_per_chunk * wp);
+      std::vector<float> acc(rows_per_chunk * gw);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t oc = task % oc_count, r0 = (task / oc_count) * rows_per_chunk;
         const int64_t r1 = std::min(rows_total, r0 + rows_per_chunk);
-        const int64_t q0 = r0 * wp, len = (r1 - r0) * wp;
+        const int64_t q0 = r0 * gw, len = (r1 - r0) * gw;
         std::fill(acc.begin(), acc.begin() + len, bp ? bp[oc] : 0.f);
-        auto src = [&](int32_t e) {
-          const int64_t col = ci_[e], ic = col / ksize, rs = col % ksize;
-          return xpp + ic * row_len + q0 + (rs / kw) * wp + rs % kw;
-        };
+        const float* base = xpp + q0;
         int32_t e = rp[oc];
-        for (; e + 4 <= rp[oc + 1]; e += 4)  // four non-zeros per pass over the accumulator
-          axpy4(acc.data(), src(e), src(e + 1), src(e + 2), src(e + 3), vals[e], vals[e + 1], vals[e + 2],
-                vals[e + 3], len);
-        for (; e < rp[oc + 1]; ++e) axpy(acc.data(), src(e), vals[e], len);
-        for (int64_t r = r0; r < r1; ++r) {  // keep the valid outputs of each padded row
-          const int64_t ni = r / hp, y = r % hp;
+        for (; e + 8 <= rp[oc + 1]; e += 8) {  // eight, then four non-zeros per pass over the accumulator
+          const float* s8[8] = {base + offp[e],     base + offp[e + 1], base + offp[e + 2], base + offp[e + 3],
+                                base + offp[e + 4], base + offp[e + 5], base + offp[e + 6], base + offp[e + 7]};
+          axpy8(acc.data(), s8, vals + e, len);
+        }
+        for (; e + 4 <= rp[oc + 1]; e += 4)
+          axpy4(acc.data(), base + offp[e], base + offp[e + 1], base + offp[e + 2], base + offp[e + 3], vals[e],
+                vals[e + 1], vals[e + 2], vals[e + 3], len);
+        for (; e < rp[oc + 1]; ++e) axpy(acc.data(), base + offp[e], vals[e], len);
+        for (int64_t r = r0; r < r1; ++r) {  // keep the valid outputs of each grid row
+          const int64_t ni = r / gh, y = r % gh;
           if (y >= ho) continue;
-          const float* a = acc.data() + (r - r0) * wp;
+          const float* a = acc.data() + (r - r0) * gw;
           float* dst = op + ni * on + oc * ocs + y * oys;
           if (relu) {
             for (int64_t xx = 0; xx < wo; ++xx) dst[xx * oxs] = std::max(a[xx], 0.f);
@@ -238,17 +294,17 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
       }
     });
   } else {
-    // Tasks: (output channel, image); an accumulator plane, one output row at a time, strided reads.
+    // Unequal strides (S = 1 layout). Tasks: (output channel, image); an accumulator plane, one
+    // output row at a time, strided reads.
     at::parallel_for(0, oc_count * n, 1, [=](int64_t begin, int64_t end) {
       std::vector<float> acc(ho * wo);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t oc = task / n, ni = task % n;
         std::fill(acc.begin(), acc.end(), bp ? bp[oc] : 0.f);
         for (int32_t e = rp[oc]; e < rp[oc + 1]; ++e) {
-          const int64_t col = ci_[e], ic = col / ksize, rs = col % ksize, r = rs / kw, s = rs % kw;
-          const float* src = xpp + ic * row_len + ni * plane + r * wp + s;
+          const float* src = xpp + offp[e] + ni * gplane;
           for (int64_t y = 0; y < ho; ++y)
-            axpy_strided(acc.data() + y * wo, src + y * stride_h * wp, vals[e], wo, stride_w);
+            axpy_strided(acc.data() + y * wo, src + y * stride_h * gw, vals[e], wo, stride_w);
         }
         float* dst = op + ni * on + oc * ocs;
         for (int64_t y = 0; y < ho; ++y)

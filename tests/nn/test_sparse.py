@@ -234,3 +234,17 @@ def test_semi_structured_linear_matches_the_masked_dense_layer(dtype, tmp_path):
     torch.save(semi, path)
     loaded = torch.load(path, weights_only=False)
     assert torch.equal(loaded(x), semi(x))
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_CONV_SPEC))
+@pytest.mark.parametrize("stride", [(1, 2), (2, 1), (3, 3)])
+def test_sparse_conv_other_strides(backend, device, stride):
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 5, 11, 10, generator=gen).to(device)
+    weight = sparse_weight((6, 5, 3, 3), 0.7, seed=5).to(device)
+    bias = torch.randn(6, generator=gen).to(device)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    want = F.conv2d(x.double(), weight.double(), bias.double(), stride=stride, padding=1)
+    with fastprune.use_backend(backend):
+        got = sparse_conv2d(x, row_ptr, col_idx, values, bias, 5, 3, 3, *stride, 1, 1)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
