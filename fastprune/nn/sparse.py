@@ -374,8 +374,31 @@ def fuse_epilogues(model: nn.Module) -> nn.Module:
             conv.epilogue = 2
             pool.replace_all_uses_with(node)
             model.graph.erase_node(pool)
+    _fuse_add_relu(model)
     model.recompile()
     return model
+
+
+def _fuse_add_relu(model) -> None:
+    """relu(a + b) -> aten._add_relu(a, b): one pass over the activations instead of two (the
+    residual connection at the end of every ResNet block)."""
+    import operator
+
+    modules = dict(model.named_modules())
+    for node in list(model.graph.nodes):
+        is_add = node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add)
+        if not is_add or node.kwargs or len(node.args) != 2 or len(node.users) != 1:
+            continue
+        if not all(isinstance(a, torch.fx.Node) for a in node.args):
+            continue
+        relu = next(iter(node.users))
+        if not _is_relu(relu, modules) or relu.args[0] is not node:
+            continue
+        with model.graph.inserting_after(relu):
+            fused = model.graph.call_function(torch.ops.aten._add_relu.Tensor, tuple(node.args))
+        relu.replace_all_uses_with(fused)
+        model.graph.erase_node(relu)
+        model.graph.erase_node(node)
 
 
 def _layer_inputs(model: nn.Module, x: torch.Tensor) -> dict:

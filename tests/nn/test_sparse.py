@@ -248,3 +248,18 @@ def test_sparse_conv_other_strides(backend, device, stride):
     with fastprune.use_backend(backend):
         got = sparse_conv2d(x, row_ptr, col_idx, values, bias, 5, 3, 3, *stride, 1, 1)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_residual_add_and_relu_fuse_into_one_op():
+    from fastprune.nn.sparse import _fuse_add_relu
+
+    torch.manual_seed(0)
+    model = get_model("resnet18", 10, 3).eval()
+    traced = torch.fx.symbolic_trace(model)
+    _fuse_add_relu(traced)
+    traced.recompile()
+    fused = [n for n in traced.graph.nodes if n.target is torch.ops.aten._add_relu.Tensor]
+    assert len(fused) == 8  # one per residual block
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), atol=1e-6, rtol=1e-5)
