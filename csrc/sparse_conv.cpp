@@ -245,13 +245,14 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
   // Output strides: (n, oc, y, x) -> offset, for either layout.
   const int64_t on = out.stride(0), ocs = out.stride(1), oys = out.stride(2), oxs = out.stride(3);
   const float* xpp = xp.const_data_ptr<float>();
-  // Where each non-zero reads, relative to an output position: built once per call.
-  std::vector<int64_t> offs(rp[oc_count]);
-  for (size_t e = 0; e < offs.size(); ++e) {
-    const int64_t col = ci_[e], ic = col / ksize, r = (col % ksize) / kw, sx = (col % ksize) % kw;
-    offs[e] = ((r % S) * S + sx % S) * c * row_len + ic * row_len + (r / S) * gw + sx / S;
+  // Where a non-zero of weight column (ic, r, s) reads, relative to an output position: a table per
+  // column, C kh kw entries (fewer than the non-zeros, so cheap to build even at batch 1).
+  std::vector<int64_t> col_offset(c * ksize);
+  for (int64_t col = 0; col < c * ksize; ++col) {
+    const int64_t ic = col / ksize, r = (col % ksize) / kw, sx = (col % ksize) % kw;
+    col_offset[col] = ((r % S) * S + sx % S) * c * row_len + ic * row_len + (r / S) * gw + sx / S;
   }
-  const int64_t* offp = offs.data();
+  const int64_t* cop = col_offset.data();
 
   if (stride_h == stride_w) {
     // Tasks: (block of whole rows of the flattened (N * Hq) x Wq grid, output channel), chunk-major.
@@ -270,14 +271,14 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
         const float* base = xpp + q0;
         int32_t e = rp[oc];
         for (; e + 8 <= rp[oc + 1]; e += 8) {  // eight, then four non-zeros per pass over the accumulator
-          const float* s8[8] = {base + offp[e],     base + offp[e + 1], base + offp[e + 2], base + offp[e + 3],
-                                base + offp[e + 4], base + offp[e + 5], base + offp[e + 6], base + offp[e + 7]};
+          const float* s8[8] = {base + cop[ci_[e]],     base + cop[ci_[e + 1]], base + cop[ci_[e + 2]], base + cop[ci_[e + 3]],
+                                base + cop[ci_[e + 4]], base + cop[ci_[e + 5]], base + cop[ci_[e + 6]], base + cop[ci_[e + 7]]};
           axpy8(acc.data(), s8, vals + e, len);
         }
         for (; e + 4 <= rp[oc + 1]; e += 4)
-          axpy4(acc.data(), base + offp[e], base + offp[e + 1], base + offp[e + 2], base + offp[e + 3], vals[e],
+          axpy4(acc.data(), base + cop[ci_[e]], base + cop[ci_[e + 1]], base + cop[ci_[e + 2]], base + cop[ci_[e + 3]], vals[e],
                 vals[e + 1], vals[e + 2], vals[e + 3], len);
-        for (; e < rp[oc + 1]; ++e) axpy(acc.data(), base + offp[e], vals[e], len);
+        for (; e < rp[oc + 1]; ++e) axpy(acc.data(), base + cop[ci_[e]], vals[e], len);
         for (int64_t r = r0; r < r1; ++r) {  // keep the valid outputs of each grid row
           const int64_t ni = r / gh, y = r % gh;
           if (y >= ho) continue;
@@ -302,7 +303,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
         const int64_t oc = task / n, ni = task % n;
         std::fill(acc.begin(), acc.end(), bp ? bp[oc] : 0.f);
         for (int32_t e = rp[oc]; e < rp[oc + 1]; ++e) {
-          const float* src = xpp + offp[e] + ni * gplane;
+          const float* src = xpp + cop[ci_[e]] + ni * gplane;
           for (int64_t y = 0; y < ho; ++y)
             axpy_strided(acc.data() + y * wo, src + y * stride_h * gw, vals[e], wo, stride_w);
         }
