@@ -125,7 +125,8 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
   const bool direct_ok = !channels_last && x.is_contiguous() && stride_h == stride_w && stride_h <= 2;
   TORCH_CHECK(algo != 2 || direct_ok, "sparse_conv2d: the direct algorithm needs stride 1 or 2 and a contiguous input");
   const bool direct = algo == 2 || (algo == 0 && direct_ok && w >= kDirectMinWidth);
-  TORCH_CHECK(epilogue != 2 || direct, "sparse_conv2d: the pooling epilogue needs the direct algorithm");
+  TORCH_CHECK(epilogue != 2 || direct || stride_h == stride_w,
+              "sparse_conv2d: the pooling epilogue needs the direct algorithm or equal strides");
   const bool relu = epilogue >= 1, pool = epilogue == 2;
   at::Tensor out = at::empty({n, oc_count, pool ? ho / 2 : ho, pool ? wo / 2 : wo},
                              x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
@@ -259,7 +260,9 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
     const int64_t rows_total = n * gh;
     const int64_t chunk_floats = std::clamp<int64_t>(kSliceBytes / (S * S * c * static_cast<int64_t>(sizeof(float))),
                                                      kMinChunkFloats, kMaxChunkFloats);
-    const int64_t rows_per_chunk = std::max<int64_t>(1, chunk_floats / gw);
+    // With the pooling epilogue a chunk holds whole images, so that row pairs never straddle two.
+    const int64_t rows_per_chunk = pool ? std::max<int64_t>(gh, chunk_floats / gw / gh * gh)
+                                        : std::max<int64_t>(1, chunk_floats / gw);
     const int64_t chunks = (rows_total + rows_per_chunk - 1) / rows_per_chunk;
     at::parallel_for(0, oc_count * chunks, 1, [=](int64_t begin, int64_t end) {
       std::vector<float> acc(rows_per_chunk * gw);
@@ -279,6 +282,21 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
           axpy4(acc.data(), base + cop[ci_[e]], base + cop[ci_[e + 1]], base + cop[ci_[e + 2]], base + cop[ci_[e + 3]], vals[e],
                 vals[e + 1], vals[e + 2], vals[e + 3], len);
         for (; e < rp[oc + 1]; ++e) axpy(acc.data(), base + cop[ci_[e]], vals[e], len);
+        if (pool) {  // ReLU then 2x2 max pooling while the chunk is in L1: max(0, max of four)
+          const int64_t pho = ho / 2, pwo = wo / 2;
+          for (int64_t r = r0; r < r1; r += gh) {
+            const int64_t ni = r / gh;
+            for (int64_t py = 0; py < pho; ++py) {
+              const float* a = acc.data() + (r - r0 + 2 * py) * gw;
+              const float* b = a + gw;
+              float* dst = op + ni * on + oc * ocs + py * oys;
+              for (int64_t px = 0; px < pwo; ++px)
+                dst[px * oxs] = std::max(std::max(std::max(a[2 * px], a[2 * px + 1]),
+                                                  std::max(b[2 * px], b[2 * px + 1])), 0.f);
+            }
+          }
+          continue;
+        }
         for (int64_t r = r0; r < r1; ++r) {  // keep the valid outputs of each grid row
           const int64_t ni = r / gh, y = r % gh;
           if (y >= ho) continue;

@@ -264,6 +264,40 @@ class AdaptiveMaxPool2x2(nn.Module):
         return f"output_size={self.output_size}"
 
 
+class FastAdaptiveAvgPool2d(nn.Module):
+    """nn.AdaptiveAvgPool2d(output_size) with the cases PyTorch's NCHW CPU kernel is slow at done
+    directly: a 1 x 1 input is broadcast (VGG16's 1 x 1 features pooled "up" to 2 x 2), an input that
+    is a whole multiple of the output is plain average pooling; anything else goes to PyTorch."""
+
+    def __init__(self, output_size: tuple[int, int]):
+        super().__init__()
+        self.output_size = output_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        oh, ow = self.output_size
+        if x.dim() == 4:
+            h, w = x.shape[2], x.shape[3]
+            if (h, w) == (1, 1):
+                return x.expand(-1, -1, oh, ow).contiguous()
+            if h % oh == 0 and w % ow == 0:
+                return torch.nn.functional.avg_pool2d(x, (h // oh, w // ow))
+        return torch.nn.functional.adaptive_avg_pool2d(x, self.output_size)
+
+    @staticmethod
+    def replaces(module: nn.Module) -> bool:
+        size = module.output_size if type(module) is nn.AdaptiveAvgPool2d else None
+        size = (size, size) if isinstance(size, int) else size
+        return size is not None and all(isinstance(v, int) for v in size)
+
+    @classmethod
+    def from_module(cls, module: nn.AdaptiveAvgPool2d) -> "FastAdaptiveAvgPool2d":
+        size = module.output_size
+        return cls((size, size) if isinstance(size, int) else tuple(size))
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}"
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """Fold every BatchNorm that follows a conv into the conv (eval mode; per-output-channel scaling
     keeps zero weights zero, so sparsity survives). Uses torch.fx; a model that cannot be traced is
@@ -282,6 +316,8 @@ def _fast_pooling(model: nn.Module) -> nn.Module:
             _replace(model, name, MaxPool2x2())
         elif AdaptiveMaxPool2x2.replaces(module):
             _replace(model, name, AdaptiveMaxPool2x2.from_module(module))
+        elif FastAdaptiveAvgPool2d.replaces(module):
+            _replace(model, name, FastAdaptiveAvgPool2d.from_module(module))
     return model
 
 
@@ -352,8 +388,8 @@ def _is_pool(node, modules) -> bool:
 
 def fuse_epilogues(model: nn.Module) -> nn.Module:
     """In a torch.fx GraphModule, fold ReLU (and a following 2x2 max pool, for layers on the direct
-    algorithm) that consume a SparseConv2d's output alone into that layer's epilogue, saving whole
-    passes over the activations. Other models are returned unchanged."""
+    or padded algorithm) that consume a SparseConv2d's output alone into that layer's epilogue,
+    saving whole passes over the activations. Other models are returned unchanged."""
     import torch.fx
 
     if not isinstance(model, torch.fx.GraphModule):
@@ -370,7 +406,9 @@ def fuse_epilogues(model: nn.Module) -> nn.Module:
         relu.replace_all_uses_with(node)
         model.graph.erase_node(relu)
         pool = next(iter(node.users)) if len(node.users) == 1 else None
-        if pool is not None and _is_pool(pool, modules) and conv.algo == ALGORITHMS["direct"]:
+        pool_ok = conv.algo == ALGORITHMS["direct"] or (conv.algo == ALGORITHMS["padded"]
+                                                        and conv.stride[0] == conv.stride[1])
+        if pool is not None and _is_pool(pool, modules) and pool_ok:
             conv.epilogue = 2
             pool.replace_all_uses_with(node)
             model.graph.erase_node(pool)

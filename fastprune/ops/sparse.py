@@ -30,6 +30,14 @@ def direct_applicable(x: torch.Tensor, stride) -> bool:
     return x.is_contiguous() and tuple(stride) in ((1, 1), (2, 2))
 
 
+def pool_fusable(x: torch.Tensor, stride, algo: int) -> bool:
+    """Whether the cpp backend can fuse ReLU + 2x2 max pooling: the padded algorithm with equal
+    strides, or the direct one (chosen when ``algo`` is 0 or 2)."""
+    if algo == ALGORITHMS["padded"]:
+        return stride[0] == stride[1]
+    return direct_applicable(x, stride)
+
+
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
@@ -41,7 +49,7 @@ def sparse_conv2d(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
     """(N, C, H, W) float32 -> (N, OC, H', W'); CSR weight (OC rows, columns (ic * kh + r) * kw + s).
     algo (cpp backend): 0 by shape, 1 padded channel-major, 2 direct (stride 1 or 2, contiguous NCHW).
     epilogue: 0 none, 1 ReLU, 2 ReLU then 2x2 max pooling (output H'/2 x W'/2); fused into the kernel
-    where it can be (cpp: ReLU always, pooling with the direct algorithm), applied after otherwise."""
+    where it can be (cpp: ReLU always, pooling with the padded or direct algorithm), applied after otherwise."""
     backend = backends.choose(_CONV_SPEC, x.device)
     geometry = (kh, kw, stride_h, stride_w, pad_h, pad_w)
     fused = 0
@@ -52,8 +60,9 @@ def sparse_conv2d(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
         from fastprune.kernels.sparse_conv import sparse_conv2d_fwd
 
         y = sparse_conv2d_fwd(x.contiguous(), row_ptr, col_idx, values, bias, *geometry)
-    elif backend == "cpp" and epilogue == 2 and direct_applicable(x, (stride_h, stride_w)):
-        y, fused = torch.ops.fastprune.sparse_conv2d_ext(x, row_ptr, col_idx, values, bias, *geometry, 2, 2), 2
+    elif backend == "cpp" and epilogue == 2 and pool_fusable(x, (stride_h, stride_w), algo):
+        pool_algo = algo if algo == ALGORITHMS["padded"] else ALGORITHMS["direct"]
+        y, fused = torch.ops.fastprune.sparse_conv2d_ext(x, row_ptr, col_idx, values, bias, *geometry, pool_algo, 2), 2
     else:  # cpp, or cuda: ReLU fused, pooling (if asked) after
         fused = min(epilogue, 1)
         y = torch.ops.fastprune.sparse_conv2d_ext(x, row_ptr, col_idx, values, bias, *geometry, algo, fused)

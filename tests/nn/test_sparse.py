@@ -263,3 +263,34 @@ def test_residual_add_and_relu_fuse_into_one_op():
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(traced(x), model(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_CONV_SPEC))
+@pytest.mark.parametrize("case", [(3, 4, 9, 11, 5, 3, 1, 1), (2, 3, 13, 12, 4, 3, 2, 1), (2, 6, 8, 8, 7, 1, 1, 0),
+                                  (1, 5, 7, 7, 3, 3, 1, 0)], ids=str)
+def test_pooling_epilogue_on_the_padded_algorithm(backend, device, case):
+    n, c, h, w, oc, k, stride, pad = case  # odd sizes, stride 2, 1x1, no padding
+    gen = torch.Generator().manual_seed(sum(case))
+    x = torch.randn(n, c, h, w, generator=gen).to(device)
+    weight = sparse_weight((oc, c, k, k), 0.5, seed=c).to(device)
+    bias = torch.randn(oc, generator=gen).to(device)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    want = F.max_pool2d(F.relu(F.conv2d(x.double(), weight.double(), bias.double(), stride=stride, padding=pad)), 2)
+    for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+        with fastprune.use_backend(backend):
+            got = sparse_conv2d(xin, row_ptr, col_idx, values, bias, c, k, k, stride, stride, pad, pad, 1, 2)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_adaptive_avg_pooling_equals_pytorch():
+    from fastprune.nn.sparse import FastAdaptiveAvgPool2d
+
+    for size in (2, (2, 3), 1):
+        pool = FastAdaptiveAvgPool2d.from_module(nn.AdaptiveAvgPool2d(size))
+        for shape in [(2, 3, 1, 1), (2, 3, 8, 6), (1, 4, 7, 9), (2, 2, 4, 12)]:  # broadcast, multiples, other
+            x = torch.randn(shape)
+            for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+                torch.testing.assert_close(pool(xin), F.adaptive_avg_pool2d(x, size), atol=1e-6, rtol=1e-6)
+    assert FastAdaptiveAvgPool2d.replaces(nn.AdaptiveAvgPool2d(2))
+    assert not FastAdaptiveAvgPool2d.replaces(nn.AdaptiveAvgPool2d((None, 2)))
+    assert not FastAdaptiveAvgPool2d.replaces(nn.AdaptiveMaxPool2d(2))
