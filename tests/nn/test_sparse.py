@@ -294,3 +294,19 @@ def test_fast_adaptive_avg_pooling_equals_pytorch():
     assert FastAdaptiveAvgPool2d.replaces(nn.AdaptiveAvgPool2d(2))
     assert not FastAdaptiveAvgPool2d.replaces(nn.AdaptiveAvgPool2d((None, 2)))
     assert not FastAdaptiveAvgPool2d.replaces(nn.AdaptiveMaxPool2d(2))
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_CONV_SPEC))
+@pytest.mark.parametrize("hw", [(1, 5), (5, 1), (1, 1), (2, 3)])
+def test_tiny_inputs_with_wide_padding_and_stride_two(backend, device, hw):
+    # taps can point past the last input row: the valid output range must not go negative
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, *hw, generator=gen).to(device)
+    weight = torch.randn(4, 3, 3, 3, generator=gen).to(device)
+    bias = torch.randn(4, generator=gen).to(device)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    want = F.conv2d(x.double(), weight.double(), bias.double(), stride=2, padding=1)
+    for algo in (0, 1, 2):
+        with fastprune.use_backend(backend):
+            got = sparse_conv2d(x, row_ptr, col_idx, values, bias, 3, 3, 3, 2, 2, 1, 1, algo)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
