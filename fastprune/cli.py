@@ -400,11 +400,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = _with_config(parser, argv)
-        try:
-            return args.func(args)
-        finally:
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
+        code = args.func(args)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Tear the group down on success only, all ranks together: after an error the other
+            # ranks may be inside a collective that never completes, and torchrun reaps them.
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        return code
     except (ValueError, FileNotFoundError, FloatingPointError) as exc:
         command = argv[0] if argv else (sys.argv[1] if len(sys.argv) > 1 else "")
         print(f"fastprune {command}: error: {exc}", file=sys.stderr)

@@ -2,9 +2,9 @@
 
 ``fit`` uses this module when a process group is initialised: the model is wrapped in
 DistributedDataParallel (which starts every rank from rank 0's weights, averages gradients across
-ranks in its backward hooks and follows rank 0's buffers), every rank walks the same shuffled order
-and takes its own slice of each global batch, so the update is that of one process on the whole
-batch. Rank 0 alone writes checkpoints, metrics and reports. The robust objectives' extra forward
+ranks in its backward hooks), every rank walks the same shuffled order and takes its own slice of
+each global batch, so the update is that of one process on the whole batch. Buffers (BatchNorm
+statistics) are set to rank 0's at the end of every epoch. Rank 0 alone writes checkpoints, metrics and reports. The robust objectives' extra forward
 and backward passes (the attack's gradient with respect to the input only) go through the wrapper
 too; they compute no parameter gradient, so they trigger no all-reduce.
 """
@@ -58,7 +58,17 @@ def wrap(model: nn.Module) -> nn.Module:
     if not is_distributed():
         return model
     device = next(model.parameters()).device
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # broadcast_buffers=False: DDP would broadcast every buffer on every forward pass, and the
+    # attacks run ten or more per step; fit() syncs buffers to rank 0's once per epoch instead.
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               broadcast_buffers=False)
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank."""
+    if is_distributed():
+        for b in model.buffers():
+            dist.broadcast(b.data, src=0)
 
 
 def sum_across_ranks(value: torch.Tensor) -> torch.Tensor:

@@ -107,6 +107,7 @@ def fit(model: nn.Module, train: TensorDataset, *, objective: Callable = natural
                                      f"lower lr (was {lr}) or the loss weights")
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}")
+        dist.broadcast_buffers(model)  # every rank holds rank 0's BatchNorm statistics from here
         if run_dir and dist.is_main():
             _write_epoch(run_dir, model, optimizer, schedule, order_gen, history, epoch, device)
         dist.barrier()  # no rank runs ahead of the checkpoint
