@@ -130,7 +130,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& row_ptr, 
   const bool channels_last = x_in.is_contiguous(at::MemoryFormat::ChannelsLast) && !x_in.is_contiguous();
   const at::Tensor& x = x_in;
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
-  const int64_t hp = h + 2 * pad_h, wp = w + 2 * pad_w, plane = hp * wp;
+  const int64_t hp = h + 2 * pad_h, wp = w + 2 * pad_w;
   TORCH_CHECK(hp >= kh && wp >= kw, "sparse_conv2d: the kernel is larger than the padded input");
   const int64_t ho = (hp - kh) / stride_h + 1, wo = (wp - kw) / stride_w + 1;
   const bool direct_ok = !channels_last && x.is_contiguous() && stride_h == stride_w && stride_h <= 2;

@@ -137,7 +137,6 @@ def _objective(args):
 
 
 def _report(out: str, model, data, args, started: float, **extra) -> dict:
-
     from fastprune.attacks import evaluate, format_table
     from fastprune.nn import sparsity_report
 

@@ -101,6 +101,12 @@ class _MaskedMixin:
 
     weight: nn.Parameter
 
+    def __init__(self, *args, source: str = "scores", sparsity: float = 0.0, mask: torch.Tensor | None = None,
+                 pattern: str | None = None, **kwargs):
+        """The layer's own arguments (*args, **kwargs: nn.Conv2d's or nn.Linear's), then the mask's."""
+        super().__init__(*args, **kwargs)
+        self._init_mask(source, sparsity, mask, pattern)
+
     def _init_mask(self, source: str, sparsity: float, mask: torch.Tensor | None, pattern=None) -> None:
         if source not in MASK_SOURCES:
             raise ValueError(f"source must be one of {MASK_SOURCES}, got {source!r}")
@@ -201,11 +207,6 @@ class _MaskedMixin:
 class MaskedConv2d(_MaskedMixin, nn.Conv2d):
     """nn.Conv2d whose weight is multiplied by a mask: (N, C, H, W) -> (N, C_out, H', W')."""
 
-    def __init__(self, *args, source: str = "scores", sparsity: float = 0.0, mask: torch.Tensor | None = None,
-                 **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_mask(source, sparsity, mask)
-
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, source: str = "scores", sparsity: float = 0.0,
                    mask: torch.Tensor | None = None, pattern: str | None = None) -> "MaskedConv2d":
@@ -224,11 +225,6 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
 
 class MaskedLinear(_MaskedMixin, nn.Linear):
     """nn.Linear whose weight is multiplied by a mask: (..., in) -> (..., out)."""
-
-    def __init__(self, *args, source: str = "scores", sparsity: float = 0.0, mask: torch.Tensor | None = None,
-                 **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_mask(source, sparsity, mask)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, source: str = "scores", sparsity: float = 0.0,

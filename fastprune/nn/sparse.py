@@ -234,44 +234,55 @@ class MaxPool2x2(nn.Module):
                 and pair(module.dilation) == (1, 1) and not module.ceil_mode and not module.return_indices)
 
 
-class AdaptiveMaxPool2x2(nn.Module):
-    """nn.AdaptiveMaxPool2d(output_size): where the input is exactly twice the output size its windows
-    are the 2x2 stride-2 ones, computed by :func:`_max_of_four` (PyTorch's adaptive kernel is an
-    order of magnitude slower on NCHW CPU tensors); any other size falls back to PyTorch."""
+class _AdaptivePool(nn.Module):
+    """What the fast adaptive poolings share: an (h, w) output size taken from the PyTorch module
+    they replace (``pytorch_type``), which must give both sizes as integers."""
+
+    pytorch_type: type
 
     def __init__(self, output_size: tuple[int, int]):
         super().__init__()
         self.output_size = output_size
+
+    @classmethod
+    def _size_of(cls, module: nn.Module) -> tuple[int, int] | None:
+        if type(module) is not cls.pytorch_type or getattr(module, "return_indices", False):
+            return None
+        size = module.output_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return size if all(isinstance(v, int) for v in size) else None
+
+    @classmethod
+    def replaces(cls, module: nn.Module) -> bool:
+        return cls._size_of(module) is not None
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "_AdaptivePool":
+        return cls(cls._size_of(module))
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}"
+
+
+class AdaptiveMaxPool2x2(_AdaptivePool):
+    """nn.AdaptiveMaxPool2d(output_size): where the input is exactly twice the output size its windows
+    are the 2x2 stride-2 ones, computed by :func:`_max_of_four` (PyTorch's adaptive kernel is an
+    order of magnitude slower on NCHW CPU tensors); any other size falls back to PyTorch."""
+
+    pytorch_type = nn.AdaptiveMaxPool2d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4 and (x.shape[2], x.shape[3]) == (2 * self.output_size[0], 2 * self.output_size[1]):
             return _max_of_four(x)
         return torch.nn.functional.adaptive_max_pool2d(x, self.output_size)
 
-    @staticmethod
-    def replaces(module: nn.Module) -> bool:
-        size = module.output_size if isinstance(module, nn.AdaptiveMaxPool2d) else None
-        size = (size, size) if isinstance(size, int) else size
-        return (type(module) is nn.AdaptiveMaxPool2d and not module.return_indices
-                and all(isinstance(v, int) for v in size))
 
-    @classmethod
-    def from_module(cls, module: nn.AdaptiveMaxPool2d) -> "AdaptiveMaxPool2x2":
-        size = module.output_size
-        return cls((size, size) if isinstance(size, int) else tuple(size))
-
-    def extra_repr(self) -> str:
-        return f"output_size={self.output_size}"
-
-
-class FastAdaptiveAvgPool2d(nn.Module):
+class FastAdaptiveAvgPool2d(_AdaptivePool):
     """nn.AdaptiveAvgPool2d(output_size) with the cases PyTorch's NCHW CPU kernel is slow at done
     directly: a 1 x 1 input is broadcast (VGG16's 1 x 1 features pooled "up" to 2 x 2), an input that
     is a whole multiple of the output is plain average pooling; anything else goes to PyTorch."""
 
-    def __init__(self, output_size: tuple[int, int]):
-        super().__init__()
-        self.output_size = output_size
+    pytorch_type = nn.AdaptiveAvgPool2d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         oh, ow = self.output_size
@@ -282,20 +293,6 @@ class FastAdaptiveAvgPool2d(nn.Module):
             if h % oh == 0 and w % ow == 0:
                 return torch.nn.functional.avg_pool2d(x, (h // oh, w // ow))
         return torch.nn.functional.adaptive_avg_pool2d(x, self.output_size)
-
-    @staticmethod
-    def replaces(module: nn.Module) -> bool:
-        size = module.output_size if type(module) is nn.AdaptiveAvgPool2d else None
-        size = (size, size) if isinstance(size, int) else size
-        return size is not None and all(isinstance(v, int) for v in size)
-
-    @classmethod
-    def from_module(cls, module: nn.AdaptiveAvgPool2d) -> "FastAdaptiveAvgPool2d":
-        size = module.output_size
-        return cls((size, size) if isinstance(size, int) else tuple(size))
-
-    def extra_repr(self) -> str:
-        return f"output_size={self.output_size}"
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

@@ -1,12 +1,13 @@
 """Data-parallel training over processes (``torchrun``), one process per GPU or CPU worker.
 
 ``fit`` uses this module when a process group is initialised: the model is wrapped in
-DistributedDataParallel (which starts every rank from rank 0's weights, averages gradients across
-ranks in its backward hooks), every rank walks the same shuffled order and takes its own slice of
-each global batch, so the update is that of one process on the whole batch. Buffers (BatchNorm
-statistics) are set to rank 0's at the end of every epoch. Rank 0 alone writes checkpoints, metrics and reports. The robust objectives' extra forward
-and backward passes (the attack's gradient with respect to the input only) go through the wrapper
-too; they compute no parameter gradient, so they trigger no all-reduce.
+DistributedDataParallel (which starts every rank from rank 0's weights and averages gradients
+across ranks in its backward hooks), every rank walks the same shuffled order and takes its own
+slice of each global batch, so the update is that of one process on the whole batch. Buffers
+(BatchNorm statistics) are set to rank 0's at the end of every epoch. Rank 0 alone writes
+checkpoints, metrics and reports. The robust objectives' extra forward and backward passes (the
+attack's gradient with respect to the input only) go through the wrapper too; they compute no
+parameter gradient, so they trigger no all-reduce.
 """
 from __future__ import annotations
 
