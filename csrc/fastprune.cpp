@@ -23,12 +23,14 @@ TORCH_LIBRARY(fastprune, m) {
 
   // Sparse convolution (N, C, H, W) -> (N, out_channels, H', W') with a CSR weight: row_ptr (OC + 1)
   // and col_idx (nnz) int32, col = (ic * kh + r) * kw + s, values (nnz) float32; groups 1, dilation 1.
-  // algo: 0 picks by shape, 1 the padded channel-major algorithm, 2 the direct one (stride 1 or 2, NCHW).
-  // epilogue: 0 none, 1 ReLU, 2 ReLU then 2x2 max pooling (direct algorithm only): fused into the
+  // algo (CPU): 0 picks by shape, 1 the padded channel-major algorithm, 2 the direct one (stride 1 or 2,
+  // NCHW), 3 the batch-innermost one (output memory (OC, H', W', N)); the GPU kernels ignore it.
+  // epilogue: 0 none, 1 ReLU, 2 ReLU then 2x2 max pooling (CPU only), 3 ReLU of the sum with
+  // `residual` (the output's shape; CPU batch-innermost algorithm only): fused into the
   // write of the output, which saves whole passes over the activations.
   m.def(
       "sparse_conv2d_ext(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias, int kh, int kw, "
-      "int stride_h, int stride_w, int pad_h, int pad_w, int algo, int epilogue) -> Tensor");
+      "int stride_h, int stride_w, int pad_h, int pad_w, int algo, int epilogue, Tensor? residual=None) -> Tensor");
   // Sparse linear (N, in) -> (N, out) with a CSR weight (out x in).
   m.def("sparse_linear_ext(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias) -> Tensor");
 }

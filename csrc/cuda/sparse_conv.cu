@@ -65,9 +65,10 @@ void check_csr_cuda(const at::Tensor& x, const at::Tensor& row_ptr, const at::Te
 at::Tensor sparse_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                               const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t kh, int64_t kw,
                               int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t algo,
-                              int64_t epilogue) {
-  // The pooling epilogue is the CPU direct algorithm's; the op layer pools after this kernel.
-  TORCH_CHECK(epilogue == 0 || epilogue == 1, "sparse_conv2d (CUDA): epilogue must be 0 or 1");
+                              int64_t epilogue, const std::optional<at::Tensor>& residual) {
+  // The pooling and residual epilogues are the CPU algorithms'; the op layer applies them after this kernel.
+  TORCH_CHECK((epilogue == 0 || epilogue == 1) && !residual.has_value(),
+              "sparse_conv2d (CUDA): epilogue must be 0 or 1, without a residual");
   TORCH_CHECK(x_in.dim() == 4, "sparse_conv2d: x must be (N, C, H, W)");
   check_csr_cuda(x_in, row_ptr, col_idx, values, bias);
   const c10::cuda::CUDAGuard guard(x_in.device());

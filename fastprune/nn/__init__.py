@@ -14,6 +14,7 @@ from .masked import (
 )
 from .sparse import (
     AdaptiveMaxPool2x2,
+    BatchInnermostInput,
     ChannelsLastInput,
     MaxPool2x2,
     SemiStructuredLinear,
@@ -28,8 +29,8 @@ from .sparse import (
 )
 
 __all__ = [
-    "AdaptiveMaxPool2x2", "ChannelsLastInput", "FeatureTaps", "HSICBottleneck", "MaskedConv2d", "MaskedLinear",
-    "MaxPool2x2", "SemiStructuredLinear", "SparseConv2d", "SparseLinear", "check_sparsity", "dense_twin",
+    "AdaptiveMaxPool2x2", "BatchInnermostInput", "ChannelsLastInput", "FeatureTaps", "HSICBottleneck",
+    "MaskedConv2d", "MaskedLinear", "MaxPool2x2", "SemiStructuredLinear", "SparseConv2d", "SparseLinear", "check_sparsity", "dense_twin",
     "fold_batchnorm", "fold_masks", "is_2to4", "kept_count", "load_sparse", "nm_mask", "prune_model", "save_sparse",
     "semi_structured_supported", "sparsify", "sparsity_report", "topk_mask",
 ]

@@ -11,7 +11,8 @@ import time
 import torch
 from torch import nn
 
-from ..ops.sparse import ALGORITHMS, direct_applicable, sparse_conv2d, sparse_linear
+from ..benchmarks.common import interleaved_medians, median_time
+from ..ops.sparse import ALGORITHMS, EPILOGUES, direct_applicable, sparse_conv2d, sparse_linear, to_batch_innermost
 from ..reference.sparse import csr_to_dense, dense_to_csr
 from ..train.checkpoint import atomic_save
 from .masked import _replace, check_sparsity, effective_weight, fold_masks
@@ -58,7 +59,9 @@ class SparseConv2d(_CSRWeight):
         self.in_channels, self.kernel_size = weight.shape[1], tuple(weight.shape[2:])
         self.stride, self.padding = tuple(stride), tuple(padding)
         self.algo = 0  # chosen by shape; sparsify times the algorithms and sets the faster
-        self.epilogue = 0  # 1: ReLU fused, 2: ReLU and 2x2 max pooling fused (set by sparsify's graph pass)
+        # 1: ReLU fused, 2: ReLU and 2x2 max pooling fused, 3: relu(conv + residual) fused (set by
+        # sparsify's graph pass)
+        self.epilogue = 0
 
     @staticmethod
     def supports(conv: nn.Conv2d) -> bool:
@@ -72,13 +75,19 @@ class SparseConv2d(_CSRWeight):
             raise ValueError("conv must have groups=1, dilation=1, zero padding given as numbers")
         return cls(effective_weight(conv), conv.bias, conv.stride, conv.padding)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, C, H, W) -> (N, OC, H', W'); with the residual epilogue (3), relu(conv(x) + residual),
+        residual (N, OC, H', W')."""
         self._check_input(x, 4, "SparseConv2d")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"input has {x.shape[1]} channels, the layer expects {self.in_channels}")
+        if (residual is not None) != (self.epilogue == EPILOGUES["add_relu"]):
+            raise ValueError("residual must be given exactly when the layer's epilogue is 3 (add_relu)")
+        if residual is not None:
+            self._check_input(residual, 4, "SparseConv2d (residual)")
         algo = self.algo if self.algo != ALGORITHMS["direct"] or direct_applicable(x, self.stride) else 0
         return sparse_conv2d(x, self.row_ptr, self.col_idx, self.values, self.bias, self.in_channels,
-                             *self.kernel_size, *self.stride, *self.padding, algo, self.epilogue)
+                             *self.kernel_size, *self.stride, *self.padding, algo, self.epilogue, residual)
 
     def extra_repr(self) -> str:
         total = 1
@@ -194,18 +203,9 @@ _WIN_MARGIN = 0.97
 
 
 def _median_seconds(fn, x, repeats: int) -> float:
+    """Median seconds of fn(x) without autograd (one warm-up run)."""
     with torch.no_grad():
-        fn(x)
-        times = []
-        for _ in range(repeats):
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn(x)
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return median_time(lambda: fn(x), x.device, repeats=repeats, warmup=1)
 
 
 def _max_of_four(x: torch.Tensor) -> torch.Tensor:
@@ -318,23 +318,49 @@ def _fast_pooling(model: nn.Module) -> nn.Module:
     return model
 
 
-class ChannelsLastInput(nn.Module):
-    """Runs ``model`` on channels_last inputs: in that layout BatchNorm, pooling and the sparse
-    convolutions around each other avoid layout conversions on the CPU."""
+class _LayoutInput(nn.Module):
+    """Runs ``model`` on its 4D inputs converted by ``convert`` to the memory layout it is fastest in."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
+    @staticmethod
+    def convert(x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
+        return self.model(self.convert(x) if x.dim() == 4 else x)
 
 
-def _tune_sparse(layer: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    """Time each algorithm a sparse conv can use on input x, keep the fastest; returns its time."""
+class ChannelsLastInput(_LayoutInput):
+    """Runs ``model`` on channels_last inputs: in that layout BatchNorm, pooling and the sparse
+    convolutions around each other avoid layout conversions on the CPU."""
+
+    @staticmethod
+    def convert(x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last)
+
+
+class BatchInnermostInput(_LayoutInput):
+    """Runs ``model`` on inputs whose memory is laid out (C, H, W, N) (see
+    :func:`fastprune.ops.sparse.to_batch_innermost`): sparse convolutions on the batch-innermost
+    algorithm read and write that layout, so a network of them never re-lays its activations, and
+    elementwise ops between them (residual additions) keep it."""
+
+    convert = staticmethod(to_batch_innermost)
+
+
+def _tune_sparse(layer: nn.Module, x: torch.Tensor, repeats: int, batch_innermost: bool = False) -> float:
+    """Time each algorithm a sparse conv can use on input x, keep the fastest; returns its time.
+    In a batch-innermost model every sparse conv runs that algorithm (its output layout is what the
+    next layer reads)."""
     if not isinstance(layer, SparseConv2d):
         return _median_seconds(layer, x, repeats)
-    options = [ALGORITHMS["padded"]] + ([ALGORITHMS["direct"]] if direct_applicable(x, layer.stride) else [])
+    if batch_innermost:
+        options = [ALGORITHMS["batch_innermost"]]
+    else:
+        options = [ALGORITHMS["padded"]] + ([ALGORITHMS["direct"]] if direct_applicable(x, layer.stride) else [])
     times = {}
     for algo in options:
         layer.algo = algo
@@ -343,7 +369,8 @@ def _tune_sparse(layer: nn.Module, x: torch.Tensor, repeats: int) -> float:
     return times[layer.algo]
 
 
-def _convert_layers(dense: nn.Module, inputs: dict, min_sparsity: float, repeats: int):
+def _convert_layers(dense: nn.Module, inputs: dict, min_sparsity: float, repeats: int,
+                    batch_innermost: bool = False):
     """Swap dense conv/linear layers for sparse ones: by timing where ``inputs`` has the layer's
     input, else by the sparsity rule. Returns (model, decisions); ``dense`` is modified."""
     decisions = {}
@@ -355,7 +382,7 @@ def _convert_layers(dense: nn.Module, inputs: dict, min_sparsity: float, repeats
         if twins and name in inputs:
             x = inputs[name]
             decision["dense_s"] = _median_seconds(module, x, repeats)
-            times = [_tune_sparse(twin, x, repeats) for twin in twins]
+            times = [_tune_sparse(twin, x, repeats, batch_innermost) for twin in twins]
             best = min(range(len(twins)), key=times.__getitem__)
             decision["sparse_s"] = times[best]
             chosen = twins[best] if times[best] < _WIN_MARGIN * decision["dense_s"] else None
@@ -384,8 +411,8 @@ def _is_pool(node, modules) -> bool:
 
 
 def fuse_epilogues(model: nn.Module) -> nn.Module:
-    """In a torch.fx GraphModule, fold ReLU (and a following 2x2 max pool, for layers on the direct
-    or padded algorithm) that consume a SparseConv2d's output alone into that layer's epilogue,
+    """In a torch.fx GraphModule, fold ReLU (and a following 2x2 max pool, where the layer's algorithm
+    can pool) that consume a SparseConv2d's output alone into that layer's epilogue,
     saving whole passes over the activations. Other models are returned unchanged."""
     import torch.fx
 
@@ -403,8 +430,8 @@ def fuse_epilogues(model: nn.Module) -> nn.Module:
         relu.replace_all_uses_with(node)
         model.graph.erase_node(relu)
         pool = next(iter(node.users)) if len(node.users) == 1 else None
-        pool_ok = conv.algo == ALGORITHMS["direct"] or (conv.algo == ALGORITHMS["padded"]
-                                                        and conv.stride[0] == conv.stride[1])
+        pool_ok = conv.algo in (ALGORITHMS["direct"], ALGORITHMS["batch_innermost"]) or (
+            conv.algo == ALGORITHMS["padded"] and conv.stride[0] == conv.stride[1])
         if pool is not None and _is_pool(pool, modules) and pool_ok:
             conv.epilogue = 2
             pool.replace_all_uses_with(node)
@@ -415,11 +442,19 @@ def fuse_epilogues(model: nn.Module) -> nn.Module:
 
 
 def _fuse_add_relu(model) -> None:
-    """relu(a + b) -> aten._add_relu(a, b): one pass over the activations instead of two (the
-    residual connection at the end of every ResNet block)."""
+    """relu(a + b) (the residual connection at the end of every ResNet block) -> one pass over the
+    activations instead of two: into the epilogue of the sparse conv that computes a (or b) where it
+    runs the batch-innermost algorithm and a feeds nothing else, else aten._add_relu(a, b)."""
     import operator
 
     modules = dict(model.named_modules())
+
+    def fusable_conv(arg):
+        conv = modules.get(arg.target) if arg.op == "call_module" else None
+        ok = (isinstance(conv, SparseConv2d) and conv.algo == ALGORITHMS["batch_innermost"]
+              and conv.epilogue == 0 and len(arg.users) == 1 and len(arg.args) == 1 and not arg.kwargs)
+        return conv if ok else None
+
     for node in list(model.graph.nodes):
         is_add = node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add)
         if not is_add or node.kwargs or len(node.args) != 2 or len(node.users) != 1:
@@ -429,18 +464,31 @@ def _fuse_add_relu(model) -> None:
         relu = next(iter(node.users))
         if not _is_relu(relu, modules) or relu.args[0] is not node:
             continue
+        conv_node = next((a for a in node.args if fusable_conv(a) is not None), None)
         with model.graph.inserting_after(relu):
-            fused = model.graph.call_function(torch.ops.aten._add_relu.Tensor, tuple(node.args))
+            if conv_node is None:
+                fused = model.graph.call_function(torch.ops.aten._add_relu.Tensor, tuple(node.args))
+            else:  # conv(x, residual): placed where the relu was, after both its inputs exist
+                other = node.args[1] if node.args[0] is conv_node else node.args[0]
+                fusable_conv(conv_node).epilogue = EPILOGUES["add_relu"]
+                fused = model.graph.call_module(conv_node.target, (conv_node.args[0], other))
         relu.replace_all_uses_with(fused)
         model.graph.erase_node(relu)
         model.graph.erase_node(node)
+        if conv_node is not None:
+            model.graph.erase_node(conv_node)
 
 
-def _layer_inputs(model: nn.Module, x: torch.Tensor) -> dict:
+def _layer_inputs(model: nn.Module, x: torch.Tensor, convert=None) -> dict:
+    """Each conv/linear layer's input when ``model`` runs on x, passed through ``convert`` (the
+    layout the layer will see once its predecessors are sparse) where one is given."""
     inputs = {}
+
+    def keep(name, value):
+        inputs[name] = convert(value) if convert is not None and value.dim() == 4 else value
+
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    hooks = [m.register_forward_hook(lambda mod, args, out, name=n: inputs.__setitem__(name, args[0].detach()))
-             for n, m in layers]
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=n: keep(name, args[0].detach())) for n, m in layers]
     try:
         with torch.no_grad():
             model(x)
@@ -450,26 +498,35 @@ def _layer_inputs(model: nn.Module, x: torch.Tensor) -> dict:
     return inputs
 
 
+# Batches at least this large may run batch-innermost on the CPU (a batch fills a vector register).
+_BATCH_INNERMOST_MIN_BATCH = 8
+
+
 def sparsify(model: nn.Module, example_input: torch.Tensor | None = None, *, benchmark: bool = True,
-             min_sparsity: float = 0.5, repeats: int = 5, channels_last: bool | str = "auto") -> nn.Module:
+             min_sparsity: float = 0.5, repeats: int = 5, channels_last: bool | str = "auto",
+             batch_innermost: bool | str = "auto") -> nn.Module:
     """An inference copy of ``model`` whose conv and linear layers carry compressed weights.
 
-    With ``example_input`` (a typical batch) and ``benchmark`` on, on the model's device: every
-    candidate layer is timed dense and sparse on its real input and the faster kept; then the whole
-    sparse model is timed against the dense model (masks folded in), in the contiguous and the
-    channels_last layout (``channels_last="auto"``), and the fastest of those is returned, so the
-    result is never slower than the dense model. A sparse layer or model must be at least 3% faster
-    than dense to be chosen (smaller differences are timing noise). Without timing, a layer becomes sparse when its
-    sparsity is at least ``min_sparsity``. Masks of masked layers and BatchNorms that follow a conv
-    are folded into the conv weights either way, 2x2 max pooling gets a faster NCHW version, and
-    ReLU (and pooling) right after a sparse conv are fused into its epilogue.
+    With ``example_input`` (a typical batch, (N, C, H, W) for a CNN) and ``benchmark`` on, on the
+    model's device: every candidate layer is timed dense and sparse on its real input and the faster
+    kept; then the whole sparse model is timed against the dense model (masks folded in), in the
+    contiguous and the channels_last layout (``channels_last="auto"``) and, on the CPU for batches of
+    8 or more (``batch_innermost="auto"``), with every sparse conv on the batch-innermost algorithm
+    (activations laid out (C, H, W, N), see :class:`BatchInnermostInput`); the fastest of those is
+    returned, so the result is never slower than the dense model. A sparse layer or model must be at
+    least 3% faster than dense to be chosen (smaller differences are timing noise). Without timing,
+    a layer becomes sparse when its sparsity is at least ``min_sparsity``. Masks of masked layers
+    and BatchNorms that follow a conv are folded into the conv weights either way, 2x2 max pooling
+    gets a faster NCHW version, and ReLU (and pooling) right after a sparse conv are fused into its
+    epilogue.
 
     The returned model has ``sparsify_decisions`` ({layer: {"sparsity", "dense_s", "sparse_s",
     "kept"}}) and ``sparsify_choice`` (what was returned and the whole-model times).
     """
     check_sparsity(min_sparsity, "min_sparsity")
-    if channels_last not in (True, False, "auto"):
-        raise ValueError(f"channels_last must be True, False or 'auto', got {channels_last!r}")
+    for name, value in (("channels_last", channels_last), ("batch_innermost", batch_innermost)):
+        if value not in (True, False, "auto"):
+            raise ValueError(f"{name} must be True, False or 'auto', got {value!r}")
     dense = _fast_pooling(fold_batchnorm(fold_masks(copy.deepcopy(model).eval())))
     if example_input is None or not benchmark:
         result, decisions = _convert_layers(dense, {}, min_sparsity, repeats)
@@ -478,19 +535,33 @@ def sparsify(model: nn.Module, example_input: torch.Tensor | None = None, *, ben
         result.sparsify_decisions, result.sparsify_choice = decisions, {"kind": "sparse", "timed": False}
         return result
 
-    formats = [False, True] if channels_last == "auto" else [bool(channels_last)]
+    layouts = {"contiguous": None, "channels_last": ChannelsLastInput}
+    if channels_last != "auto":
+        del layouts["contiguous" if channels_last else "channels_last"]
+    if batch_innermost is True or (batch_innermost == "auto" and example_input.device.type == "cpu"
+                                   and example_input.dim() == 4
+                                   and example_input.shape[0] >= _BATCH_INNERMOST_MIN_BATCH):
+        layouts["batch innermost"] = BatchInnermostInput
     candidates = {}
-    for cl in formats:
+    for layout, wrapper in layouts.items():
+        cl = layout == "channels_last"
         base = copy.deepcopy(dense).to(memory_format=torch.channels_last) if cl else copy.deepcopy(dense)
-        x = example_input.contiguous(memory_format=torch.channels_last) if cl else example_input
-        sparse, decisions = _convert_layers(copy.deepcopy(base), _layer_inputs(base, x), min_sparsity, repeats)
+        x = wrapper.convert(example_input) if wrapper else example_input
+        innermost = layout == "batch innermost"
+        inputs = _layer_inputs(base, x, to_batch_innermost if innermost else None)
+        sparse, decisions = _convert_layers(copy.deepcopy(base), inputs, min_sparsity, repeats,
+                                            batch_innermost=innermost)
         sparse = fuse_epilogues(sparse)
-        wrap = ChannelsLastInput if cl else (lambda m: m)
-        layout = "channels_last" if cl else "contiguous"
+        wrap = wrapper or (lambda m: m)
         candidates[f"sparse, {layout}"] = (wrap(sparse), decisions)
-        all_dense = {k: {**d, "kept": "dense", "format": "dense"} for k, d in decisions.items()}
-        candidates[f"dense, {layout}"] = (wrap(base), all_dense)
-    times = {k: _median_seconds(m, example_input, repeats) for k, (m, _) in candidates.items()}
+        if not innermost:  # oneDNN has no batch-innermost convolution: it would convert
+            all_dense = {k: {**d, "kept": "dense", "format": "dense"} for k, d in decisions.items()}
+            candidates[f"dense, {layout}"] = (wrap(base), all_dense)
+    # Whole models in interleaved rounds after two warm-up runs: the first runs of a model allocate
+    # its activations afresh (page faults), which would favour whichever candidate ran last.
+    with torch.no_grad():
+        times = interleaved_medians({k: (lambda m=m: m(example_input)) for k, (m, _) in candidates.items()},
+                                    example_input.device, repeats=repeats, warmup=2)
     best = min(times, key=times.get)
     fastest_dense = min((k for k in times if k.startswith("dense")), key=times.get)
     if times[best] >= _WIN_MARGIN * times[fastest_dense]:  # a near tie is timing noise: stay dense

@@ -21,8 +21,8 @@ _LINEAR_SPEC = backends.OpSpec("sparse_linear", {"cuda": ("triton", "cuda"), "cp
                                native="sparse_linear_ext")
 
 
-ALGORITHMS = {"padded": 1, "direct": 2}
-EPILOGUES = {"none": 0, "relu": 1, "relu_pool": 2}
+ALGORITHMS = {"padded": 1, "direct": 2, "batch_innermost": 3}
+EPILOGUES = {"none": 0, "relu": 1, "relu_pool": 2, "add_relu": 3}
 
 
 def direct_applicable(x: torch.Tensor, stride) -> bool:
@@ -31,11 +31,23 @@ def direct_applicable(x: torch.Tensor, stride) -> bool:
 
 
 def pool_fusable(x: torch.Tensor, stride, algo: int) -> bool:
-    """Whether the cpp backend can fuse ReLU + 2x2 max pooling: the padded algorithm with equal
-    strides, or the direct one (chosen when ``algo`` is 0 or 2)."""
+    """Whether the cpp backend can fuse ReLU + 2x2 max pooling: the batch-innermost algorithm, the
+    padded one with equal strides, or the direct one (chosen when ``algo`` is 0 or 2)."""
+    if algo == ALGORITHMS["batch_innermost"]:
+        return True
     if algo == ALGORITHMS["padded"]:
         return stride[0] == stride[1]
     return direct_applicable(x, stride)
+
+
+def to_batch_innermost(x: torch.Tensor) -> torch.Tensor:
+    """x (N, C, H, W) with its memory laid out (C, H, W, N), the batch innermost: strides
+    (1, H W N, W N, N). The layout the batch-innermost algorithm reads and writes."""
+    return x.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+
+
+def is_batch_innermost(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.permute(1, 2, 3, 0).is_contiguous()
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -45,11 +57,17 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 @torch.library.custom_op("fastprune::sparse_conv2d", mutates_args=())
 def sparse_conv2d(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
                   bias: Optional[torch.Tensor], in_channels: int, kh: int, kw: int, stride_h: int, stride_w: int,
-                  pad_h: int, pad_w: int, algo: int = 0, epilogue: int = 0) -> torch.Tensor:
+                  pad_h: int, pad_w: int, algo: int = 0, epilogue: int = 0,
+                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(N, C, H, W) float32 -> (N, OC, H', W'); CSR weight (OC rows, columns (ic * kh + r) * kw + s).
-    algo (cpp backend): 0 by shape, 1 padded channel-major, 2 direct (stride 1 or 2, contiguous NCHW).
-    epilogue: 0 none, 1 ReLU, 2 ReLU then 2x2 max pooling (output H'/2 x W'/2); fused into the kernel
-    where it can be (cpp: ReLU always, pooling with the padded or direct algorithm), applied after otherwise."""
+    algo (cpp backend): 0 by shape, 1 padded channel-major, 2 direct (stride 1 or 2, contiguous NCHW),
+    3 batch innermost (any input; the output's memory holds (OC, H', W', N), see to_batch_innermost).
+    epilogue: 0 none, 1 ReLU, 2 ReLU then 2x2 max pooling (output H'/2 x W'/2), 3 ReLU of the sum with
+    ``residual`` (N, OC, H', W'); fused into the kernel where it can be (cpp: ReLU always, pooling
+    with all but the padded algorithm at unequal strides, the residual with the batch-innermost one),
+    applied after otherwise."""
+    if (epilogue == EPILOGUES["add_relu"]) != (residual is not None):
+        raise ValueError("residual must be given exactly when epilogue is 3 (add_relu)")
     backend = backends.choose(_CONV_SPEC, x.device)
     geometry = (kh, kw, stride_h, stride_w, pad_h, pad_w)
     fused = 0
@@ -60,12 +78,17 @@ def sparse_conv2d(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
         from fastprune.kernels.sparse_conv import sparse_conv2d_fwd
 
         y = sparse_conv2d_fwd(x.contiguous(), row_ptr, col_idx, values, bias, *geometry)
+    elif backend == "cpp" and epilogue == 3 and algo == ALGORITHMS["batch_innermost"]:
+        y, fused = torch.ops.fastprune.sparse_conv2d_ext(x, row_ptr, col_idx, values, bias, *geometry, algo, 3,
+                                                         residual), 3
     elif backend == "cpp" and epilogue == 2 and pool_fusable(x, (stride_h, stride_w), algo):
-        pool_algo = algo if algo == ALGORITHMS["padded"] else ALGORITHMS["direct"]
+        pool_algo = algo if algo in (ALGORITHMS["padded"], ALGORITHMS["batch_innermost"]) else ALGORITHMS["direct"]
         y, fused = torch.ops.fastprune.sparse_conv2d_ext(x, row_ptr, col_idx, values, bias, *geometry, pool_algo, 2), 2
-    else:  # cpp, or cuda: ReLU fused, pooling (if asked) after
-        fused = min(epilogue, 1)
+    else:  # cpp, or cuda: ReLU fused, pooling or the residual (if asked) after
+        fused = 1 if epilogue in (1, 2) else 0
         y = torch.ops.fastprune.sparse_conv2d_ext(x, row_ptr, col_idx, values, bias, *geometry, algo, fused)
+    if epilogue == 3 and fused != 3:
+        return torch.relu(y + residual)
     if epilogue >= 1 and fused == 0:
         y = torch.relu(y)
     if epilogue == 2 and fused < 2:
@@ -75,7 +98,7 @@ def sparse_conv2d(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
 
 @sparse_conv2d.register_fake
 def _sparse_conv2d_fake(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w,
-                        algo=0, epilogue=0):
+                        algo=0, epilogue=0, residual=None):
     torch._check(x.dim() == 4, lambda: "x must be (N, C, H, W)")
     ho = conv_output_size(x.shape[2], kh, stride_h, pad_h)
     wo = conv_output_size(x.shape[3], kw, stride_w, pad_w)

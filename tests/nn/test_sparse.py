@@ -9,7 +9,8 @@ from torch import nn
 import fastprune
 from fastprune.models import get_model
 from fastprune.nn import SparseConv2d, SparseLinear, fold_masks, load_sparse, prune_model, save_sparse, sparsify
-from fastprune.ops.sparse import _CONV_SPEC, _LINEAR_SPEC, sparse_conv2d, sparse_linear
+from fastprune.ops.sparse import (_CONV_SPEC, _LINEAR_SPEC, is_batch_innermost, sparse_conv2d, sparse_linear,
+                                  to_batch_innermost)
 from fastprune.reference.sparse import csr_to_dense, dense_to_csr
 
 from ..conftest import GPU, backend_device_pairs
@@ -53,15 +54,18 @@ def test_sparse_conv_matches_conv2d(backend, device, case):
     row_ptr, col_idx, values = dense_to_csr(weight)
     assert torch.equal(csr_to_dense(row_ptr, col_idx, values, weight.shape), weight)
     want = F.conv2d(x.double(), weight.double(), bias.double(), stride=stride, padding=pad)
-    algos = [0, 1] + ([2] if stride in (1, 2) else [])
-    for algo in algos:  # every algorithm, and channels_last inputs (which keep their layout)
-        for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+    algos = [0, 1, 3] + ([2] if stride in (1, 2) else [])
+    # every algorithm, on contiguous, channels_last and batch-innermost inputs
+    for algo in algos:
+        for xin in (x, x.contiguous(memory_format=torch.channels_last), to_batch_innermost(x)):
             if algo == 2 and not xin.is_contiguous():
                 continue
             with fastprune.use_backend(backend):
                 got = sparse_conv2d(xin, row_ptr, col_idx, values, bias, c, k, k, stride, stride, pad, pad, algo)
             assert got.shape == want.shape
             torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+            if backend == "cpp" and algo == 3:
+                assert is_batch_innermost(got), "the batch-innermost algorithm writes its own layout"
     if backend == "triton":  # half precision inputs (the GPU path), float32 accumulation
         with fastprune.use_backend(backend):
             got = sparse_conv2d(x.half(), row_ptr, col_idx, values, bias, c, k, k, stride, stride, pad, pad)
@@ -90,12 +94,19 @@ def test_fused_epilogues(backend, device):
     bias = torch.randn(5, generator=gen).to(device)
     row_ptr, col_idx, values = dense_to_csr(weight)
     conv = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
-    for algo in (0, 1, 2):
+    residual = torch.randn(conv.shape, generator=gen).to(device)
+    for algo in (0, 1, 2, 3):
         with fastprune.use_backend(backend):
             relu = sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, algo, 1)
             pooled = sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, algo, 2)
+            added = sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, algo, 3, residual)
         torch.testing.assert_close(relu.double(), F.relu(conv), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(pooled.double(), F.max_pool2d(F.relu(conv), 2), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(added.double(), F.relu(conv + residual.double()), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="residual"):
+        sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, 3, 1, residual)
+    with pytest.raises(ValueError, match="residual"):
+        sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, 3, 3)
 
 
 def test_opcheck_sparse_ops():
@@ -306,7 +317,70 @@ def test_tiny_inputs_with_wide_padding_and_stride_two(backend, device, hw):
     bias = torch.randn(4, generator=gen).to(device)
     row_ptr, col_idx, values = dense_to_csr(weight)
     want = F.conv2d(x.double(), weight.double(), bias.double(), stride=2, padding=1)
-    for algo in (0, 1, 2):
+    for algo in (0, 1, 2, 3):
         with fastprune.use_backend(backend):
             got = sparse_conv2d(x, row_ptr, col_idx, values, bias, 3, 3, 3, 2, 2, 1, 1, algo)
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", [(1, 3, 7, 6, 4, 3, 1, 1), (9, 5, 8, 8, 6, 3, 2, 1), (70, 3, 6, 5, 4, 3, 1, 2),
+                                  (130, 2, 5, 7, 3, 1, 2, 0), (65, 4, 9, 9, 5, 3, (1, 2), 1)], ids=str)
+def test_batch_innermost_algorithm_blocks_and_epilogues(case):
+    # batches of 1, under and over the 64-image block (70, 65 and 130 split unevenly), strides 1, 2
+    # and unequal, every epilogue, the output in the (OC, H', W', N) layout
+    n, c, h, w, oc, k, stride, pad = case
+    sh, sw = stride if isinstance(stride, tuple) else (stride, stride)
+    gen = torch.Generator().manual_seed(n + c)
+    x = torch.randn(n, c, h, w, generator=gen)
+    weight = sparse_weight((oc, c, k, k), 0.5, seed=n)
+    bias = torch.randn(oc, generator=gen)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    conv = F.conv2d(x.double(), weight.double(), bias.double(), stride=(sh, sw), padding=pad)
+    residual = to_batch_innermost(torch.randn(conv.shape, generator=gen))
+    wants = {0: conv, 1: F.relu(conv), 2: F.max_pool2d(F.relu(conv), 2), 3: F.relu(conv + residual.double())}
+    for epilogue, want in wants.items():
+        got = sparse_conv2d(to_batch_innermost(x), row_ptr, col_idx, values, bias, c, k, k, sh, sw, pad, pad, 3,
+                            epilogue, residual if epilogue == 3 else None)
+        assert got.shape == want.shape and is_batch_innermost(got)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_innermost_resnet_fuses_every_residual_into_a_conv():
+    import copy
+
+    from fastprune.nn import BatchInnermostInput
+    from fastprune.nn.sparse import _convert_layers, fold_batchnorm, fuse_epilogues
+
+    torch.manual_seed(0)
+    model = prune_model(get_model("resnet18", 10, 3).eval(), 0.9, method="magnitude")
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+    graph, _ = _convert_layers(fold_batchnorm(fold_masks(copy.deepcopy(model))), {}, 0.5, 1)
+    for m in graph.modules():
+        if isinstance(m, SparseConv2d):
+            m.algo = 3
+    graph = fuse_epilogues(graph)
+    assert sum(m.epilogue == 3 for m in graph.modules() if isinstance(m, SparseConv2d)) == 8  # one per block
+    assert not any(n.target is torch.ops.aten._add_relu.Tensor for n in graph.graph.nodes)
+    x = torch.rand(9, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+        for run in (graph, BatchInnermostInput(graph)):
+            torch.testing.assert_close(run(x), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+
+
+def test_sparsify_tries_the_batch_innermost_layout_on_cpu_batches():
+    torch.manual_seed(0)
+    model = prune_model(get_model("cnn-small", 10, 1).eval(), 0.9, method="magnitude")
+    x = torch.rand(16, 1, 8, 8)
+    sparse = sparsify(model, x, repeats=2)
+    assert "sparse, batch innermost" in sparse.sparsify_choice["seconds"]
+    small = sparsify(model, x[:2], repeats=2)  # a batch of 2 does not fill a vector register
+    assert "sparse, batch innermost" not in small.sparsify_choice["seconds"]
+    forced = sparsify(model, x, repeats=2, batch_innermost=True, channels_last=False)
+    with torch.no_grad():
+        for result in (sparse, small, forced):
+            torch.testing.assert_close(result(x), model(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="batch_innermost"):
+        sparsify(model, x, batch_innermost="yes")
