@@ -1,14 +1,17 @@
 // CPU kernels of the sparse convolution and linear layers (the `cpp` backend of
 // fastprune::sparse_conv2d / sparse_linear): direct sparse convolution, work proportional to the
-// number of non-zero weights.
+// number of non-zero weights. Three algorithms (sparsify times them and keeps the fastest):
 //
-// The input is re-laid channel-major and zero-padded, xp[c][n * Hp * Wp + h * Wp + w], with a zero
-// tail. For stride 1, output position q = n * Hp * Wp + h * Wp + w (on the padded grid) receives
-// v * xp[ic][q + r * Wp + s] from the non-zero weight v at (ic, r, s): one long contiguous AXPY per
-// non-zero over the whole batch, which vectorises even for 4x4 feature maps. Positions with
-// h >= Ho or w >= Wo are computed and dropped. Tasks are (output channel, chunk of padded rows)
-// with the chunk's accumulator in L1. A stride S splits the padded input into S x S phases (every
-// S-th row and column from each offset), on which the convolution is again a stride-1 one.
+// Padded (algo 1): the input is re-laid channel-major and zero-padded,
+// xp[c][n * Hp * Wp + h * Wp + w], with a zero tail. For stride 1, output position
+// q = n * Hp * Wp + h * Wp + w (on the padded grid) receives v * xp[ic][q + r * Wp + s] from the
+// non-zero weight v at (ic, r, s): one long contiguous AXPY per non-zero over the whole batch, which
+// vectorises even for 4x4 feature maps. Positions with h >= Ho or w >= Wo are computed and dropped.
+// Tasks are (output channel, chunk of padded rows) with the chunk's accumulator in L1. A stride S
+// splits the padded input into S x S phases (every S-th row and column from each offset), on which
+// the convolution is again a stride-1 one.
+// Direct (algo 2): NCHW planes, row-wise AXPYs, no re-layout (wide maps, batch 1).
+// Batch innermost (algo 3): activations (C, H, W, N); see sparse_conv2d_batch_innermost.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -86,8 +86,17 @@ class SparseConv2d(_CSRWeight):
         if residual is not None:
             self._check_input(residual, 4, "SparseConv2d (residual)")
         algo = self.algo if self.algo != ALGORITHMS["direct"] or direct_applicable(x, self.stride) else 0
-        return sparse_conv2d(x, self.row_ptr, self.col_idx, self.values, self.bias, self.in_channels,
-                             *self.kernel_size, *self.stride, *self.padding, algo, self.epilogue, residual)
+        recording = torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad))
+        epilogue = 0 if recording else self.epilogue  # under autograd (attacks): the epilogue unfused
+        y = sparse_conv2d(x, self.row_ptr, self.col_idx, self.values, self.bias, self.in_channels,
+                          *self.kernel_size, *self.stride, *self.padding, algo, epilogue,
+                          residual if epilogue == EPILOGUES["add_relu"] else None)
+        if epilogue == self.epilogue:
+            return y
+        if self.epilogue == EPILOGUES["add_relu"]:
+            return torch.relu(y + residual)
+        y = torch.relu(y)
+        return torch.nn.functional.max_pool2d(y, 2) if self.epilogue == EPILOGUES["relu_pool"] else y
 
     def extra_repr(self) -> str:
         total = 1
@@ -318,6 +327,24 @@ def _fast_pooling(model: nn.Module) -> nn.Module:
     return model
 
 
+class MicroBatched(nn.Module):
+    """Runs ``model`` (in eval mode, a tensor in and out) on slices of at most ``micro_batch``
+    images and concatenates the outputs: each slice's activations stay in the CPU's caches from one
+    layer to the next, where a whole large batch's would stream through memory."""
+
+    def __init__(self, model: nn.Module, micro_batch: int):
+        super().__init__()
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch must be at least 1, got {micro_batch}")
+        self.model, self.micro_batch = model, micro_batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, ...) -> model(x), computed micro_batch rows at a time."""
+        if x.shape[0] <= self.micro_batch:
+            return self.model(x)
+        return torch.cat([self.model(part) for part in x.split(self.micro_batch)])
+
+
 class _LayoutInput(nn.Module):
     """Runs ``model`` on its 4D inputs converted by ``convert`` to the memory layout it is fastest in."""
 
@@ -441,10 +468,18 @@ def fuse_epilogues(model: nn.Module) -> nn.Module:
     return model
 
 
+def add_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """relu(a + b): one pass over the activations (aten._add_relu) at inference, the differentiable
+    two-op form when autograd records (aten._add_relu has no derivative; attacks need one)."""
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return torch.relu(a + b)
+    return torch.ops.aten._add_relu(a, b)
+
+
 def _fuse_add_relu(model) -> None:
     """relu(a + b) (the residual connection at the end of every ResNet block) -> one pass over the
     activations instead of two: into the epilogue of the sparse conv that computes a (or b) where it
-    runs the batch-innermost algorithm and a feeds nothing else, else aten._add_relu(a, b)."""
+    runs the batch-innermost algorithm and a feeds nothing else, else :func:`add_relu`."""
     import operator
 
     modules = dict(model.named_modules())
@@ -467,7 +502,7 @@ def _fuse_add_relu(model) -> None:
         conv_node = next((a for a in node.args if fusable_conv(a) is not None), None)
         with model.graph.inserting_after(relu):
             if conv_node is None:
-                fused = model.graph.call_function(torch.ops.aten._add_relu.Tensor, tuple(node.args))
+                fused = model.graph.call_function(add_relu, tuple(node.args))
             else:  # conv(x, residual): placed where the relu was, after both its inputs exist
                 other = node.args[1] if node.args[0] is conv_node else node.args[0]
                 fusable_conv(conv_node).epilogue = EPILOGUES["add_relu"]
@@ -498,8 +533,32 @@ def _layer_inputs(model: nn.Module, x: torch.Tensor, convert=None) -> dict:
     return inputs
 
 
+def _layout_candidates(dense: nn.Module, example: torch.Tensor, layouts: dict, min_sparsity: float, repeats: int,
+                       sparse_only: bool = False) -> dict:
+    """{"sparse, <layout>" / "dense, <layout>": (model, decisions)} for each memory layout: the
+    sparse model has each layer tuned on its real input in that layout."""
+    candidates = {}
+    for layout, wrapper in layouts.items():
+        cl = layout == "channels_last"
+        base = copy.deepcopy(dense).to(memory_format=torch.channels_last) if cl else copy.deepcopy(dense)
+        x = wrapper.convert(example) if wrapper else example
+        innermost = layout == "batch innermost"
+        inputs = _layer_inputs(base, x, to_batch_innermost if innermost else None)
+        sparse, decisions = _convert_layers(copy.deepcopy(base), inputs, min_sparsity, repeats,
+                                            batch_innermost=innermost)
+        sparse = fuse_epilogues(sparse)
+        wrap = wrapper or (lambda m: m)
+        candidates[f"sparse, {layout}"] = (wrap(sparse), decisions)
+        if not innermost and not sparse_only:  # oneDNN has no batch-innermost convolution: it would convert
+            all_dense = {k: {**d, "kept": "dense", "format": "dense"} for k, d in decisions.items()}
+            candidates[f"dense, {layout}"] = (wrap(base), all_dense)
+    return candidates
+
+
 # Batches at least this large may run batch-innermost on the CPU (a batch fills a vector register).
 _BATCH_INNERMOST_MIN_BATCH = 8
+# Larger CPU batches are also tried in micro-batches of this many images.
+_MICRO_BATCH = 64
 
 
 def sparsify(model: nn.Module, example_input: torch.Tensor | None = None, *, benchmark: bool = True,
@@ -512,7 +571,8 @@ def sparsify(model: nn.Module, example_input: torch.Tensor | None = None, *, ben
     kept; then the whole sparse model is timed against the dense model (masks folded in), in the
     contiguous and the channels_last layout (``channels_last="auto"``) and, on the CPU for batches of
     8 or more (``batch_innermost="auto"``), with every sparse conv on the batch-innermost algorithm
-    (activations laid out (C, H, W, N), see :class:`BatchInnermostInput`); the fastest of those is
+    (activations laid out (C, H, W, N), see :class:`BatchInnermostInput`); CPU batches over 64 are
+    also tried in micro-batches of 64 (:class:`MicroBatched`, tuned on 64); the fastest of those is
     returned, so the result is never slower than the dense model. A sparse layer or model must be at
     least 3% faster than dense to be chosen (smaller differences are timing noise). Without timing,
     a layer becomes sparse when its sparsity is at least ``min_sparsity``. Masks of masked layers
@@ -542,21 +602,22 @@ def sparsify(model: nn.Module, example_input: torch.Tensor | None = None, *, ben
                                    and example_input.dim() == 4
                                    and example_input.shape[0] >= _BATCH_INNERMOST_MIN_BATCH):
         layouts["batch innermost"] = BatchInnermostInput
-    candidates = {}
-    for layout, wrapper in layouts.items():
-        cl = layout == "channels_last"
-        base = copy.deepcopy(dense).to(memory_format=torch.channels_last) if cl else copy.deepcopy(dense)
-        x = wrapper.convert(example_input) if wrapper else example_input
-        innermost = layout == "batch innermost"
-        inputs = _layer_inputs(base, x, to_batch_innermost if innermost else None)
-        sparse, decisions = _convert_layers(copy.deepcopy(base), inputs, min_sparsity, repeats,
-                                            batch_innermost=innermost)
-        sparse = fuse_epilogues(sparse)
-        wrap = wrapper or (lambda m: m)
-        candidates[f"sparse, {layout}"] = (wrap(sparse), decisions)
-        if not innermost:  # oneDNN has no batch-innermost convolution: it would convert
-            all_dense = {k: {**d, "kept": "dense", "format": "dense"} for k, d in decisions.items()}
-            candidates[f"dense, {layout}"] = (wrap(base), all_dense)
+    candidates = _layout_candidates(dense, example_input, layouts, min_sparsity, repeats)
+    micro = _MICRO_BATCH
+    if example_input.device.type == "cpu" and example_input.dim() == 4 and example_input.shape[0] > micro:
+        # Large CPU batches also run in micro-batches, each through the whole network while its
+        # activations fit in cache; the layers are tuned on a micro-batch. Kept only where the
+        # outputs equal the whole-batch run (no cross-sample op in the model).
+        with torch.no_grad():
+            reference = candidates["dense, " + next(iter(layouts))][0](example_input)
+        small = _layout_candidates(dense, example_input[:micro], layouts, min_sparsity, repeats, sparse_only=True)
+        for key, (model_, decisions) in small.items():
+            chunked = MicroBatched(model_, micro)
+            with torch.no_grad():
+                out = chunked(example_input)
+            if isinstance(out, torch.Tensor) and torch.allclose(out, reference, rtol=1e-3, atol=1e-3 * (
+                    reference.abs().max().item() + 1e-12)):
+                candidates[f"{key}, micro-batches of {micro}"] = (chunked, decisions)
     # Whole models in interleaved rounds after two warm-up runs: the first runs of a model allocate
     # its activations afresh (page faults), which would favour whichever candidate ran last.
     with torch.no_grad():

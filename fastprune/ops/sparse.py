@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .. import backends
-from ..reference.sparse import sparse_conv2d_ref, sparse_linear_ref
+from ..reference.sparse import csr_to_dense, sparse_conv2d_ref, sparse_linear_ref
 
 _CONV_SPEC = backends.OpSpec("sparse_conv2d", {"cuda": ("triton", "cuda"), "cpu": ("cpp",)},
                              native="sparse_conv2d_ext")
@@ -107,6 +107,30 @@ def _sparse_conv2d_fake(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, 
     return x.new_empty((x.shape[0], row_ptr.shape[0] - 1, ho, wo))
 
 
+# Gradients w.r.t. the input only (the weights are inference buffers), so that attacks can run on a
+# sparse model: the transposed convolution with the dense weight rebuilt from the CSR arrays (the
+# backward pass is not what sparse inference speeds up). Fused epilogues are not differentiated:
+# SparseConv2d applies them unfused when autograd records.
+def _conv_setup_context(ctx, inputs, output):
+    x, row_ptr, col_idx, values, _, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w, _, epilogue, _ = inputs
+    ctx.save_for_backward(row_ptr, col_idx, values)
+    ctx.geometry = (x.shape, in_channels, kh, kw, (stride_h, stride_w), (pad_h, pad_w), epilogue)
+
+
+def _conv_backward(ctx, grad):
+    row_ptr, col_idx, values = ctx.saved_tensors
+    x_shape, in_channels, kh, kw, stride, padding, epilogue = ctx.geometry
+    if epilogue:
+        raise RuntimeError("sparse_conv2d: a fused epilogue has no gradient; call it with epilogue=0 "
+                           "and apply ReLU/pooling/the residual after (SparseConv2d does so under autograd)")
+    weight = csr_to_dense(row_ptr, col_idx, values, (row_ptr.shape[0] - 1, in_channels, kh, kw)).to(grad.dtype)
+    grad_x = torch.nn.grad.conv2d_input(x_shape, weight, grad.contiguous(), stride=stride, padding=padding)
+    return (grad_x,) + (None,) * 14
+
+
+sparse_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+
+
 @torch.library.custom_op("fastprune::sparse_linear", mutates_args=())
 def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
                   bias: Optional[torch.Tensor], in_features: int) -> torch.Tensor:
@@ -124,3 +148,18 @@ def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
 @sparse_linear.register_fake
 def _sparse_linear_fake(x, row_ptr, col_idx, values, bias, in_features):
     return x.new_empty((x.shape[0], row_ptr.shape[0] - 1))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    _, row_ptr, col_idx, values, _, in_features = inputs
+    ctx.save_for_backward(row_ptr, col_idx, values)
+    ctx.in_features = in_features
+
+
+def _linear_backward(ctx, grad):
+    row_ptr, col_idx, values = ctx.saved_tensors
+    weight = csr_to_dense(row_ptr, col_idx, values, (row_ptr.shape[0] - 1, ctx.in_features)).to(grad.dtype)
+    return grad @ weight, None, None, None, None, None
+
+
+sparse_linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)

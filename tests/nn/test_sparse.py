@@ -1,4 +1,5 @@
 """Sparse inference: the sparse kernels vs F.conv2d / F.linear, sparsify on whole models, save/load."""
+import copy
 import os
 
 import pytest
@@ -262,14 +263,14 @@ def test_sparse_conv_other_strides(backend, device, stride):
 
 
 def test_residual_add_and_relu_fuse_into_one_op():
-    from fastprune.nn.sparse import _fuse_add_relu
+    from fastprune.nn.sparse import _fuse_add_relu, add_relu
 
     torch.manual_seed(0)
     model = get_model("resnet18", 10, 3).eval()
     traced = torch.fx.symbolic_trace(model)
     _fuse_add_relu(traced)
     traced.recompile()
-    fused = [n for n in traced.graph.nodes if n.target is torch.ops.aten._add_relu.Tensor]
+    fused = [n for n in traced.graph.nodes if n.target is add_relu]
     assert len(fused) == 8  # one per residual block
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
@@ -346,10 +347,8 @@ def test_batch_innermost_algorithm_blocks_and_epilogues(case):
 
 
 def test_batch_innermost_resnet_fuses_every_residual_into_a_conv():
-    import copy
-
     from fastprune.nn import BatchInnermostInput
-    from fastprune.nn.sparse import _convert_layers, fold_batchnorm, fuse_epilogues
+    from fastprune.nn.sparse import _convert_layers, add_relu, fold_batchnorm, fuse_epilogues
 
     torch.manual_seed(0)
     model = prune_model(get_model("resnet18", 10, 3).eval(), 0.9, method="magnitude")
@@ -362,7 +361,7 @@ def test_batch_innermost_resnet_fuses_every_residual_into_a_conv():
             m.algo = 3
     graph = fuse_epilogues(graph)
     assert sum(m.epilogue == 3 for m in graph.modules() if isinstance(m, SparseConv2d)) == 8  # one per block
-    assert not any(n.target is torch.ops.aten._add_relu.Tensor for n in graph.graph.nodes)
+    assert not any(n.target is add_relu for n in graph.graph.nodes)
     x = torch.rand(9, 3, 32, 32)
     with torch.no_grad():
         want = model(x)
@@ -373,9 +372,11 @@ def test_batch_innermost_resnet_fuses_every_residual_into_a_conv():
 def test_sparsify_tries_the_batch_innermost_layout_on_cpu_batches():
     torch.manual_seed(0)
     model = prune_model(get_model("cnn-small", 10, 1).eval(), 0.9, method="magnitude")
-    x = torch.rand(16, 1, 8, 8)
+    x = torch.rand(70, 1, 8, 8)
     sparse = sparsify(model, x, repeats=2)
     assert "sparse, batch innermost" in sparse.sparsify_choice["seconds"]
+    # over 64 images, micro-batched candidates too
+    assert "sparse, batch innermost, micro-batches of 64" in sparse.sparsify_choice["seconds"]
     small = sparsify(model, x[:2], repeats=2)  # a batch of 2 does not fill a vector register
     assert "sparse, batch innermost" not in small.sparsify_choice["seconds"]
     forced = sparsify(model, x, repeats=2, batch_innermost=True, channels_last=False)
@@ -384,3 +385,60 @@ def test_sparsify_tries_the_batch_innermost_layout_on_cpu_batches():
             torch.testing.assert_close(result(x), model(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="batch_innermost"):
         sparsify(model, x, batch_innermost="yes")
+
+
+@pytest.mark.parametrize("epilogue", [0, 1, 2, 3])
+def test_sparse_layers_give_input_gradients_for_attacks(epilogue):
+    # attacks on a sparse model need dL/dx: checked against the dense layers in float64
+    torch.manual_seed(epilogue)
+    dense = nn.Conv2d(4, 6, 3, stride=1, padding=1).double()
+    with torch.no_grad():
+        dense.weight.mul_(torch.rand_like(dense.weight) > 0.6)
+    layer = SparseConv2d.from_dense(copy.deepcopy(dense).float())
+    layer.epilogue, layer.algo = epilogue, 3 if epilogue == 3 else 0
+    x = torch.randn(3, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    residual = torch.randn(3, 6, 8, 8, dtype=torch.float64) if epilogue == 3 else None
+    want = dense(x)
+    want = {0: want, 1: F.relu(want), 2: F.max_pool2d(F.relu(want), 2)}.get(epilogue, F.relu(want + residual)
+                                                                          if residual is not None else want)
+    g = torch.randn_like(want)
+    want_grad = torch.autograd.grad(want, x, g)[0]
+    xf = x.detach().float().requires_grad_()
+    got = layer(xf, None if residual is None else residual.float())
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    got_grad = torch.autograd.grad(got, xf, g.float())[0]
+    torch.testing.assert_close(got_grad.double(), want_grad, atol=1e-5, rtol=1e-5)
+    lin = nn.Linear(7, 5).double()
+    sparse_lin = SparseLinear.from_dense(copy.deepcopy(lin).float())
+    v = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    want_grad = torch.autograd.grad(lin(v), v, torch.ones(4, 5, dtype=torch.float64))[0]
+    vf = v.detach().float().requires_grad_()
+    got_grad = torch.autograd.grad(sparse_lin(vf), vf, torch.ones(4, 5))[0]
+    torch.testing.assert_close(got_grad.double(), want_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_an_attack_runs_on_a_sparsified_model():
+    from fastprune.attacks import PGD
+
+    torch.manual_seed(0)
+    model = prune_model(get_model("resnet18", 10, 3).eval(), 0.99, method="magnitude")
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    attack = dict(eps=8 / 255, alpha=2 / 255, steps=2, random_start=False)
+    want = PGD(model, **attack)(x, y)
+    for innermost in (False, True):  # fused add_relu ops, or residuals fused into the convs
+        sparse = sparsify(model, x, repeats=1, channels_last=False, batch_innermost=innermost)
+        assert sparse.sparsify_choice["kind"].startswith("sparse")
+        torch.testing.assert_close(PGD(sparse, **attack)(x, y), want, atol=1e-5, rtol=0)
+
+
+def test_micro_batched_equals_the_whole_batch():
+    from fastprune.nn import MicroBatched
+
+    torch.manual_seed(0)
+    model = get_model("cnn-small", 10, 1).eval()
+    x = torch.rand(11, 1, 8, 8)
+    with torch.no_grad():
+        for size in (1, 4, 11, 64):
+            torch.testing.assert_close(MicroBatched(model, size)(x), model(x), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="micro_batch"):
+        MicroBatched(model, 0)
