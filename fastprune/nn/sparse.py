@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ..benchmarks.common import interleaved_medians, median_time
-from ..ops.sparse import ALGORITHMS, EPILOGUES, direct_applicable, sparse_conv2d, sparse_linear, to_batch_innermost
+from ..ops.sparse import (ALGORITHMS, EPILOGUES, direct_applicable, finish_epilogue, sparse_conv2d, sparse_linear,
+                          to_batch_innermost)
 from ..reference.sparse import csr_to_dense, dense_to_csr
 from ..train.checkpoint import atomic_save
 from .masked import _replace, check_sparsity, effective_weight, fold_masks
@@ -91,12 +92,7 @@ class SparseConv2d(_CSRWeight):
         y = sparse_conv2d(x, self.row_ptr, self.col_idx, self.values, self.bias, self.in_channels,
                           *self.kernel_size, *self.stride, *self.padding, algo, epilogue,
                           residual if epilogue == EPILOGUES["add_relu"] else None)
-        if epilogue == self.epilogue:
-            return y
-        if self.epilogue == EPILOGUES["add_relu"]:
-            return torch.relu(y + residual)
-        y = torch.relu(y)
-        return torch.nn.functional.max_pool2d(y, 2) if self.epilogue == EPILOGUES["relu_pool"] else y
+        return finish_epilogue(y, self.epilogue, epilogue, residual)
 
     def extra_repr(self) -> str:
         total = 1

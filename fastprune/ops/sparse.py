@@ -87,11 +87,17 @@ def sparse_conv2d(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
     else:  # cpp, or cuda: ReLU fused, pooling or the residual (if asked) after
         fused = 1 if epilogue in (1, 2) else 0
         y = torch.ops.fastprune.sparse_conv2d_ext(x, row_ptr, col_idx, values, bias, *geometry, algo, fused)
-    if epilogue == 3 and fused != 3:
-        return torch.relu(y + residual)
+    return finish_epilogue(y, epilogue, fused, residual)
+
+
+def finish_epilogue(y: torch.Tensor, epilogue: int, fused: int, residual: Optional[torch.Tensor] = None):
+    """Apply in PyTorch ops what of ``epilogue`` the kernel did not fuse (it fused ``fused``): the
+    residual add + ReLU, the ReLU, the 2x2 max pooling."""
+    if epilogue == EPILOGUES["add_relu"]:
+        return y if fused == epilogue else torch.relu(y + residual)
     if epilogue >= 1 and fused == 0:
         y = torch.relu(y)
-    if epilogue == 2 and fused < 2:
+    if epilogue == EPILOGUES["relu_pool"] and fused < epilogue:
         y = torch.nn.functional.max_pool2d(y, 2)
     return y
 
