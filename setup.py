@@ -1,4 +1,4 @@
-"""Builds fastprune, its Triton kernels (kernels/ -> fastprune.kernels) and the fastprune._C extension.
+"""Builds fastprune (its Triton kernels live in the package, fastprune/kernels/) and the fastprune._C extension.
 
 The C++ CPU kernels always build. The CUDA kernels build when nvcc and a CUDA build of torch are
 present, so a CUDA compile or link error fails the build (and CI). FASTPRUNE_BUILD_EXT=0 skips the
@@ -10,8 +10,7 @@ import shutil
 
 from setuptools import find_packages, setup
 
-PACKAGES = find_packages(include=["fastprune", "fastprune.*"]) + ["fastprune.kernels"]
-PACKAGE_DIR = {"fastprune.kernels": "kernels"}
+PACKAGES = find_packages(include=["fastprune", "fastprune.*"])
 
 
 def _cuda_home():
@@ -63,4 +62,4 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=PACKAGES, ext_modules=ext_modules, cmdclass=cmdclass)

@@ -23,16 +23,24 @@ TORCH_LIBRARY(fastprune, m) {
 
   // Sparse convolution (N, C, H, W) -> (N, out_channels, H', W') with a CSR weight: row_ptr (OC + 1)
   // and col_idx (nnz) int32, col = (ic * kh + r) * kw + s, values (nnz) float32; groups 1, dilation 1.
-  // algo (CPU): 0 picks by shape, 1 the padded channel-major algorithm, 2 the direct one (stride 1 or 2,
-  // NCHW), 3 the batch-innermost one (output memory (OC, H', W', N)); the GPU kernels ignore it.
+  // algo: 0 picks by shape, 1 the padded channel-major algorithm, 2 the direct one (stride 1 or 2,
+  // NCHW), 3 the batch-innermost one (output memory (OC, H', W', N)). (CPU; the GPU runs
+  // sparse_conv2d_tiled_ext below.)
   // epilogue: 0 none, 1 ReLU, 2 ReLU then 2x2 max pooling (CPU only), 3 ReLU of the sum with
   // `residual` (the output's shape; CPU batch-innermost algorithm only): fused into the
   // write of the output, which saves whole passes over the activations.
   m.def(
       "sparse_conv2d_ext(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias, int kh, int kw, "
       "int stride_h, int stride_w, int pad_h, int pad_w, int algo, int epilogue, Tensor? residual=None) -> Tensor");
-  // Sparse linear (N, in) -> (N, out) with a CSR weight (out x in).
+  // Sparse linear (N, in) -> (N, out) with a CSR weight (out x in). (CPU.)
   m.def("sparse_linear_ext(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias) -> Tensor");
+  // The GPU form of both (CUDA): a convolution (N, C, H, W) -> (N, oc, H', W') contiguous, with the
+  // weight in the output-channel-tiled format of fastprune/reference/sparse.py (TiledWeight): tile_ptr
+  // (tiles + 1) and tile_cols int32, tile_vals (columns, 16) and bias (tiles * 16) float32; ReLU
+  // optionally fused. Sparse linear runs as a 1x1 convolution of a 1x1 map.
+  m.def(
+      "sparse_conv2d_tiled_ext(Tensor x, Tensor tile_ptr, Tensor tile_cols, Tensor tile_vals, Tensor bias, int oc, "
+      "int kh, int kw, int stride_h, int stride_w, int pad_h, int pad_w, bool relu) -> Tensor");
 }
 
 // `import fastprune._C` only needs to load the library (its static initialisers register the ops);

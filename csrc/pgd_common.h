@@ -4,6 +4,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <utility>
+
 namespace fastprune {
 
 enum class PgdNorm { Linf, L2 };
@@ -34,6 +37,19 @@ inline void check_pgd_step_args(const at::Tensor& x_adv, const at::Tensor& grad,
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), "pgd_step: alpha and eps must be contiguous float32");
     TORCH_CHECK(t->device() == x_adv.device(), "pgd_step: alpha and eps must be on x_adv's device");
   }
+}
+
+// How the GPU L2 step cuts each sample into chunks (the rule of l2_chunks in fastprune/kernels/pgd.py):
+// enough (chunk, sample) blocks to reach `target_blocks`, each chunk a whole number of `block`
+// elements, at most kL2MaxChunks chunks per sample, none empty. Returns {n_chunks, chunk_len}.
+constexpr int64_t kL2MaxChunks = 64;
+
+inline std::pair<int, int64_t> l2_chunks(int64_t n, int64_t per_sample, int64_t block, int64_t target_blocks) {
+  const auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+  const int64_t blocks = cdiv(per_sample, block);
+  const int64_t n_chunks = std::max<int64_t>(1, std::min({cdiv(target_blocks, std::max<int64_t>(n, 1)), blocks, kL2MaxChunks}));
+  const int64_t chunk_len = cdiv(blocks, n_chunks) * block;
+  return {static_cast<int>(cdiv(per_sample, chunk_len)), chunk_len};
 }
 
 }  // namespace fastprune

@@ -113,19 +113,21 @@ class OpSpec:
 
     name: for messages; preference: device type -> backends, fastest first; implemented: every
     backend with an implementation; native: the fastprune._C op whose CPU/CUDA kernel must be
-    registered for the cpp/cuda backends to count as available.
+    registered for the cpp/cuda backends to count as available (one name, or a dict from
+    "cpp"/"cuda" to the name where the two devices' kernels are different ops).
     """
 
     name: str
     preference: dict
     implemented: tuple = BACKENDS
-    native: str | None = None
+    native: str | dict | None = None
 
     def runs(self, backend: str, device: torch.device) -> bool:
         if backend not in self.implemented or not backend_runs_on(backend, device):
             return False
         if backend in ("cpp", "cuda") and self.native is not None:
-            return _has_native_kernel(self.native, "CPU" if backend == "cpp" else "CUDA")
+            op = self.native.get(backend) if isinstance(self.native, dict) else self.native
+            return op is not None and _has_native_kernel(op, "CPU" if backend == "cpp" else "CUDA")
         return True
 
 

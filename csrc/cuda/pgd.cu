@@ -3,14 +3,17 @@
 // Linf: a memory-bound elementwise kernel; 16-byte vector loads and stores when every pointer is
 // aligned and a sample's size is a multiple of the vector width, so one vector never spans two
 // samples and alpha/eps are loaded once per vector.
-// L2: one block per sample; a block reduction for |grad|, another for |delta| after the step, then
-// the write. Arithmetic in opmath (float32 for half/bfloat16/float), in the reference's order.
+// L2: a split reduction over (chunk, sample) blocks in three launches (|grad|, then |delta| after
+// the step, then the write), the chunking shared with the CPU kernel and the Triton launcher's rule
+// (l2_chunks in pgd_common.h). Arithmetic in opmath (float32 for half/bfloat16/float), in the
+// reference's order; partial sums in double.
 //
 // Only c10/cuda headers are included: ATen/cuda/CUDAContext.h pulls cuBLAS/cuSPARSE headers that a
 // bare CUDA toolkit lacks (see docs/ARCHITECTURE.md).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -35,8 +38,9 @@ __device__ __forceinline__ acc_t linf_update(acc_t x, acc_t g, acc_t xn, acc_t a
 }
 
 // Each thread handles VEC consecutive elements; VEC == 1 is the unaligned fallback.
+// x may alias out (the in-place step), so neither is declared __restrict__.
 template <typename scalar_t, int VEC>
-__global__ void pgd_step_linf_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
+__global__ void pgd_step_linf_kernel(const scalar_t* x, const scalar_t* __restrict__ g,
                                      const scalar_t* __restrict__ xn, const float* __restrict__ alpha,
                                      const float* __restrict__ eps, scalar_t* out, int64_t numel,
                                      int64_t per_sample, float lo, float hi) {
@@ -69,39 +73,84 @@ __device__ __forceinline__ double block_sum(double v, double* shared) {
   v = threadIdx.x < THREADS / 32 ? shared[threadIdx.x] : 0.0;
   if (warp == 0) {
     for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffff, v, offset);
-    if (lane == 0) shared[0] = v;
   }
-  __syncthreads();
-  const double total = shared[0];
-  __syncthreads();  // shared[] is reused by the next reduction
+  return v;  // the total, in thread 0
+}
+
+// L2 runs as a split reduction: each sample is cut into `n_chunks` chunks of `chunk_len` elements
+// and three launches over (chunk, sample) blocks each read the per-chunk partial sums of the one
+// before (deterministic, no atomics), so that a small batch of large samples still fills the GPU.
+struct Chunk {
+  int64_t sample, begin, end;  // flat offsets [begin, end) of this block's chunk
+};
+
+// Blocks are numbered sample-major along grid.x (up to 2^31 - 1: no 65535-sample limit).
+__device__ __forceinline__ Chunk this_chunk(int64_t per_sample, int64_t chunk_len, int n_chunks) {
+  const int64_t sample = blockIdx.x / n_chunks, chunk = blockIdx.x % n_chunks;
+  const int64_t begin = sample * per_sample + chunk * chunk_len;
+  return {sample, begin, min(begin + chunk_len, (sample + 1) * per_sample)};
+}
+
+// Sum of one sample's n_chunks partials (n_chunks <= a few dozen: every thread reads them all).
+__device__ __forceinline__ double sample_total(const double* part, int64_t sample, int n_chunks) {
+  double total = 0.0;
+  for (int c = 0; c < n_chunks; ++c) total += part[sample * n_chunks + c];
   return total;
 }
 
 template <typename scalar_t, int THREADS>
 __global__ void __launch_bounds__(THREADS)
-    pgd_step_l2_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, const scalar_t* __restrict__ xn,
-                       const float* __restrict__ alpha, const float* __restrict__ eps, scalar_t* out,
-                       int64_t per_sample, float lo, float hi) {
+    pgd_l2_grad_sq_kernel(const scalar_t* __restrict__ g, double* __restrict__ gpart, int64_t per_sample,
+                          int64_t chunk_len, int n_chunks) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ double shared[THREADS / 32];
-  const int64_t off = blockIdx.x * per_sample;
-  x += off, g += off, xn += off, out += off;
-  // Partial sums in float32 per thread, combined in double across the block.
-  acc_t gsq = 0;
-  for (int64_t j = threadIdx.x; j < per_sample; j += THREADS) {
+  const Chunk ch = this_chunk(per_sample, chunk_len, n_chunks);
+  acc_t acc = 0;  // float32 per thread, double across the block and the chunks
+  for (int64_t j = ch.begin + threadIdx.x; j < ch.end; j += THREADS) {
     const acc_t gj = static_cast<acc_t>(g[j]);
-    gsq += gj * gj;
+    acc += gj * gj;
   }
-  const acc_t gnorm = static_cast<acc_t>(sqrt(block_sum<THREADS>(gsq, shared)));
-  const acc_t scale = static_cast<acc_t>(alpha[blockIdx.x]) / fmax(gnorm, acc_t(1e-12));
-  acc_t dsq = 0;
-  for (int64_t j = threadIdx.x; j < per_sample; j += THREADS) {
+  const double total = block_sum<THREADS>(acc, shared);
+  if (threadIdx.x == 0) gpart[blockIdx.x] = total;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t l2_scale(const float* alpha, const double* gpart, int64_t sample, int n_chunks) {
+  const acc_t gnorm = static_cast<acc_t>(sqrt(sample_total(gpart, sample, n_chunks)));
+  return static_cast<acc_t>(alpha[sample]) / fmax(gnorm, acc_t(1e-12));
+}
+
+// x may alias out in the in-place form: neither is __restrict__.
+template <typename scalar_t, int THREADS>
+__global__ void __launch_bounds__(THREADS)
+    pgd_l2_delta_sq_kernel(const scalar_t* x, const scalar_t* __restrict__ g, const scalar_t* __restrict__ xn,
+                           const float* __restrict__ alpha, const double* __restrict__ gpart,
+                           double* __restrict__ dpart, int64_t per_sample, int64_t chunk_len, int n_chunks) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ double shared[THREADS / 32];
+  const Chunk ch = this_chunk(per_sample, chunk_len, n_chunks);
+  const acc_t scale = l2_scale<acc_t>(alpha, gpart, ch.sample, n_chunks);
+  acc_t acc = 0;
+  for (int64_t j = ch.begin + threadIdx.x; j < ch.end; j += THREADS) {
     const acc_t d = (static_cast<acc_t>(x[j]) + scale * static_cast<acc_t>(g[j])) - static_cast<acc_t>(xn[j]);
-    dsq += d * d;
+    acc += d * d;
   }
-  const acc_t dnorm = static_cast<acc_t>(sqrt(block_sum<THREADS>(dsq, shared)));
-  const acc_t factor = fmin(acc_t(1), static_cast<acc_t>(eps[blockIdx.x]) / fmax(dnorm, acc_t(1e-12)));
-  for (int64_t j = threadIdx.x; j < per_sample; j += THREADS) {
+  const double total = block_sum<THREADS>(acc, shared);
+  if (threadIdx.x == 0) dpart[blockIdx.x] = total;
+}
+
+template <typename scalar_t, int THREADS>
+__global__ void __launch_bounds__(THREADS)
+    pgd_l2_write_kernel(const scalar_t* x, const scalar_t* __restrict__ g, const scalar_t* __restrict__ xn,
+                        const float* __restrict__ alpha, const float* __restrict__ eps,
+                        const double* __restrict__ gpart, const double* __restrict__ dpart, scalar_t* out,
+                        int64_t per_sample, int64_t chunk_len, int n_chunks, float lo, float hi) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Chunk ch = this_chunk(per_sample, chunk_len, n_chunks);
+  const acc_t scale = l2_scale<acc_t>(alpha, gpart, ch.sample, n_chunks);
+  const acc_t dnorm = static_cast<acc_t>(sqrt(sample_total(dpart, ch.sample, n_chunks)));
+  const acc_t factor = fmin(acc_t(1), static_cast<acc_t>(eps[ch.sample]) / fmax(dnorm, acc_t(1e-12)));
+  for (int64_t j = ch.begin + threadIdx.x; j < ch.end; j += THREADS) {
     const acc_t xnj = static_cast<acc_t>(xn[j]);
     const acc_t d = (static_cast<acc_t>(x[j]) + scale * static_cast<acc_t>(g[j])) - xnj;
     out[j] = static_cast<scalar_t>(fmin(fmax(xnj + d * factor, acc_t(lo)), acc_t(hi)));
@@ -109,6 +158,12 @@ __global__ void __launch_bounds__(THREADS)
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+int sm_count(const at::Tensor& t) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, t.device().index()));
+  return count;
+}
 
 void pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat, const at::Tensor& alpha,
                    const at::Tensor& eps, c10::string_view norm, double clip_min, double clip_max,
@@ -130,7 +185,18 @@ void pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& grad, const at::Te
     const float* e = eps.const_data_ptr<float>();
     if (kind == PgdNorm::L2) {
       constexpr int kThreads = 256;
-      pgd_step_l2_kernel<scalar_t, kThreads><<<n, kThreads, 0, stream>>>(x, g, xn, a, e, o, per_sample, lo, hi);
+      const auto [n_chunks, chunk_len] = l2_chunks(n, per_sample, kThreads * 4, 4 * sm_count(x_adv));
+      at::Tensor part = at::empty({2, n, n_chunks}, x_adv.options().dtype(at::kDouble));
+      double* gpart = part.mutable_data_ptr<double>();
+      double* dpart = gpart + n * n_chunks;
+      const int64_t grid = n * n_chunks;
+      pgd_l2_grad_sq_kernel<scalar_t, kThreads><<<grid, kThreads, 0, stream>>>(g, gpart, per_sample, chunk_len, n_chunks);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      pgd_l2_delta_sq_kernel<scalar_t, kThreads><<<grid, kThreads, 0, stream>>>(x, g, xn, a, gpart, dpart, per_sample,
+                                                                              chunk_len, n_chunks);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      pgd_l2_write_kernel<scalar_t, kThreads><<<grid, kThreads, 0, stream>>>(x, g, xn, a, e, gpart, dpart, o,
+                                                                           per_sample, chunk_len, n_chunks, lo, hi);
     } else {
       constexpr int kVec = 16 / sizeof(scalar_t);
       constexpr int kThreads = 256;

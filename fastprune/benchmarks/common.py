@@ -45,19 +45,46 @@ def versions() -> dict[str, str]:
 
 
 def median_time(fn: Callable[[], object], device: torch.device, *, repeats: int = 10, warmup: int = 2) -> float:
-    """Median wall time of fn() in seconds; on CUDA each run is bracketed by synchronisations."""
+    """Median time of fn() in seconds over ``repeats`` runs after ``warmup`` runs. On CUDA each run
+    is timed on the device by CUDA events recorded around it on the current stream (the GPU's own
+    clock: no host-side launch jitter, no synchronisation inside the timed region); on the CPU by
+    the wall clock."""
     for _ in range(warmup):
         fn()
+    device = torch.device(device)
     times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) / 1e3 for start, end in events]
+    else:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def cuda_graphed(fn: Callable[[torch.Tensor], object], example: torch.Tensor) -> Callable[[], object]:
+    """``fn(example)`` captured once in a CUDA graph (after two warm-up runs on a side stream, so
+    lazy setup such as cuBLAS handles or fastprune's tiled weights happens before capture); returns a
+    callable that replays it. Raises RuntimeError where fn cannot be captured."""
+    static = example.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(2):
+            fn(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        fn(static)
+    return graph.replay
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.device, *, repeats: int = 10,

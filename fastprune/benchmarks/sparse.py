@@ -5,7 +5,8 @@
 Per (model, sparsity, batch): the model is magnitude-pruned to that sparsity in every conv and
 linear layer; the dense baseline is the pruned model with its masks folded into plain layers, run by
 oneDNN on the CPU contiguous and channels_last, each with and without BatchNorm folded into the convs
-(torch.fx), the fastest of the four counting (on CUDA: float16 and TF32, channels_last); the sparse model is ``fastprune.nn.sparsify`` of it, which times every
+(torch.fx), the fastest of the four counting (on CUDA: float16 and TF32, channels_last, and float16
+replayed as a CUDA graph); the sparse model is ``fastprune.nn.sparsify`` of it, which times every
 layer dense and sparse on its real input and keeps the faster. Latencies are medians of interleaved
 rounds. Outputs are checked equal (1e-4 relative). Writes a CSV and a plot.
 """
@@ -19,7 +20,8 @@ import torch
 from ..models import get_model
 from ..nn.masked import fold_masks, prune_model
 from ..nn.sparse import SparseConv2d, SparseLinear, fold_batchnorm, sparsify
-from .common import device_label, device_slug, interleaved_medians, markdown_table, versions, write_csv
+from .common import (cuda_graphed, device_label, device_slug, interleaved_medians, markdown_table, versions,
+                     write_csv)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -72,6 +74,10 @@ def run(models, sparsities, batches, device: torch.device, repeats: int = 7, see
                 variants = dense_variants(dense, device)
                 fns = {k: (lambda m=m, f=f: m(f(x))) for k, (m, f) in variants.items()}
                 fns["fastprune sparse"] = lambda: sparse(x)
+                if device.type == "cuda":  # launch-bound at small batches: replay both sides as CUDA graphs
+                    half, to_half = variants["dense fp16 channels_last"]
+                    fns.update(graphed({"dense fp16 channels_last, CUDA graph": lambda t: half(to_half(t)),
+                                        "fastprune sparse, CUDA graph": sparse}, x))
                 with torch.no_grad():
                     want, got = dense(x), sparse(x)
                     err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
@@ -88,6 +94,17 @@ def run(models, sparsities, batches, device: torch.device, repeats: int = 7, see
                       f"sparse {seconds['fastprune sparse'] * 1e3:.1f} ms "
                       f"({best_dense / seconds['fastprune sparse']:.2f}x, {kept} sparse layers)", flush=True)
     return rows
+
+
+def graphed(fns: dict, x: torch.Tensor) -> dict:
+    """name -> replay of fn(x) captured in a CUDA graph, for those that capture."""
+    out = {}
+    for name, fn in fns.items():
+        try:
+            out[name] = cuda_graphed(fn, x)
+        except RuntimeError as exc:  # e.g. an op that syncs with the host: report, time the rest
+            print(f"  {name}: not capturable ({str(exc).splitlines()[0][:120]})", flush=True)
+    return out
 
 
 def plot(rows: list[dict], path: str) -> None:

@@ -134,6 +134,26 @@ def semi_structured_supported(device: torch.device, dtype: torch.dtype) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 8)
 
 
+def semi_structured_shape_ok(shape, dtype: torch.dtype) -> bool:
+    """Whether PyTorch's semi-structured format takes a weight of ``shape`` (out, in) and ``dtype``:
+    both dimensions multiples of (and at least) the minimum of every backend it may pick (cuSPARSELt,
+    CUTLASS); for float16/bfloat16 that is 32 rows and 64 columns, so e.g. a Linear(256, 10) head
+    stays CSR or dense."""
+    if len(shape) != 2:
+        return False
+    rows, cols = shape
+    limits = []
+    for name in ("SparseSemiStructuredTensorCUSPARSELT", "SparseSemiStructuredTensorCUTLASS"):
+        table = getattr(getattr(torch.sparse, name, None), "_DTYPE_SHAPE_CONSTRAINTS", {})
+        if dtype in table:
+            limits.append((table[dtype].sparse_min_rows, table[dtype].sparse_min_cols))
+    if not limits:  # an older or newer torch without the table: the documented fp16/bf16 minimum
+        if dtype not in (torch.float16, torch.bfloat16):
+            return False
+        limits = [(32, 64)]
+    return all(rows >= r and rows % r == 0 and cols >= c and cols % c == 0 for r, c in limits)
+
+
 def is_2to4(weight: torch.Tensor) -> bool:
     """Whether every 4 consecutive entries along each row of ``weight`` (out, in) hold at most 2
     non-zeros (what prune_model(..., pattern="2:4") produces)."""
@@ -155,6 +175,9 @@ class SemiStructuredLinear(nn.Module):
                              f"and float16/bfloat16; got {weight.dtype} on {weight.device}")
         if not is_2to4(weight):
             raise ValueError("weight is not 2:4 sparse (prune with prune_model(..., pattern='2:4'))")
+        if not semi_structured_shape_ok(weight.shape, weight.dtype):
+            raise ValueError(f"weight: PyTorch's semi-structured kernels do not take shape {tuple(weight.shape)} "
+                             f"in {weight.dtype} (rows a multiple of 32, columns of 64 for float16/bfloat16)")
         self._set_weight(weight)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
@@ -193,7 +216,8 @@ def _sparse_twins(module: nn.Module) -> list[nn.Module]:
     w = module.weight
     csr_dtype = w.dtype == torch.float32 or (w.is_cuda and w.dtype in (torch.float16, torch.bfloat16))
     twins = []
-    if isinstance(module, nn.Linear) and is_2to4(w.detach()) and semi_structured_supported(w.device, w.dtype):
+    if (isinstance(module, nn.Linear) and semi_structured_supported(w.device, w.dtype)
+            and semi_structured_shape_ok(w.shape, w.dtype) and is_2to4(w.detach())):
         twins.append(SemiStructuredLinear.from_dense(module))
     if isinstance(module, nn.Conv2d) and SparseConv2d.supports(module) and csr_dtype:
         twins.append(SparseConv2d.from_dense(module))

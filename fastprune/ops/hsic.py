@@ -1,7 +1,7 @@
 """HSIC: the Gaussian Gram op ``fastprune::gaussian_gram`` (all of HSIC's m x m x d work, forward
 and backward) and the public ``hsic`` and ``hsic_bottleneck``.
 
-Chain: kernels/hsic.py (Triton), csrc/hsic.cpp and csrc/cuda/hsic.cu (``gaussian_gram_ext`` and
+Chain: fastprune/kernels/hsic.py (Triton), csrc/hsic.cpp and csrc/cuda/hsic.cu (``gaussian_gram_ext`` and
 ``gaussian_gram_backward_ext``), fastprune/reference/hsic.py. The estimators work on m x m
 matrices (centring, products, NOCCO's batched Cholesky solve) in PyTorch on the tensors' device:
 no m x m centring matrix, no CPU round trip, no host synchronisation unless ``check_inputs``.

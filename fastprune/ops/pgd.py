@@ -1,6 +1,6 @@
 """The fused PGD step: ``fastprune::pgd_step`` and its in-place twin ``fastprune::pgd_step_``.
 
-Chain: kernels/pgd.py (Triton), csrc/pgd.cpp and csrc/cuda/pgd.cu (C++/CUDA, registered as
+Chain: fastprune/kernels/pgd.py (Triton), csrc/pgd.cpp and csrc/cuda/pgd.cu (C++/CUDA, registered as
 ``fastprune::pgd_step_ext``), fastprune/reference/pgd.py (PyTorch), this module (registration,
 fake impls, backend choice) and the public ``pgd_step``/``pgd_step_`` below.
 """

@@ -1,24 +1,47 @@
 """Sparse inference ops: ``fastprune::sparse_conv2d`` and ``fastprune::sparse_linear`` with CSR weights.
 
-Chain: kernels/sparse_conv.py (Triton) and csrc/cuda/sparse_conv.cu (CUDA C++): the GPU paths,
-float32/float16/bfloat16; csrc/sparse_conv.cpp (the CPU direct sparse convolution, two algorithms);
+Chain: fastprune/kernels/sparse_conv.py (Triton) and csrc/cuda/sparse_conv.cu (CUDA C++,
+``sparse_conv2d_tiled_ext``): the GPU paths, float32/float16/bfloat16, both on the weight's
+output-channel-tiled form (reference/sparse.py's TiledWeight, built once per weight and cached
+here); csrc/sparse_conv.cpp (the CPU direct sparse convolution, three algorithms, on CSR);
 fastprune/reference/sparse.py (dense equivalent); fastprune/nn/sparse.py (modules, sparsify).
 The GPU kernels are checked here only under the Triton interpreter and by compilation: their GPU
 speed is unmeasured, and ``sparsify`` keeps whichever of dense and sparse its timing finds faster.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
 
 from .. import backends
-from ..reference.sparse import csr_to_dense, sparse_conv2d_ref, sparse_linear_ref
+from ..reference.sparse import TiledWeight, csr_to_dense, sparse_conv2d_ref, sparse_linear_ref
 
 _CONV_SPEC = backends.OpSpec("sparse_conv2d", {"cuda": ("triton", "cuda"), "cpu": ("cpp",)},
-                             native="sparse_conv2d_ext")
+                             native={"cpp": "sparse_conv2d_ext", "cuda": "sparse_conv2d_tiled_ext"})
 _LINEAR_SPEC = backends.OpSpec("sparse_linear", {"cuda": ("triton", "cuda"), "cpu": ("cpp",)},
-                               native="sparse_linear_ext")
+                               native={"cpp": "sparse_linear_ext", "cuda": "sparse_conv2d_tiled_ext"})
+
+# The tiled forms of the weights the GPU kernels have seen, keyed by the CSR tensors' identity and
+# version; an entry goes away with its values tensor. Building one syncs with the host once per
+# weight: run a model once before capturing it in a CUDA graph (sparsify's timing does).
+_TILED: dict[tuple, TiledWeight] = {}
+
+
+def tiled_weight(row_ptr, col_idx, values, bias, columns: int) -> TiledWeight:
+    key = (id(values), values._version, id(row_ptr), id(col_idx), columns,
+           None if bias is None else (id(bias), bias._version))
+    found = _TILED.get(key)
+    if found is None:
+        found = _TILED[key] = TiledWeight(row_ptr, col_idx, values, bias, columns)
+        weakref.finalize(values, _TILED.pop, key, None)
+    return found
+
+
+def _tiled_conv_cuda(x, weight: TiledWeight, geometry, relu: bool) -> torch.Tensor:
+    return torch.ops.fastprune.sparse_conv2d_tiled_ext(x, weight.tile_ptr, weight.tile_cols, weight.tile_vals,
+                                                       weight.bias, weight.rows, *geometry, relu)
 
 
 ALGORITHMS = {"padded": 1, "direct": 2, "batch_innermost": 3}
@@ -74,17 +97,22 @@ def sparse_conv2d(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
     if backend == "reference":
         y = sparse_conv2d_ref(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, (stride_h, stride_w),
                               (pad_h, pad_w))
-    elif backend == "triton":
-        from fastprune.kernels.sparse_conv import sparse_conv2d_fwd
+    elif backend in ("triton", "cuda"):  # the tiled GPU kernels: ReLU fused, pooling/residual after
+        weight = tiled_weight(row_ptr, col_idx, values, bias, in_channels * kh * kw)
+        fused = 1 if epilogue in (1, 2) else 0
+        if backend == "triton":
+            from fastprune.kernels.sparse_conv import sparse_conv2d_fwd
 
-        y = sparse_conv2d_fwd(x.contiguous(), row_ptr, col_idx, values, bias, *geometry)
+            y = sparse_conv2d_fwd(x, weight, *geometry, relu=bool(fused))
+        else:
+            y = _tiled_conv_cuda(x, weight, geometry, bool(fused))
     elif backend == "cpp" and epilogue == 3 and algo == ALGORITHMS["batch_innermost"]:
         y, fused = torch.ops.fastprune.sparse_conv2d_ext(x, row_ptr, col_idx, values, bias, *geometry, algo, 3,
                                                          residual), 3
     elif backend == "cpp" and epilogue == 2 and pool_fusable(x, (stride_h, stride_w), algo):
         pool_algo = algo if algo in (ALGORITHMS["padded"], ALGORITHMS["batch_innermost"]) else ALGORITHMS["direct"]
         y, fused = torch.ops.fastprune.sparse_conv2d_ext(x, row_ptr, col_idx, values, bias, *geometry, pool_algo, 2), 2
-    else:  # cpp, or cuda: ReLU fused, pooling or the residual (if asked) after
+    else:  # cpp: ReLU fused, pooling or the residual (if asked) after
         fused = 1 if epilogue in (1, 2) else 0
         y = torch.ops.fastprune.sparse_conv2d_ext(x, row_ptr, col_idx, values, bias, *geometry, algo, fused)
     return finish_epilogue(y, epilogue, fused, residual)
@@ -144,10 +172,13 @@ def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
     backend = backends.choose(_LINEAR_SPEC, x.device)
     if backend == "reference":
         return sparse_linear_ref(x, row_ptr, col_idx, values, bias, in_features)
-    if backend == "triton":
-        from fastprune.kernels.sparse_conv import sparse_linear_fwd
+    if backend in ("triton", "cuda"):  # the tiled convolution of a 1x1 map
+        weight = tiled_weight(row_ptr, col_idx, values, bias, in_features)
+        if backend == "triton":
+            from fastprune.kernels.sparse_conv import sparse_linear_fwd
 
-        return sparse_linear_fwd(x.contiguous(), row_ptr, col_idx, values, bias)
+            return sparse_linear_fwd(x, weight)
+        return _tiled_conv_cuda(x[:, :, None, None], weight, (1, 1, 1, 1, 0, 0), False).view(x.shape[0], -1)
     return torch.ops.fastprune.sparse_linear_ext(x, row_ptr, col_idx, values, bias)
 
 

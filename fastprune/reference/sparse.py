@@ -27,6 +27,58 @@ def csr_to_dense(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Ten
     return dense.view(shape)
 
 
+OC_TILE = 16  # output channels per tile of the GPU kernels' weight format
+
+
+def check_csr(row_ptr, col_idx, values, columns: int) -> None:
+    """Raise ValueError unless the CSR arrays are consistent: as many values as column indices,
+    row_ptr non-decreasing from 0 to nnz, every column index in [0, columns). (Syncs with the host;
+    the GPU paths run it once per weight, when they build its tiled form.)"""
+    nnz = col_idx.numel()
+    if values.numel() != nnz:
+        raise ValueError(f"values has {values.numel()} entries, col_idx {nnz}")
+    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz or bool((row_ptr[1:] < row_ptr[:-1]).any()):
+        raise ValueError(f"row_ptr must rise from 0 to nnz ({nnz})")
+    if nnz and (int(col_idx.min()) < 0 or int(col_idx.max()) >= columns):
+        raise ValueError(f"col_idx must lie in [0, {columns}), got [{int(col_idx.min())}, {int(col_idx.max())}]")
+
+
+class TiledWeight:
+    """A CSR weight (rows = output channels) in the GPU kernels' output-channel-tiled format.
+
+    Rows are cut into tiles of OC_TILE; a tile keeps the sorted union of its rows' non-zero columns
+    and a dense (union columns, OC_TILE) block of their values, zero where a row lacks the column.
+    ``tile_ptr`` (tiles + 1,) int32 offsets into ``tile_cols`` (int32) and the rows of ``tile_vals``
+    (float32, row-major); ``bias`` (tiles * OC_TILE,) float32, zeros where the layer has none.
+    """
+
+    def __init__(self, row_ptr, col_idx, values, bias, columns: int):
+        check_csr(row_ptr, col_idx, values, columns)
+        rows = row_ptr.shape[0] - 1
+        tiles = -(-rows // OC_TILE)
+        dense = torch.zeros(tiles * OC_TILE, columns, device=values.device, dtype=torch.float32)
+        dense[:rows] = csr_to_dense(row_ptr, col_idx, values, (rows, columns))
+        blocks = dense.view(tiles, OC_TILE, columns)
+        used = (blocks != 0).any(dim=1)  # (tiles, columns): the union of each tile's columns
+        per_tile = used.sum(dim=1)
+        self.tile_ptr = torch.cat([per_tile.new_zeros(1), per_tile.cumsum(0)]).to(torch.int32)
+        self.tile_cols = used.nonzero()[:, 1].to(torch.int32).contiguous()
+        self.tile_vals = blocks.transpose(1, 2)[used].contiguous()  # (union columns, OC_TILE), tile-major
+        self.bias = torch.zeros(tiles * OC_TILE, device=values.device, dtype=torch.float32)
+        if bias is not None:
+            self.bias[:rows] = bias.float()
+        self.rows, self.tiles, self.columns = rows, tiles, columns
+
+    def to_dense(self) -> torch.Tensor:
+        """The (rows, columns) float32 weight back (for tests)."""
+        dense = torch.zeros(self.tiles * OC_TILE, self.columns, device=self.tile_vals.device)
+        counts = (self.tile_ptr[1:] - self.tile_ptr[:-1]).long()
+        tile_of = torch.repeat_interleave(torch.arange(self.tiles, device=counts.device), counts)
+        rows = tile_of[:, None] * OC_TILE + torch.arange(OC_TILE, device=counts.device)
+        dense[rows, self.tile_cols.long()[:, None].expand_as(rows)] = self.tile_vals
+        return dense[:self.rows]
+
+
 def sparse_conv2d_ref(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, stride, padding):
     """(N, C, H, W) -> (N, OC, H', W'): F.conv2d with the CSR weight made dense."""
     weight = csr_to_dense(row_ptr, col_idx, values, (row_ptr.shape[0] - 1, in_channels, kh, kw)).to(x.dtype)

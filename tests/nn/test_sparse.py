@@ -33,6 +33,8 @@ CONV_CASES = [
     (2, 4, 16, 16, 3, 1, 1, 0, 0.5),
     (2, 3, 17, 18, 4, 3, 2, 1, 0.5),  # stride 2, odd height, on the direct algorithm too
     (1, 4, 16, 15, 3, 1, 2, 0, 0.4),
+    (2, 20, 6, 6, 37, 3, 1, 1, 0.7),  # three tiles of 16 output channels (the last partial), long unions
+    (1, 32, 4, 4, 20, 3, 1, 1, 0.97),  # a 4x4 map at batch 1: the GPU kernels' smallest block
 ]
 
 
@@ -75,8 +77,49 @@ def test_sparse_conv_matches_conv2d(backend, device, case):
         torch.testing.assert_close(got.double(), want, atol=2e-3 * max(1.0, want.abs().max().item()), rtol=1e-3)
 
 
+@pytest.mark.parametrize("rows,columns,sparsity", [(1, 1, 0.0), (16, 9, 0.5), (37, 180, 0.9), (20, 5, 1.0)])
+def test_tiled_weight_round_trip(rows, columns, sparsity):
+    from fastprune.reference.sparse import OC_TILE, TiledWeight
+
+    weight = sparse_weight((rows, columns), sparsity, seed=rows + columns)
+    bias = torch.randn(rows)
+    tiled = TiledWeight(*dense_to_csr(weight), bias, columns)
+    assert torch.equal(tiled.to_dense(), weight)
+    assert torch.equal(tiled.bias[:rows], bias) and not tiled.bias[rows:].any()
+    for t in range(tiled.tiles):  # each tile's columns: sorted, exactly the union of its rows' non-zeros
+        cols = tiled.tile_cols[tiled.tile_ptr[t]:tiled.tile_ptr[t + 1]].long()
+        union = weight[t * OC_TILE:(t + 1) * OC_TILE].ne(0).any(0).nonzero()[:, 0]
+        assert torch.equal(cols, union)
+
+
+def test_bad_csr_is_refused_by_the_gpu_format():
+    from fastprune.reference.sparse import TiledWeight
+
+    row_ptr, col_idx, values = dense_to_csr(sparse_weight((4, 6), 0.5, seed=3))
+    with pytest.raises(ValueError, match="col_idx"):
+        TiledWeight(row_ptr, torch.where(col_idx == col_idx.max(), 6, col_idx).int(), values, None, 6)
+    with pytest.raises(ValueError, match="row_ptr"):
+        TiledWeight(row_ptr.flip(0), col_idx, values, None, 6)
+    with pytest.raises(ValueError, match="values"):
+        TiledWeight(row_ptr, col_idx, values[1:], None, 6)
+
+
+@pytest.mark.parametrize("total_p,oc", [(16, 8), (1, 70_000), (1024 * 224 * 224, 64), (256 * 32 * 32, 512)])
+def test_gpu_sparse_launch_grid(total_p, oc):
+    # One flat grid axis (CUDA allows 2^31 - 1 programs there, 65535 on the others): the old
+    # (positions, channels) grid could not launch a linear layer of more than 65535 outputs.
+    pytest.importorskip("triton")
+    from fastprune.kernels.sparse_conv import OC_TILE, launch_grid
+
+    programs, n_pblocks, bp = launch_grid(total_p, oc)
+    assert programs < 2**31 and programs == -(-oc // OC_TILE) * n_pblocks and n_pblocks * bp >= total_p
+    if total_p <= 16:
+        assert bp == 16  # a 4x4 map at batch 1 fills its block (the old fixed 256 left 94% idle)
+
+
 @pytest.mark.parametrize("backend,device", backend_device_pairs(_LINEAR_SPEC))
-@pytest.mark.parametrize("n,fin,fout,sparsity", [(1, 7, 5, 0.5), (9, 33, 17, 0.9), (4, 10, 3, 1.0), (3, 8, 6, 0.0)])
+@pytest.mark.parametrize("n,fin,fout,sparsity", [(1, 7, 5, 0.5), (9, 33, 17, 0.9), (4, 10, 3, 1.0), (3, 8, 6, 0.0),
+                                                (130, 40, 35, 0.8)])
 def test_sparse_linear_matches_linear(backend, device, n, fin, fout, sparsity):
     gen = torch.Generator().manual_seed(n + fin)
     x = torch.randn(n, fin, generator=gen).to(device)

@@ -94,6 +94,52 @@ def test_gram_backward_matches_autograd_of_float64_reference(backend, device, sh
                                    x64.grad, atol=1e-10, rtol=1e-8)
 
 
+@pytest.mark.parametrize("m,d", [(128, 16384), (128, 65536), (256, 16384), (64, 3072), (512, 65536), (8, 100)])
+def test_gram_split_fills_whole_waves(m, d):
+    pytest.importorskip("triton")
+    from fastprune.kernels.hsic import FWD_TILES, gram_split
+
+    block_m, block_d, sms = FWD_TILES[True]["BLOCK_M"], FWD_TILES[True]["BLOCK_D"], 132
+    tiles = -(-m // block_m)
+    upper = tiles * (tiles + 1) // 2
+    n_split, per = gram_split(upper, d, block_d, sms)
+    assert per % block_d == 0 and (n_split - 1) * per < d <= n_split * per  # every split non-empty, d covered
+    programs = upper * n_split
+    max_split = min(64, -(-d // (4 * block_d)))
+    if upper * max_split >= sms:  # enough work: at most 10% of the slots idle (the old rule: about 25%)
+        assert programs / (-(-programs // sms) * sms) >= 0.9
+    else:  # too little work for a wave: as many splits as allowed (each at least 4 slices of d)
+        assert n_split == max_split
+
+
+@pytest.mark.parametrize("m,d", [(128, 64 * 224 * 224), (4, 2**31 // 64), (70000, 8)])
+def test_gram_backward_grid_within_cuda_limits(m, d):
+    # The CUDA grid: axis 0 up to 2^31 - 1 programs, axes 1 and 2 up to 65535. The old layout put
+    # feature tiles on axis 1 and could not launch for d > 4.19M (Triton) or 2.1M (CUDA C++).
+    pytest.importorskip("triton")
+    from fastprune.kernels.hsic import gram_bwd_grid
+
+    grid = gram_bwd_grid(m, d, on_gpu=True)
+    assert grid[0] < 2**31 and grid[1] <= 65535
+
+
+def test_gram_at_a_feature_dimension_past_the_old_grid_limit():
+    # d = 2.2M (more than a 64x224x224 feature map / 3): forward and backward of the CPU kernels
+    # against float64, where the old CUDA backward's grid could not launch.
+    m, d = 3, 2_200_000
+    x = offset_data(m, d, seed=8)
+    scale = torch.tensor(0.5 / (2.0 * d), dtype=torch.float32)  # distances ~ 2 d (0.5^2 variance)
+    grad = torch.randn(m, m, generator=torch.Generator().manual_seed(1))
+    xx = x.clone().requires_grad_(True)
+    k = _gaussian_gram_op(xx, x.mean(0), scale, True)
+    (k * grad).sum().backward()
+    x64 = x.double().requires_grad_(True)
+    k64 = gaussian_gram_ref(x64, scale.double())
+    (k64 * grad.double()).sum().backward()
+    torch.testing.assert_close(k.double(), k64.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(xx.grad.double(), x64.grad, atol=2e-5 * x64.grad.abs().max().item(), rtol=0)
+
+
 @pytest.mark.parametrize("backend,device", backend_device_pairs(_SPEC))
 def test_expanded_gradient_of_a_sum(backend, device):
     # .sum() hands back a stride-0 gradient: the kernels must not read it as dense memory.

@@ -10,8 +10,9 @@ from fastprune.reference import pgd_step_ref
 
 from ..conftest import GPU, backend_device_pairs
 
-# Odd sizes: a single element, non powers of two, and the Triton linf tile (2048) plus one.
-SHAPES = [(1, 1), (3, 5, 7, 9), (4, 3, 1, 1), (2, 2049), (5, 3, 11, 13), (7, 1, 8, 8)]
+# Odd sizes: a single element, non powers of two, the Triton linf tile (2048) plus one, and samples
+# of many L2 blocks (1024 elements each; 3x64x64 is 12 blocks, cut into several chunks per sample).
+SHAPES = [(1, 1), (3, 5, 7, 9), (4, 3, 1, 1), (2, 2049), (5, 3, 11, 13), (7, 1, 8, 8), (2, 3, 64, 64), (1, 3, 41, 43)]
 EPS, CLIP = 0.05, (0.0, 1.0)
 
 
@@ -94,6 +95,19 @@ def test_l2_zero_gradient_takes_no_step(backend, device):
     projected = pgd_step_ref(x_adv, grad, x_nat, torch.zeros_like(alpha), eps, "l2", *CLIP)
     torch.testing.assert_close(y[1], projected[1], atol=1e-6, rtol=0)
     assert not torch.allclose(y[0], projected[0])
+
+
+@pytest.mark.parametrize("n,per_sample,targets", [(1, 1, 4), (2, 12288, 4), (32, 3 * 32 * 32, 528),
+                                                  (3, 3 * 224 * 224, 528), (1024, 3 * 224 * 224, 528)])
+def test_l2_chunks_cover_each_sample_exactly(n, per_sample, targets):
+    from fastprune.kernels.pgd import L2_BLOCK, L2_MAX_CHUNKS, l2_chunks
+
+    n_chunks, chunk_len = l2_chunks(n, per_sample, L2_BLOCK, targets)
+    assert 1 <= n_chunks <= L2_MAX_CHUNKS and chunk_len % L2_BLOCK == 0
+    assert (n_chunks - 1) * chunk_len < per_sample <= n_chunks * chunk_len  # no empty chunk, nothing left out
+    # Small batches of large samples are spread over the GPU (32 CIFAR samples on 132 SMs fill it),
+    # within the factor 2 lost to rounding chunks to whole blocks.
+    assert 2 * n * n_chunks >= min(targets, n * -(-per_sample // L2_BLOCK), n * L2_MAX_CHUNKS)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
