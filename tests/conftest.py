@@ -19,17 +19,29 @@ from fastprune import backends  # noqa: E402
 GPU = torch.cuda.is_available()
 
 
+NEEDS_GPU = [pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="needs a CUDA device")]
+
+# Every device-dependent test runs on each device: the CPU always, CUDA where there is one (the
+# cuda variants are collected everywhere and skip without a GPU, so the GPU machine runs the same
+# assertions as CI).
+DEVICES = [pytest.param(torch.device("cpu"), id="cpu"), pytest.param(torch.device("cuda"), id="cuda", marks=NEEDS_GPU)]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
 def backend_device_pairs(spec=None):
-    """(backend, device) pairs this machine can run, for one op family (its OpSpec) or any op:
-    every non-reference backend on every device it supports."""
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if GPU else [])
+    """(backend, device) pairs for one op family (its OpSpec) or any op: on the CPU every
+    non-reference backend this machine can run; on CUDA every GPU backend (triton, cuda), skipped
+    without a GPU and failing, not skipped, on a GPU machine where one cannot run."""
     runs = spec.runs if spec is not None else backends.backend_runs_on
-    return [
-        pytest.param(b, d, id=f"{b}-{d.type}")
-        for d in devices
-        for b in backends.BACKENDS
-        if b != "reference" and runs(b, d)
-    ]
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    pairs = [pytest.param(b, cpu, id=f"{b}-cpu") for b in backends.BACKENDS if b != "reference" and runs(b, cpu)]
+    gpu_backends = spec.preference.get("cuda", ()) if spec is not None else ("triton", "cuda")
+    pairs += [pytest.param(b, cuda, id=f"{b}-cuda", marks=NEEDS_GPU) for b in gpu_backends]
+    return pairs
 
 
 def pytest_collection_modifyitems(config, items):
@@ -39,6 +51,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def model_on(digits_model, device):
+    """A copy of ``digits_model`` on the test's device."""
+    import copy
+
+    return copy.deepcopy(digits_model).to(device).eval()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Attacks on a small CNN trained on digits inside the test session (tests/conftest.py)."""
+"""Attacks on a small CNN trained on digits inside the test session (tests/conftest.py), on every
+device (the ``device`` fixture: the CPU, and CUDA where there is one)."""
 import copy
 
 import pytest
@@ -23,34 +24,37 @@ def test_set(digits):
     return digits.test.tensors
 
 
-def test_pgd_matches_torchattacks(digits_model, test_set):
+def test_pgd_matches_torchattacks(model_on, device, test_set):
+    model, on_device = model_on, tuple(t.to(device) for t in test_set)
     torchattacks = pytest.importorskip("torchattacks")
-    x, y = test_set
+    x, y = on_device
     settings = dict(eps=EPS, alpha=EPS / 4, steps=10)
-    ours = accuracy(digits_model, PGD(digits_model, random_start=False, **settings)(x, y), y)
-    theirs = accuracy(digits_model, torchattacks.PGD(digits_model, random_start=False, **settings)(x, y), y)
+    ours = accuracy(model, PGD(model, random_start=False, **settings)(x, y), y)
+    theirs = accuracy(model, torchattacks.PGD(model, random_start=False, **settings)(x, y), y)
     assert abs(ours - theirs) <= 0.005, (ours, theirs)  # deterministic: the same algorithm
     torch.manual_seed(0)
-    ours = accuracy(digits_model, PGD(digits_model, random_start=True, seed=1, **settings)(x, y), y)
-    theirs = accuracy(digits_model, torchattacks.PGD(digits_model, random_start=True, **settings)(x, y), y)
+    ours = accuracy(model, PGD(model, random_start=True, seed=1, **settings)(x, y), y)
+    theirs = accuracy(model, torchattacks.PGD(model, random_start=True, **settings)(x, y), y)
     assert abs(ours - theirs) <= 0.02, (ours, theirs)
     assert 0.1 < ours < 0.9, "the test needs a model that is partly robust at this eps"
 
 
-def test_fgsm_matches_torchattacks(digits_model, test_set):
+def test_fgsm_matches_torchattacks(model_on, device, test_set):
+    model, on_device = model_on, tuple(t.to(device) for t in test_set)
     torchattacks = pytest.importorskip("torchattacks")
-    x, y = test_set
-    ours = FGSM(digits_model, eps=EPS)(x, y)
-    theirs = torchattacks.FGSM(digits_model, eps=EPS)(x, y)
+    x, y = on_device
+    ours = FGSM(model, eps=EPS)(x, y)
+    theirs = torchattacks.FGSM(model, eps=EPS)(x, y)
     assert (ours - theirs).abs().max() <= 1e-6
 
 
-def test_apgd_at_least_as_strong_as_pgd20(digits_model, test_set):
-    x, y = test_set
-    pgd20 = accuracy(digits_model, PGD(digits_model, eps=EPS, alpha=EPS / 4, steps=20, seed=0)(x, y), y)
-    apgd = accuracy(digits_model, APGD(digits_model, eps=EPS, steps=100, seed=0)(x, y), y)
+def test_apgd_at_least_as_strong_as_pgd20(model_on, device, test_set):
+    model, on_device = model_on, tuple(t.to(device) for t in test_set)
+    x, y = on_device
+    pgd20 = accuracy(model, PGD(model, eps=EPS, alpha=EPS / 4, steps=20, seed=0)(x, y), y)
+    apgd = accuracy(model, APGD(model, eps=EPS, steps=100, seed=0)(x, y), y)
     assert apgd <= pgd20 + 0.01, (apgd, pgd20)
-    apgd_t = accuracy(digits_model, APGDT(digits_model, eps=EPS, steps=50, n_target_classes=3, seed=0)(x, y), y)
+    apgd_t = accuracy(model, APGDT(model, eps=EPS, steps=50, n_target_classes=3, seed=0)(x, y), y)
     assert apgd_t <= pgd20 + 0.01, (apgd_t, pgd20)
 
 
@@ -66,10 +70,11 @@ ALL_ATTACKS = [
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 @pytest.mark.parametrize("make", ALL_ATTACKS, ids=["fgsm", "pgd", "cw", "apgd-ce", "apgd-dlr", "apgd-t"])
-def test_examples_inside_ball_and_box_and_reproducible(digits_model, test_set, make, norm):
-    x, y = (t[:64] for t in test_set)
+def test_examples_inside_ball_and_box_and_reproducible(model_on, device, test_set, make, norm):
+    model, on_device = model_on, tuple(t.to(device) for t in test_set)
+    x, y = (t[:64] for t in on_device)
     eps = EPS if norm == "linf" else 0.5
-    atk = make(digits_model, eps, norm)
+    atk = make(model, eps, norm)
     x_adv = atk(x, y)
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
     assert x_adv.min() >= 0 and x_adv.max() <= 1
@@ -80,9 +85,10 @@ def test_examples_inside_ball_and_box_and_reproducible(digits_model, test_set, m
     assert torch.equal(atk(x, y), x_adv), "a seeded attack must be reproducible"
 
 
-def test_global_seed_reproducible_without_attack_seed(digits_model, test_set):
-    x, y = (t[:32] for t in test_set)
-    atk = PGD(digits_model, eps=EPS, steps=3)
+def test_global_seed_reproducible_without_attack_seed(model_on, device, test_set):
+    model, on_device = model_on, tuple(t.to(device) for t in test_set)
+    x, y = (t[:32] for t in on_device)
+    atk = PGD(model, eps=EPS, steps=3)
     torch.manual_seed(5)
     a = atk(x, y)
     torch.manual_seed(5)
@@ -101,9 +107,10 @@ class TupleModel(nn.Module):
         return self.inner(x), x.flatten(1)
 
 
-def test_grads_modes_and_tuple_outputs(digits_model, test_set):
-    x, y = (t[:32] for t in test_set)
-    model = copy.deepcopy(digits_model)
+def test_grads_modes_and_tuple_outputs(model_on, device, test_set):
+    model, on_device = model_on, tuple(t.to(device) for t in test_set)
+    x, y = (t[:32] for t in on_device)
+    model = copy.deepcopy(model)
     model.train()
     model[1].eval()  # a mixed state that must survive exactly
     for p in model.parameters():
@@ -120,10 +127,11 @@ def test_grads_modes_and_tuple_outputs(digits_model, test_set):
     assert all(p.grad is None for p in model.parameters() if p is not model[-1].weight)
 
 
-def test_attack_under_no_grad(digits_model, test_set):
-    x, y = (t[:16] for t in test_set)
+def test_attack_under_no_grad(model_on, device, test_set):
+    model, on_device = model_on, tuple(t.to(device) for t in test_set)
+    x, y = (t[:16] for t in on_device)
     with torch.no_grad():
-        x_adv = PGD(digits_model, eps=EPS, steps=2, seed=0)(x, y)
+        x_adv = PGD(model, eps=EPS, steps=2, seed=0)(x, y)
     assert (x_adv - x).abs().max() > 0
 
 
@@ -137,19 +145,21 @@ def test_restarts_select_a_fooling_candidate():
     assert best.tolist() == [cands[0, 0, 0], cands[1, 1, 0], cands[1, 2, 0], cands[2, 3, 0]]
 
 
-def test_restarts_not_weaker(digits_model, test_set):
-    x, y = test_set
-    one = accuracy(digits_model, PGD(digits_model, eps=EPS, steps=5, seed=0)(x, y), y)
-    three = accuracy(digits_model, PGD(digits_model, eps=EPS, steps=5, restarts=3, seed=0)(x, y), y)
+def test_restarts_not_weaker(model_on, device, test_set):
+    model, on_device = model_on, tuple(t.to(device) for t in test_set)
+    x, y = on_device
+    one = accuracy(model, PGD(model, eps=EPS, steps=5, seed=0)(x, y), y)
+    three = accuracy(model, PGD(model, eps=EPS, steps=5, restarts=3, seed=0)(x, y), y)
     assert three <= one + 0.01
 
 
-def test_amp_and_channels_last_on_cpu(digits_model, test_set):
-    x, y = test_set
-    ref = accuracy(digits_model, PGD(digits_model, eps=EPS, steps=10, seed=0)(x, y), y)
-    amp = accuracy(digits_model, PGD(digits_model, eps=EPS, steps=10, seed=0, amp=True)(x, y), y)
+def test_amp_and_channels_last(model_on, device, test_set):
+    model, on_device = model_on, tuple(t.to(device) for t in test_set)
+    x, y = on_device
+    ref = accuracy(model, PGD(model, eps=EPS, steps=10, seed=0)(x, y), y)
+    amp = accuracy(model, PGD(model, eps=EPS, steps=10, seed=0, amp=True)(x, y), y)
     assert abs(amp - ref) <= 0.03
-    model = copy.deepcopy(digits_model)
+    model = copy.deepcopy(model)
     cl = accuracy(model, PGD(model, eps=EPS, steps=10, seed=0, channels_last=True)(x, y), y)
     assert abs(cl - ref) <= 0.01
 
@@ -173,9 +183,10 @@ def test_bad_hyper_parameters(digits_model, make, match):
         make(digits_model)
 
 
-def test_bad_inputs(digits_model, test_set):
-    x, y = (t[:8] for t in test_set)
-    atk = PGD(digits_model, eps=EPS, steps=1)
+def test_bad_inputs(model_on, device, test_set):
+    model, on_device = model_on, tuple(t.to(device) for t in test_set)
+    x, y = (t[:8] for t in on_device)
+    atk = PGD(model, eps=EPS, steps=1)
     with pytest.raises(ValueError, match="clip"):
         atk(x * 2, y)
     bad = x.clone()
@@ -186,22 +197,24 @@ def test_bad_inputs(digits_model, test_set):
         atk(x, y[:7])
     with pytest.raises(ValueError, match="labels"):
         atk(x, y.float())
-    with pytest.raises(ValueError, match="cuda_graph"):
-        PGD(digits_model, eps=EPS, cuda_graph=True)(x, y)
+    if device.type == "cpu":
+        with pytest.raises(ValueError, match="cuda_graph"):
+            PGD(model, eps=EPS, cuda_graph=True)(x, y)
 
 
-def test_evaluate_counts_correctly(digits_model, test_set):
-    x, y = (t[:100] for t in test_set)
+def test_evaluate_counts_correctly(model_on, device, test_set):
+    model, on_device = model_on, tuple(t.to(device) for t in test_set)
+    x, y = (t[:100] for t in on_device)
     names = ("clean", "fgsm", "pgd5", "cw5")
-    result = evaluate(digits_model, (x, y), names, eps=EPS, batch_size=40, seed=0, progress=False)
+    result = evaluate(model, (x, y), names, eps=EPS, batch_size=40, seed=0, progress=False)
     right = {}
     for name in names:
         parts = []
         for start in range(0, 100, 40):  # the same batches, so the same seeded random starts
             xb, yb = x[start:start + 40], y[start:start + 40]
-            xa = xb if name == "clean" else make_attack(name, digits_model, eps=EPS, seed=0)(xb, yb)
+            xa = xb if name == "clean" else make_attack(name, model, eps=EPS, seed=0)(xb, yb)
             # robust only where the clean image is right too (RobustBench's convention)
-            parts.append((digits_model(xa).argmax(1) == yb) & (digits_model(xb).argmax(1) == yb))
+            parts.append((model(xa).argmax(1) == yb) & (model(xb).argmax(1) == yb))
         right[name] = torch.cat(parts)
         assert result[name] == pytest.approx(right[name].float().mean().item())
     worst = torch.stack(list(right.values())).all(0).float().mean().item()
@@ -211,7 +224,7 @@ def test_evaluate_counts_correctly(digits_model, test_set):
     assert result["n"] == 100
     # A Dataset and a DataLoader give the same numbers.
     ds = torch.utils.data.TensorDataset(x, y)
-    assert evaluate(digits_model, ds, names, eps=EPS, batch_size=40, seed=0, progress=False) == result
+    assert evaluate(model, ds, names, eps=EPS, batch_size=40, seed=0, progress=False) == result
 
 
 @pytest.mark.gpu

@@ -49,25 +49,25 @@ def test_from_dense_keeps_exactly_k_and_starts_at_the_magnitude_mask(source):
         assert torch.equal(layer.weight, dense.weight)
 
 
-def test_outputs_equal_dense_layer_with_masked_weights():
-    conv, lin = make_layers()
-    x = torch.randn(2, 3, 9, 9)
+def test_outputs_equal_dense_layer_with_masked_weights(device):
+    conv, lin = (m.to(device) for m in make_layers())
+    x = torch.randn(2, 3, 9, 9, device=device)
     layer = MaskedConv2d.from_dense(conv, source="magnitude", sparsity=0.5)
     ref = nn.functional.conv2d(x, conv.weight * layer.refresh_mask(), conv.bias, padding=1)
     torch.testing.assert_close(layer(x), ref)
     fixed = torch.rand_like(lin.weight) > 0.7
     layer = MaskedLinear.from_dense(lin, source="fixed", mask=fixed)
-    v = torch.randn(5, 20)
+    v = torch.randn(5, 20, device=device)
     torch.testing.assert_close(layer(v), nn.functional.linear(v, lin.weight * fixed, lin.bias))
 
 
-def test_straight_through_gradient():
+def test_straight_through_gradient(device):
     _, lin = make_layers()
-    layer = MaskedLinear.from_dense(lin, source="scores", sparsity=0.8)
+    layer = MaskedLinear.from_dense(lin.to(device), source="scores", sparsity=0.8)
     with torch.no_grad():
         layer.scores.mul_(torch.where(torch.rand_like(layer.scores) > 0.5, 1.0, -1.0))  # mixed signs
-    x = torch.randn(6, 20)
-    g_out = torch.randn(6, 7)
+    x = torch.randn(6, 20, device=device)
+    g_out = torch.randn(6, 7, device=device)
     layer(x).backward(g_out)
     g_weff = g_out.T @ x  # dL/dW_eff
     mask = layer.refresh_mask()
@@ -111,10 +111,10 @@ def test_freeze_and_set_sparsity():
     assert torch.equal(layer.mask, before)
 
 
-def test_prune_model_and_report():
+def test_prune_model_and_report(device):
     from fastprune.models import get_model
 
-    model = get_model("cnn-small", 10, 1)
+    model = get_model("cnn-small", 10, 1).to(device)
     prune_model(model, 0.95, skip=("9",))
     kinds = [type(m).__name__ for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert kinds == ["MaskedConv2d", "MaskedConv2d", "MaskedLinear", "Linear"]
