@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 # torch first: the extension compiles against the installed torch, so the package is built without
 # build isolation (an isolated build would download a second torch).
-"$PYTHON" -m pip install --quiet "torch>=2.6" "setuptools>=64" wheel ninja
+"$PYTHON" -m pip install --quiet "torch>=2.11" "setuptools>=64" wheel ninja
 "$PYTHON" -m pip install --quiet --no-build-isolation -e ".[dev]"
 "$PYTHON" -m fastprune.cli info

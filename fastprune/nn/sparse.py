@@ -331,9 +331,21 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     import torch.fx.experimental.optimization as fx_opt
 
     try:
-        return fx_opt.fuse(model.eval(), inplace=False)
+        return _without_string_types(fx_opt.fuse(model.eval(), inplace=False))
     except Exception:  # noqa: BLE001 - any tracing failure means: leave the model as it is
         return model
+
+
+def _without_string_types(graph_module):
+    """Drop type annotations that fx recorded as strings (a traced forward's annotations under
+    `from __future__ import annotations`): torch 2.11 cannot pickle a GraphModule that has them."""
+    changed = False
+    for node in graph_module.graph.nodes:
+        if isinstance(node.type, str):
+            node.type, changed = None, True
+    if changed:
+        graph_module.recompile()
+    return graph_module
 
 
 def _fast_pooling(model: nn.Module) -> nn.Module:
@@ -485,7 +497,7 @@ def fuse_epilogues(model: nn.Module) -> nn.Module:
             model.graph.erase_node(pool)
     _fuse_add_relu(model)
     model.recompile()
-    return model
+    return _without_string_types(model)
 
 
 def add_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -174,11 +174,14 @@ def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
         return sparse_linear_ref(x, row_ptr, col_idx, values, bias, in_features)
     if backend in ("triton", "cuda"):  # the tiled convolution of a 1x1 map
         weight = tiled_weight(row_ptr, col_idx, values, bias, in_features)
+        # Batch innermost (a column-major copy of x): the kernels' lanes run over the batch, so their
+        # gathers of one feature for consecutive samples are contiguous (coalesced).
+        x_cm = x.t().contiguous().t()
         if backend == "triton":
             from fastprune.kernels.sparse_conv import sparse_linear_fwd
 
-            return sparse_linear_fwd(x, weight)
-        return _tiled_conv_cuda(x[:, :, None, None], weight, (1, 1, 1, 1, 0, 0), False).view(x.shape[0], -1)
+            return sparse_linear_fwd(x_cm, weight)
+        return _tiled_conv_cuda(x_cm[:, :, None, None], weight, (1, 1, 1, 1, 0, 0), False).view(x.shape[0], -1)
     return torch.ops.fastprune.sparse_linear_ext(x, row_ptr, col_idx, values, bias)
 
 
