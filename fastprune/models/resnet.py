@@ -47,6 +47,11 @@ class ResNet(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.linear = nn.Linear(512, num_classes)
 
+    def hidden_outputs(self) -> list[str]:
+        """Names of the modules whose outputs are the network's hidden representations (every
+        residual block): PwoA's HSIC layers."""
+        return [n for n, m in self.named_modules() if isinstance(m, BasicBlock)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, C, H, W) in [0, 1] -> logits (N, classes)."""
         out = F.relu(self.bn1(self.conv1(self.normalize(x))))

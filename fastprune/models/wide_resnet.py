@@ -50,6 +50,11 @@ class WideResNet(nn.Module):
         self.bn = nn.BatchNorm2d(in_planes)
         self.linear = nn.Linear(in_planes, num_classes)
 
+    def hidden_outputs(self) -> list[str]:
+        """Names of the modules whose outputs are the network's hidden representations (every
+        residual block): PwoA's HSIC layers."""
+        return [n for n, m in self.named_modules() if isinstance(m, WideBlock)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, C, 32, 32) in [0, 1] -> logits (N, classes)."""
         out = self.block3(self.block2(self.block1(self.conv1(self.normalize(x)))))

@@ -1,0 +1,66 @@
+"""Timing: medians of repeated runs (CUDA events on the GPU), interleaved rounds, CUDA graphs (the
+bottom layer: sparsify's tuner and the benchmarks share it)."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def median_time(fn: Callable[[], object], device: torch.device, *, repeats: int = 10, warmup: int = 2) -> float:
+    """Median time of fn() in seconds over ``repeats`` runs after ``warmup`` runs. On CUDA each run
+    is timed on the device by CUDA events recorded around it on the current stream (the GPU's own
+    clock: no host-side launch jitter, no synchronisation inside the timed region); on the CPU by
+    the wall clock."""
+    for _ in range(warmup):
+        fn()
+    device = torch.device(device)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) / 1e3 for start, end in events]
+    else:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def cuda_graphed(fn: Callable[[torch.Tensor], object], example: torch.Tensor) -> Callable[[], object]:
+    """``fn(example)`` captured once in a CUDA graph (after two warm-up runs on a side stream, so
+    lazy setup such as cuBLAS handles or fastprune's tiled weights happens before capture); returns a
+    callable that replays it. Raises RuntimeError where fn cannot be captured."""
+    static = example.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(2):
+            fn(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        fn(static)
+    return graph.replay
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.device, *, repeats: int = 10,
+                        warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each fn, timed in interleaved rounds (every fn once per round), so that
+    drift in the machine's speed (shared or throttled CPUs) hits every contender alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(median_time(fn, device, repeats=1, warmup=0))
+    return {name: statistics.median(ts) for name, ts in times.items()}
