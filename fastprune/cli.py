@@ -51,10 +51,34 @@ def _info(args) -> int:
 def _device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("fastprune: --device cuda given but no CUDA device is available")
+        raise ValueError("--device cuda given but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
     return device
+
+
+def _check_model_fits(model, data, name: str, data_name: str) -> None:
+    """One forward of one training image: a model that cannot take the data set's images (vgg16 on
+    8x8 digits) stops here with one line instead of a traceback from deep inside."""
+    from fastprune.utils.checks import eval_mode, logits_of
+
+    x = data.train.tensors[0][:1].to(next(model.parameters()).device)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            out = logits_of(model(x))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0][:160]
+        raise ValueError(f"--model {name} cannot take {data_name}'s images of shape {tuple(x.shape[1:])}: "
+                         f"{first}") from None
+    if out.shape[-1] != data.num_classes:
+        raise ValueError(f"--model {name} has {out.shape[-1]} outputs, {data_name} has {data.num_classes} classes")
 
 
 def _demo(args) -> int:
@@ -69,6 +93,8 @@ def _demo(args) -> int:
     settings = dataclasses.replace(settings, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
     settings.check()
     out = args.out or os.path.join("runs", f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a file, not a folder")
     print(f"fastprune demo: robust pruning on digits into {out} (on {device}; rerun with --out {out} to resume)",
           flush=True)
     started = time.perf_counter()
@@ -84,13 +110,12 @@ def _load_any(path: str, device):
     """A checkpoint of save_model (dense or masked), or a sparse model of save_sparse."""
     from fastprune.nn import load_sparse
     from fastprune.train import load_model
+    from fastprune.train.checkpoint import safe_load
 
-    import pickle
-
-    try:
-        return load_model(path, device)[0]
-    except (ValueError, pickle.UnpicklingError):  # not a plain checkpoint: a pickled sparse model?
+    obj = safe_load(path, "checkpoint")  # tensors and plain data only: no file runs code here
+    if isinstance(obj, dict) and obj.get("format") == "fastprune-sparse":
         return load_sparse(path, map_location=device).eval()
+    return load_model(path, device)[0]
 
 
 def _training_device(args) -> torch.device:
@@ -101,8 +126,14 @@ def _training_device(args) -> torch.device:
     return init_from_env(args.device) or _device(args.device)
 
 
+# Settings that may differ when a run is resumed: they change how it is shown, not what it computes.
+_RESUME_FREE = {"quiet", "config", "out"}
+
+
 def _run_dir(args, kind: str) -> str:
-    """Create the run directory and write the resolved config (rank 0 names it for every rank)."""
+    """Create (or reopen) the run directory and hold its lock; write the resolved config. A run
+    directory that exists resumes, and only with the settings it was started with: differing keys
+    stop the command with one line naming them. Rank 0 names the folder for every rank."""
     from fastprune.train import distributed as dist
 
     out = args.out or os.path.join("runs", f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -111,12 +142,84 @@ def _run_dir(args, kind: str) -> str:
         torch.distributed.broadcast_object_list(shared, src=0)
         out = shared[0]
     if dist.is_main():
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise ValueError(f"--out {out!r} is a file, not a folder")
         os.makedirs(out, exist_ok=True)
+        _lock(out)
+        from fastprune.train.loops import remove_stale_temporaries
+
+        remove_stale_temporaries(out)  # what a kill during a write left (the stages' folders: fit does)
         config = {k: v for k, v in vars(args).items() if k not in ("func", "rest")}
-        with open(os.path.join(out, "config.json"), "w") as f:
+        path = os.path.join(out, "config.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                try:
+                    before = json.load(f)
+                except json.JSONDecodeError:
+                    raise ValueError(f"--out {out!r}: its config.json is unreadable; use a new folder") from None
+            differ = sorted(k for k in set(before) | set(config)
+                            if k not in _RESUME_FREE and before.get(k) != config.get(k))
+            if differ:
+                shown = ", ".join(f"{k} ({before.get(k)!r} -> {config.get(k)!r})" for k in differ[:4])
+                raise ValueError(f"--out {out!r} holds a run started with other settings: {shown}"
+                                 f"{' ...' if len(differ) > 4 else ''}; resume with the same settings or use a new "
+                                 f"--out")
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
             json.dump(config, f, indent=1)
+        os.replace(tmp, path)
     dist.barrier()
     return out
+
+
+def _lock(out: str) -> None:
+    """Take ``out``'s lock file (holding this process's pid) or stop: two processes writing one run
+    directory would overwrite each other's checkpoints. A lock whose process has died is taken over.
+    Released when this process exits."""
+    import atexit
+
+    path = os.path.join(out, ".lock")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise ValueError(f"--out {out!r} is in use by another fastprune process (pid {pid}); wait for it "
+                                 f"or use another --out") from None
+            try:
+                os.unlink(path)  # stale: its process is gone
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(_unlock, path, os.getpid())
+        return
+    raise ValueError(f"--out {out!r}: could not take its lock file {path!r}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _unlock(path: str, pid: int) -> None:
+    try:
+        with open(path) as f:
+            if f.read().strip() == str(pid):
+                os.unlink(path)
+    except OSError:
+        pass
 
 
 def _finish(out: str, model, data, args, started: float, save_args: tuple, save_extra: dict, **report_extra) -> None:
@@ -157,7 +260,8 @@ def _fit_options(args) -> dict:
 
     augment = args.augment if args.augment != "auto" else ("crop-flip" if args.data.startswith("cifar") else "none")
     return dict(batch_size=args.batch_size, seed=args.seed, progress=not args.quiet, amp=args.amp,
-                channels_last=args.channels_last, augment=random_crop_flip if augment == "crop-flip" else None)
+                channels_last=args.channels_last, augment=random_crop_flip if augment == "crop-flip" else None,
+                sync_bn=args.sync_bn)
 
 
 def _train(args) -> int:
@@ -167,10 +271,11 @@ def _train(args) -> int:
 
     started = time.perf_counter()
     device = _training_device(args)
-    out = _run_dir(args, "train")
     data = get_dataset(args.data, root=args.root)
     torch.manual_seed(args.seed)
     model = get_model(args.model, data.num_classes, data.in_channels).to(device)
+    _check_model_fits(model, data, args.model, args.data)  # before the run directory is made
+    out = _run_dir(args, "train")
     fit(model, data.train, objective=_objective(args), epochs=args.epochs, lr=args.lr, run_dir=out,
         **_fit_options(args))
     _finish(out, model, data, args, started, (args.model, data.num_classes, data.in_channels), {"data": args.data})
@@ -188,8 +293,10 @@ def _prune(args) -> int:
         raise ValueError("--teacher is required for pwoa (the robust model it distils from)")
     started = time.perf_counter()
     device = _training_device(args)
+    torch.manual_seed(args.seed)  # attacks' random starts, HSIC's and ADMM's draws: the same every run
     model, ckpt = load_model(args.checkpoint, device)
     data = get_dataset(args.data, root=args.root)
+    _check_model_fits(model, data, ckpt["model"], args.data)
     out = _run_dir(args, f"prune-{args.method}")
     common = dict(run_dir=out, **_fit_options(args))
     if args.method == "hydra":
@@ -215,8 +322,10 @@ def _finetune(args) -> int:
 
     started = time.perf_counter()
     device = _training_device(args)
+    torch.manual_seed(args.seed)
     model, ckpt = load_model(args.checkpoint, device)
     data = get_dataset(args.data, root=args.root)
+    _check_model_fits(model, data, ckpt["model"], args.data)
     out = _run_dir(args, "finetune")
     finetune_phase(model, data.train, objective=_objective(args), epochs=args.epochs, lr=args.lr, run_dir=out,
                    **_fit_options(args))
@@ -229,6 +338,10 @@ def _export(args) -> int:
     from fastprune.nn import save_sparse, sparsify
     from fastprune.train import load_model
 
+    if not args.out:
+        raise ValueError("export needs --out FILE: where to write the sparse model")
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} is a folder; give a file name (e.g. model.sparse.pt)")
     device = _device(args.device)
     model, _ = load_model(args.checkpoint, device)
     example = get_dataset(args.data, root=args.root).test.tensors[0][: args.batch_size].to(device)
@@ -318,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="on-device augmentation (auto: crop-flip for CIFAR, none elsewhere)")
             p.add_argument("--amp", action="store_true", help="autocast: bf16 on CPU, fp16 with loss scaling on CUDA")
             p.add_argument("--channels-last", action="store_true")
+            p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
+                           help="under torchrun, BatchNorm uses the whole global batch's statistics (default on)")
             p.add_argument("--objective", choices=("natural", "pgd", "trades"), default="trades")
             p.add_argument("--eps", type=float, default=8 / 255)
             p.add_argument("--alpha", type=float, default=2 / 255)
@@ -369,6 +484,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_value(path: str, action: argparse.Action, value):
+    """A --config value checked as argparse would check it on the command line: flags take YAML
+    booleans only, typed options convert, choices hold, lists only where the option takes several."""
+    option = f"--config {path!r}: {action.option_strings[-1] if action.option_strings else action.dest}"
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{option} must be true or false, got {value!r}")
+        return value
+    several = action.nargs in ("+", "*")
+    items = value if several and isinstance(value, list) else [value]
+    if isinstance(value, (list, dict)) and not several:
+        raise ValueError(f"{option} takes one value, got {value!r}")
+    converted = []
+    for item in items:
+        if isinstance(item, (list, dict)) or item is None and action.type is not None:
+            raise ValueError(f"{option} must be a single value, got {item!r}")
+        if action.type is not None and item is not None:
+            if action.type in (int, float) and isinstance(item, bool):
+                raise ValueError(f"{option} must be a number, got {item!r}")
+            try:
+                item = action.type(item)
+            except (TypeError, ValueError):
+                raise ValueError(f"{option} must be {getattr(action.type, '__name__', 'valid')}, got {item!r}") from None
+        elif item is not None and not isinstance(item, str):
+            item = str(item) if isinstance(item, (int, float)) else item
+        if action.choices is not None and item not in action.choices:
+            raise ValueError(f"{option} must be one of {list(action.choices)}, got {item!r}")
+        converted.append(item)
+    return converted if several else converted[0]
+
+
 def _with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse the command line with the --config file's values (if any) as the subcommand's defaults.
     The file is found by scanning the line first, so options it provides need not be repeated."""
@@ -379,15 +525,22 @@ def _with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> arg
     if path and argv and argv[0] in subparsers:
         import yaml
 
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
+        if not os.path.isfile(path):
+            raise ValueError(f"--config {path!r} is not a file")
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--config {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(values, dict):
             raise ValueError(f"--config {path!r} must hold a mapping of option: value")
         sub = subparsers[argv[0]]
-        defaults = {k.replace("-", "_"): v for k, v in values.items()}
+        defaults = {str(k).replace("-", "_"): v for k, v in values.items()}
         unknown = sorted(set(defaults) - {a.dest for a in sub._actions})
         if unknown:
             raise ValueError(f"--config {path!r}: unknown options {unknown}")
+        actions = {a.dest: a for a in sub._actions}
+        defaults = {k: _config_value(path, actions[k], v) for k, v in defaults.items()}
         sub.set_defaults(**defaults)
         for action in sub._actions:  # options the file provides are no longer required on the line
             if action.dest in defaults:

@@ -93,7 +93,7 @@ class APGD(Attack):
         x_prev = x_adv
 
         for i in range(self.steps):
-            z = pgd_step(x_adv, grad, x_nat, alpha=eta, eps=eps, norm=self.norm, clip=self.clip)
+            z = pgd_step(x_adv, grad, x_nat, alpha=eta, eps=eps, norm=self.norm, clip=self.clip, check_values=False)
             if i > 0:  # momentum: 0.75 of the new step, 0.25 of the previous move
                 z = project(x_adv + 0.75 * (z - x_adv) + 0.25 * (x_adv - x_prev), x_nat, eps, self.norm, self.clip)
             x_prev, x_adv = x_adv, z

@@ -9,41 +9,16 @@ inside their loops (argument checks at the start of a call do, once).
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
+from ..utils.checks import (check_count, check_eps, check_images_labels, check_positive,  # noqa: F401 - re-exported
+                            eval_mode)
 from .losses import LOSSES, logits_of
 
 NORMS = ("linf", "l2")
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run in eval mode, then restore each module's own mode (not just the root's)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-def check_positive(name: str, value, *, allow_zero: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>=' if allow_zero else '>'} 0, got {value!r}")
-    return float(value)
-
-
-def check_count(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def project(x: torch.Tensor, x_nat: torch.Tensor, eps: torch.Tensor, norm: str, clip: tuple[float, float]):
@@ -101,6 +76,7 @@ class Attack:
         if not (isinstance(clip, (tuple, list)) and len(clip) == 2 and float(clip[0]) < float(clip[1])):
             raise ValueError(f"clip must be a pair (min, max) with min < max, got {clip!r}")
         self.clip = (float(clip[0]), float(clip[1]))
+        check_eps(self.eps, self.clip, norm)
         self.amp, self.channels_last, self.cuda_graph = bool(amp), bool(channels_last), bool(cuda_graph)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
@@ -128,26 +104,9 @@ class Attack:
         raise NotImplementedError
 
     def _check_inputs(self, images, labels) -> None:
-        if not isinstance(images, torch.Tensor) or not images.is_floating_point():
-            raise ValueError("images must be a floating-point tensor of shape (N, ...)")
-        if images.dim() < 2:
-            raise ValueError(f"images must have shape (N, ...), got {tuple(images.shape)}")
-        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point():
-            raise ValueError("labels must be an integer tensor of shape (N,)")
-        if labels.shape[0] != images.shape[0]:
-            raise ValueError(f"labels has length {labels.shape[0]} but images has batch size {images.shape[0]}")
-        if self.cuda_graph and images.device.type != "cuda":
+        if self.cuda_graph and isinstance(images, torch.Tensor) and images.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs CUDA tensors; images are on {images.device}")
-        if images.numel() == 0:
-            return
-        # One host sync for all three value checks, before the loop starts.
-        finite, lo, hi = torch.stack(
-            [torch.isfinite(images).all().float(), images.min().float(), images.max().float()]
-        ).tolist()
-        if not finite:
-            raise ValueError("images contain NaN or Inf")
-        if lo < self.clip[0] or hi > self.clip[1]:
-            raise ValueError(f"images must lie in clip={self.clip}, got values in [{lo:.4g}, {hi:.4g}]")
+        check_images_labels(images, labels, clip=self.clip, model=self.model)
 
     # --- pieces the attacks are made of -------------------------------------------------------
     def logits(self, x: torch.Tensor) -> torch.Tensor:

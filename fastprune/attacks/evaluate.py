@@ -9,6 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .apgd import APGD, APGDT
+from ..utils.checks import check_eps, check_images_labels
 from .base import Attack, check_count, check_positive, eval_mode
 from .losses import logits_of
 from .pgd import CW, FGSM, PGD
@@ -81,7 +82,7 @@ def evaluate(model: nn.Module, data, attacks: Sequence[str] = DEFAULT_ATTACKS, *
         attack only if its clean image is classified correctly too, so no attack's accuracy
         exceeds the clean accuracy (an attack can stumble onto the right class from a wrong one).
     """
-    check_positive("eps", eps)
+    check_eps(eps, options.get("clip", (0.0, 1.0)), norm)
     check_count("batch_size", batch_size)
     if not attacks:
         raise ValueError("attacks must name at least one attack")
@@ -94,8 +95,10 @@ def evaluate(model: nn.Module, data, attacks: Sequence[str] = DEFAULT_ATTACKS, *
     worst = torch.zeros((), dtype=torch.long, device=device)
     total = 0
     bar = tqdm(total=_length(data), desc="evaluate", unit="img", disable=not progress, leave=False)
+    clip = options.get("clip", (0.0, 1.0))
     for images, labels in _batches(data, batch_size):
         images, labels = images.to(device), labels.to(device)
+        check_images_labels(images, labels, clip=clip, model=model)  # "clean" too: NaN, 0-255, bad labels
         with torch.no_grad(), eval_mode(model):
             clean_right = logits_of(model(images)).argmax(dim=1) == labels
         robust = clean_right.clone()

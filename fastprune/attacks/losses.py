@@ -4,10 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def logits_of(output) -> torch.Tensor:
-    """Models may return logits or a tuple/list whose first element is the logits."""
-    return output[0] if isinstance(output, (tuple, list)) else output
+from ..utils.checks import logits_of  # noqa: F401 - re-exported: models may return logits, a tuple or a dict
 
 
 def ce_loss(logits: torch.Tensor, labels: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:

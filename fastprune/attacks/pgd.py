@@ -48,7 +48,7 @@ class PGD(Attack):
         else:
             for _ in range(self.steps):
                 _, grad, _ = self.loss_and_grad(x_adv, labels, self.loss)
-                pgd_step_(x_adv, grad, x_nat, alpha=alpha, eps=eps, norm=self.norm, clip=self.clip)
+                pgd_step_(x_adv, grad, x_nat, alpha=alpha, eps=eps, norm=self.norm, clip=self.clip, check_values=False)
 
         if r == 1:
             return x_adv
@@ -65,7 +65,7 @@ class PGD(Attack):
             def step():
                 _, grad, _ = self.loss_and_grad(buf["x"], buf["y"], self.loss)
                 pgd_step_(buf["x"], grad, buf["x_nat"], alpha=buf["alpha"], eps=buf["eps"], norm=self.norm,
-                          clip=self.clip)
+                          clip=self.clip, check_values=False)
 
             return buf, step
 

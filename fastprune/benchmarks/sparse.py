@@ -141,6 +141,18 @@ def main(argv=None) -> int:
     for s in args.sparsity:
         if not 0 <= s < 1:
             raise ValueError(f"--sparsity values must be in [0, 1), got {s}")
+    for b in args.batch:
+        if b < 1:
+            raise ValueError(f"--batch values must be at least 1, got {b}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
+    from ..models import available_models
+
+    unknown = [m for m in args.model if m not in available_models()]
+    if unknown:
+        raise ValueError(f"--model {unknown}: unknown; available: {available_models()}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda given but no CUDA device is available")
     device = torch.device(args.device)
     meta = {"device": device_label(device), **versions()}
     print(f"# sparse inference on {meta['device']} (torch {meta['torch']})", flush=True)

@@ -65,13 +65,41 @@ def load_mnist(root: str, train: bool):
     return images[:, None], labels.astype(np.int64)
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles the CIFAR batch files' contents (dicts, lists, bytes, str, numbers and numpy
+    arrays) and refuses every other global, so a planted file cannot run code."""
+
+    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a data file")
+
+
+def _read_cifar_batch(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            batch = _ArraysOnly(f, encoding="bytes").load()
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{path!r} is not a CIFAR batch file (refused: {exc})") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise ValueError(f"{path!r} is not a readable CIFAR batch file (truncated or corrupt?): {exc}") from None
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path!r} is not a CIFAR batch file (it holds a {type(batch).__name__}, not a dict)")
+    return batch
+
+
 def _load_cifar(root: str, train: bool, folder: str, files: list[str], label_key: bytes, name: str):
     paths = [os.path.join(root, folder, f) for f in files]
     _require(name, root, paths)
     images, labels = [], []
     for path in paths:
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+        batch = _read_cifar_batch(path)
+        if b"data" not in batch or label_key not in batch:
+            raise ValueError(f"{path!r} lacks {b'data'!r} or {label_key!r}: not a {name} batch file")
         images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.append(np.asarray(batch[label_key], dtype=np.int64))
     return np.concatenate(images), np.concatenate(labels)

@@ -26,12 +26,29 @@ def available_models() -> list[str]:
 
 
 def get_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
-    """A fresh model by name: ``available_models()`` lists them."""
+    """A fresh model by name: ``available_models()`` lists them. The model remembers how it was
+    built (``model.fastprune_recipe``), so that files holding only its tensors (save_sparse) can
+    rebuild it without unpickling code."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; available: {available_models()}")
     if num_classes < 2 or in_channels < 1:
         raise ValueError(f"num_classes must be >= 2 and in_channels >= 1, got {num_classes}, {in_channels}")
-    return _MODELS[name](num_classes=num_classes, in_channels=in_channels)
+    model = _MODELS[name](num_classes=num_classes, in_channels=in_channels)
+    model.fastprune_recipe = recipe(name, num_classes, in_channels)
+    return model
 
 
-__all__ = ["WideResNet", "available_models", "get_model", "cnn_small", "lenet", "resnet18", "vgg16"]
+def recipe(name: str, num_classes: int, in_channels: int) -> dict:
+    """How to rebuild a zoo model: plain data (JSON-able)."""
+    return {"zoo": name, "num_classes": int(num_classes), "in_channels": int(in_channels)}
+
+
+def from_recipe(spec) -> nn.Module:
+    """The model a :func:`recipe` describes; ValueError naming what is wrong otherwise."""
+    if not isinstance(spec, dict) or not {"zoo", "num_classes", "in_channels"} <= set(spec):
+        raise ValueError(f"recipe must be a dict with zoo, num_classes and in_channels, got {spec!r}")
+    return get_model(spec["zoo"], spec["num_classes"], spec["in_channels"])
+
+
+__all__ = ["WideResNet", "available_models", "from_recipe", "get_model", "cnn_small", "lenet", "recipe", "resnet18",
+           "vgg16"]

@@ -254,13 +254,18 @@ def prune_model(model: nn.Module, sparsity: float, method: str = "scores", skip=
     method: "scores" (HYDRA) or "magnitude". pattern: "N:M" (e.g. "2:4", with sparsity 1 - N/M)
     keeps N of every M consecutive weights along each layer's reduction dimension, the form GPUs
     with semi-structured sparsity accelerate; layers whose reduction size is not a multiple of M
-    get an unstructured mask of the same sparsity. Modifies ``model`` in place and returns it."""
+    get an unstructured mask of the same sparsity. Modifies ``model`` in place and returns it. A
+    model that already has masked layers is refused (ValueError), not silently left as it is."""
     check_sparsity(sparsity)
     if method not in ("scores", "magnitude"):
         raise ValueError(f"method must be 'scores' or 'magnitude', got {method!r}")
     nm = parse_pattern(pattern)
     if nm is not None and not math.isclose(sparsity, 1 - nm[0] / nm[1]):
         raise ValueError(f"pattern {pattern!r} prunes {1 - nm[0] / nm[1]:g} of the weights; sparsity is {sparsity!r}")
+    masked = [n for n, m in model.named_modules() if isinstance(m, MASKED_TYPES)]
+    if masked:
+        raise ValueError(f"model is already pruned ({len(masked)} masked layers, e.g. {masked[0]!r}): to prune it "
+                         "again, fold_masks(model) first (keeps its zeros) or change its layers' set_sparsity()")
     names = {n for n, _ in model.named_modules()}
     unknown = [s for s in skip if s not in names]
     if unknown:

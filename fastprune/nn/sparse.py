@@ -11,11 +11,12 @@ import time
 import torch
 from torch import nn
 
-from ..benchmarks.common import interleaved_medians, median_time
 from ..ops.sparse import (ALGORITHMS, EPILOGUES, direct_applicable, finish_epilogue, sparse_conv2d, sparse_linear,
                           to_batch_innermost)
-from ..reference.sparse import csr_to_dense, dense_to_csr
-from ..train.checkpoint import atomic_save
+from ..models import from_recipe
+from ..reference.sparse import check_csr, csr_to_dense, dense_to_csr
+from ..utils.io import atomic_save, safe_load
+from ..utils.timing import interleaved_medians, median_time
 from .masked import _replace, check_sparsity, effective_weight, fold_masks
 
 
@@ -23,12 +24,14 @@ class _CSRWeight(nn.Module):
     """A weight stored as CSR buffers (row_ptr, col_idx, values): memory proportional to the non-zeros."""
 
     def _store(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        row_ptr, col_idx, values = dense_to_csr(weight)
+        self._store_csr(*dense_to_csr(weight), bias, weight.shape)
+
+    def _store_csr(self, row_ptr, col_idx, values, bias, weight_shape) -> None:
         self.register_buffer("row_ptr", row_ptr)
         self.register_buffer("col_idx", col_idx)
         self.register_buffer("values", values)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self.weight_shape = tuple(weight.shape)
+        self.weight_shape = tuple(weight_shape)
 
     @property
     def nnz(self) -> int:
@@ -63,6 +66,21 @@ class SparseConv2d(_CSRWeight):
         # 1: ReLU fused, 2: ReLU and 2x2 max pooling fused, 3: relu(conv + residual) fused (set by
         # sparsify's graph pass)
         self.epilogue = 0
+
+    @classmethod
+    def from_csr(cls, row_ptr, col_idx, values, bias, conv: nn.Conv2d) -> "SparseConv2d":
+        """From CSR arrays (as in a saved state_dict) and the dense conv they replace (its geometry);
+        the arrays are checked against the conv's shape."""
+        shape = tuple(conv.weight.shape)
+        check_csr(row_ptr, col_idx, values, shape[1] * shape[2] * shape[3])
+        if row_ptr.numel() != shape[0] + 1:
+            raise ValueError(f"row_ptr has {row_ptr.numel()} entries, the conv has {shape[0]} output channels")
+        layer = cls.__new__(cls)
+        _CSRWeight.__init__(layer)
+        layer._store_csr(row_ptr, col_idx, values, bias, shape)
+        layer.in_channels, layer.kernel_size = shape[1], shape[2:]
+        layer.stride, layer.padding, layer.algo, layer.epilogue = tuple(conv.stride), tuple(conv.padding), 0, 0
+        return layer
 
     @staticmethod
     def supports(conv: nn.Conv2d) -> bool:
@@ -115,6 +133,19 @@ class SparseLinear(_CSRWeight):
     @classmethod
     def from_dense(cls, linear: nn.Linear) -> "SparseLinear":
         return cls(effective_weight(linear), linear.bias)
+
+    @classmethod
+    def from_csr(cls, row_ptr, col_idx, values, bias, linear: nn.Linear) -> "SparseLinear":
+        """From CSR arrays (as in a saved state_dict) and the dense linear layer they replace."""
+        out_features, in_features = linear.weight.shape
+        check_csr(row_ptr, col_idx, values, in_features)
+        if row_ptr.numel() != out_features + 1:
+            raise ValueError(f"row_ptr has {row_ptr.numel()} entries, the layer has {out_features} outputs")
+        layer = cls.__new__(cls)
+        _CSRWeight.__init__(layer)
+        layer._store_csr(row_ptr, col_idx, values, bias, (out_features, in_features))
+        layer.in_features, layer.out_features = in_features, out_features
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, 2, "SparseLinear")
@@ -619,12 +650,15 @@ def sparsify(model: nn.Module, example_input: torch.Tensor | None = None, *, ben
     for name, value in (("channels_last", channels_last), ("batch_innermost", batch_innermost)):
         if value not in (True, False, "auto"):
             raise ValueError(f"{name} must be True, False or 'auto', got {value!r}")
+    recipe = getattr(model, "fastprune_recipe", None)  # how to rebuild it (save_sparse), for zoo models
     dense = _fast_pooling(fold_batchnorm(fold_masks(copy.deepcopy(model).eval())))
     if example_input is None or not benchmark:
         result, decisions = _convert_layers(dense, {}, min_sparsity, repeats)
+        result = fuse_epilogues(result)
         if channels_last is True:
             result = ChannelsLastInput(result.to(memory_format=torch.channels_last))
         result.sparsify_decisions, result.sparsify_choice = decisions, {"kind": "sparse", "timed": False}
+        result.sparsify_plan, result.fastprune_recipe = _plan_of(result, "sparse"), recipe
         return result
 
     layouts = {"contiguous": None, "channels_last": ChannelsLastInput}
@@ -662,20 +696,114 @@ def sparsify(model: nn.Module, example_input: torch.Tensor | None = None, *, ben
     result, decisions = candidates[best]
     result.sparsify_decisions = decisions
     result.sparsify_choice = {"kind": best, "timed": True, "seconds": times}
+    result.sparsify_plan, result.fastprune_recipe = _plan_of(result, best.split(",")[0]), recipe
     return result
 
 
+_FORMAT = "fastprune-sparse"
+_FORMAT_VERSION = 1
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, int, int | None, str]:
+    """(innermost model, wrapper depth, micro-batch size or None, layout) of a sparsify result."""
+    depth, micro, layout = 0, None, "contiguous"
+    if isinstance(model, MicroBatched):
+        model, depth, micro = model.model, depth + 1, model.micro_batch
+    if isinstance(model, _LayoutInput):
+        layout = "channels_last" if isinstance(model, ChannelsLastInput) else "batch innermost"
+        model, depth = model.model, depth + 1
+    return model, depth, micro, layout
+
+
+def _plan_of(result: nn.Module, kind: str) -> dict:
+    """What sparsify chose, as plain data: enough to rebuild the model from its zoo recipe and a
+    state_dict without timing anything (save_sparse / load_sparse)."""
+    inner, _, micro, layout = _unwrap(result)
+    layers = {}
+    for name, m in inner.named_modules():
+        if isinstance(m, SparseConv2d):
+            layers[name] = {"format": "csr", "algo": int(m.algo), "epilogue": int(m.epilogue)}
+        elif isinstance(m, SparseLinear):
+            layers[name] = {"format": "csr"}
+        elif isinstance(m, SemiStructuredLinear):
+            layers[name] = {"format": "2:4"}
+    return {"kind": kind, "layout": layout, "micro_batch": micro, "layers": layers}
+
+
+def _rebuild(recipe: dict, plan: dict, state: dict, device) -> nn.Module:
+    """The sparsified model a plan describes, rebuilt from the zoo and filled from ``state``."""
+    dense = _fast_pooling(fold_batchnorm(from_recipe(recipe).eval()))
+    if plan["layout"] == "channels_last":
+        dense = dense.to(memory_format=torch.channels_last)
+    prefix = "model." * ((plan["layout"] != "contiguous") + (plan["micro_batch"] is not None))
+    for name, spec in plan["layers"].items():
+        module = dense.get_submodule(name)
+        key = prefix + name + "."
+        if spec["format"] == "2:4":
+            twin = SemiStructuredLinear(state[key + "weight"].to(device), state.get(key + "bias"))
+        elif isinstance(module, nn.Conv2d):
+            twin = SparseConv2d.from_csr(*(state[key + k] for k in ("row_ptr", "col_idx", "values")),
+                                         state.get(key + "bias"), module)
+            twin.algo = spec["algo"]
+        else:
+            twin = SparseLinear.from_csr(*(state[key + k] for k in ("row_ptr", "col_idx", "values")),
+                                         state.get(key + "bias"), module)
+        _replace(dense, name, twin)
+    if plan["kind"] == "sparse":
+        dense = fuse_epilogues(dense)
+        for name, spec in plan["layers"].items():
+            if "epilogue" in spec and dense.get_submodule(name).epilogue != spec["epilogue"]:
+                raise ValueError(f"layer {name!r}: the file's fused epilogue does not match its rebuilt graph")
+    model = {"channels_last": ChannelsLastInput, "batch innermost": BatchInnermostInput}.get(
+        plan["layout"], lambda m: m)(dense)
+    if plan["micro_batch"] is not None:
+        model = MicroBatched(model, plan["micro_batch"])
+    model.load_state_dict({k: v for k, v in state.items() if not _is_semi_structured_key(k, plan, prefix)},
+                          strict=False)
+    missing = set(model.state_dict()) - set(state)
+    if missing:
+        raise ValueError(f"the file lacks {sorted(missing)[:3]}{' ...' if len(missing) > 3 else ''}")
+    model.sparsify_plan, model.fastprune_recipe = plan, recipe
+    return model.to(device).eval()
+
+
+def _is_semi_structured_key(key: str, plan: dict, prefix: str) -> bool:
+    name = key[len(prefix):].rpartition(".")[0]
+    return plan["layers"].get(name, {}).get("format") == "2:4"
+
+
 def save_sparse(model: nn.Module, path: str) -> None:
-    """Write a sparsified model (the module itself, CSR buffers included: the file grows with the
-    number of non-zeros, not the dense size). Written atomically."""
-    atomic_save({"fastprune_sparse_model": model}, path)
+    """Write a model returned by :func:`sparsify` as tensors and plain data only: its zoo recipe
+    (fastprune.models.get_model's name, classes, channels), sparsify's plan (layout, micro-batching,
+    per-layer format, algorithm and fused epilogue) and its state_dict (CSR buffers: the file grows
+    with the number of non-zeros, not the dense size). Nothing in it runs code when loaded.
+    Written atomically."""
+    plan = getattr(model, "sparsify_plan", None)
+    recipe = getattr(model, "fastprune_recipe", None)
+    if plan is None:
+        raise ValueError("model: save_sparse takes a model returned by fastprune.nn.sparsify")
+    if recipe is None:
+        raise ValueError("model: sparsify's input was not built by fastprune.models.get_model, so the file could "
+                         "not say how to rebuild it; save the dense model's state_dict instead")
+    state = {}
+    for key, value in model.state_dict().items():
+        if getattr(value, "is_sparse_semi_structured", False) or type(value).__name__.startswith("SparseSemi"):
+            value = value.to_dense()
+        state[key] = value.detach().cpu()
+    atomic_save({"format": _FORMAT, "version": _FORMAT_VERSION, "recipe": recipe, "plan": plan, "state_dict": state},
+                path)
 
 
 def load_sparse(path: str, map_location="cpu") -> nn.Module:
-    """Read a model written by :func:`save_sparse`. The file is unpickled: load only files you trust."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"sparse model file {path!r} does not exist")
-    obj = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(obj, dict) or "fastprune_sparse_model" not in obj:
+    """Read a model written by :func:`save_sparse` (tensors and plain data only: loading runs no
+    code from the file) and rebuild it on ``map_location``."""
+    obj = safe_load(path, "sparse model file")
+    if not isinstance(obj, dict) or obj.get("format") != _FORMAT:
         raise ValueError(f"{path!r} was not written by fastprune.save_sparse")
-    return obj["fastprune_sparse_model"]
+    if obj.get("version") != _FORMAT_VERSION:
+        raise ValueError(f"{path!r}: sparse format version {obj.get('version')!r}, this fastprune reads "
+                         f"{_FORMAT_VERSION}")
+    try:
+        return _rebuild(obj["recipe"], obj["plan"], obj["state_dict"], map_location)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path!r}: the sparse model file is inconsistent ({type(exc).__name__}: {exc})") from None

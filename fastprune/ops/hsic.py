@@ -107,6 +107,12 @@ def gaussian_gram(x: torch.Tensor, sigma: float | torch.Tensor | None = None, *,
     sigma: a positive float (times sqrt(d) if ``scale_sigma_by_dim``), a 0-dim tensor, or None
     for the median heuristic (median pairwise distance, computed without gradient on the device).
     """
+    _check_sigma("sigma", sigma)
+    if isinstance(sigma, torch.Tensor) and (sigma.numel() != 1 or not sigma.is_floating_point()):
+        raise ValueError(f"sigma must be a positive float, a one-element floating tensor or None, got a "
+                         f"{sigma.dtype} tensor of shape {tuple(sigma.shape)}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+        raise ValueError("x must be a floating-point tensor of shape (m, ...)")
     x2 = _rows(x)
     with torch.no_grad():
         mean = x2.float().mean(dim=0)
@@ -143,9 +149,19 @@ def _check_sigma(name: str, sigma) -> None:
         raise ValueError(f"{name} must be a positive float or None (median heuristic), got {sigma!r}")
 
 
+# Squared distances in float32 overflow once |x_i - x_j|^2 nears 3e38: refuse features whose
+# spread could get there, rather than return NaN.
+_MAX_SPREAD = 1e18
+
+
 def _check_finite(name: str, t: torch.Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
+    finite, spread = torch.stack([torch.isfinite(t).all().double(), (t.amax() - t.amin()).double()]).tolist()
+    if not finite:
         raise ValueError(f"{name} contains NaN or Inf")
+    d = max(1, t[0].numel())
+    if spread * d ** 0.5 > _MAX_SPREAD:
+        raise ValueError(f"{name} spans {spread:.3g} over {d} features: squared distances would overflow float32; "
+                         "rescale the features")
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int | None) -> int:

@@ -80,8 +80,9 @@ def _is_batch_major_dense(t: torch.Tensor) -> bool:
     )
 
 
-def _per_sample(value, name: str, like: torch.Tensor) -> torch.Tensor:
-    """A float or an (N,) tensor as a contiguous float32 (N,) tensor on ``like``'s device."""
+def _per_sample(value, name: str, like: torch.Tensor, check_values: bool = True) -> torch.Tensor:
+    """A float or an (N,) tensor as a contiguous float32 (N,) tensor on ``like``'s device; a
+    tensor's entries are checked finite and >= 0 unless ``check_values`` is off (one host sync)."""
     n = like.shape[0]
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
@@ -90,13 +91,16 @@ def _per_sample(value, name: str, like: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"{name} must be a float or a tensor of shape ({n},), got shape {tuple(value.shape)}")
         if not value.is_floating_point():
             raise ValueError(f"{name} must be floating point, got {value.dtype}")
+        if check_values and value.numel() and not bool((torch.isfinite(value) & (value >= 0)).all()):
+            raise ValueError(f"{name} must hold finite values >= 0, got min {value.min().item():.4g}, "
+                             f"max {value.max().item():.4g}")
         return value.to(device=like.device, dtype=torch.float32).contiguous()
     if not isinstance(value, (float, int)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
     return torch.full((n,), float(value), device=like.device, dtype=torch.float32)
 
 
-def _prepare(x_adv, grad, x_nat, alpha, eps, norm, clip):
+def _prepare(x_adv, grad, x_nat, alpha, eps, norm, clip, check_values=True):
     if not isinstance(x_adv, torch.Tensor) or not x_adv.is_floating_point():
         raise ValueError("x_adv must be a floating-point tensor")
     if x_adv.dim() < 1:
@@ -115,7 +119,8 @@ def _prepare(x_adv, grad, x_nat, alpha, eps, norm, clip):
     clip_min, clip_max = float(clip[0]), float(clip[1])
     if not (math.isfinite(clip_min) and math.isfinite(clip_max) and clip_min <= clip_max):
         raise ValueError(f"clip must be finite with min <= max, got {clip!r}")
-    alpha_t, eps_t = _per_sample(alpha, "alpha", x_adv), _per_sample(eps, "eps", x_adv)
+    alpha_t = _per_sample(alpha, "alpha", x_adv, check_values)
+    eps_t = _per_sample(eps, "eps", x_adv, check_values)
     # The kernels walk flat memory: give grad and x_nat x_adv's dtype and exact layout.
     if not _is_batch_major_dense(x_adv):
         x_adv = x_adv.contiguous()
@@ -135,6 +140,7 @@ def pgd_step(
     eps: Number | torch.Tensor,
     norm: str = "linf",
     clip: tuple[float, float] = (0.0, 1.0),
+    check_values: bool = True,
 ) -> torch.Tensor:
     """One projected-gradient ascent step, fused into one kernel.
 
@@ -147,11 +153,13 @@ def pgd_step(
         norm: ``"linf"``: x + alpha * sign(grad); ``"l2"``: x + alpha * grad / |grad|_2 per sample
             (a zero gradient takes no step). Then projection onto the eps-ball around x_nat.
         clip: the box the result is clamped to, after the projection.
+        check_values: check per-sample alpha/eps tensors for negative or NaN entries (one host
+            synchronisation; the attacks' loops, which built those tensors themselves, turn it off).
 
     Returns:
         (N, ...) the next iterate, same dtype as x_adv.
     """
-    x_adv, grad, x_nat, a, e, lo, hi = _prepare(x_adv, grad, x_nat, alpha, eps, norm, clip)
+    x_adv, grad, x_nat, a, e, lo, hi = _prepare(x_adv, grad, x_nat, alpha, eps, norm, clip, check_values)
     return _pgd_step_op(x_adv, grad, x_nat, a, e, norm, lo, hi)
 
 
@@ -164,11 +172,12 @@ def pgd_step_(
     eps: Number | torch.Tensor,
     norm: str = "linf",
     clip: tuple[float, float] = (0.0, 1.0),
+    check_values: bool = True,
 ) -> torch.Tensor:
     """In-place :func:`pgd_step`: overwrites and returns ``x_adv`` (N, ...), allocating nothing when
     x_adv is dense and grad/x_nat share its layout (the attack loop's case)."""
     target = x_adv
-    x_adv, grad, x_nat, a, e, lo, hi = _prepare(x_adv, grad, x_nat, alpha, eps, norm, clip)
+    x_adv, grad, x_nat, a, e, lo, hi = _prepare(x_adv, grad, x_nat, alpha, eps, norm, clip, check_values)
     _pgd_step_inplace_op(x_adv, grad, x_nat, a, e, norm, lo, hi)
     if x_adv is not target:  # x_adv was not dense: the step ran on a contiguous copy
         target.copy_(x_adv)

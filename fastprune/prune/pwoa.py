@@ -23,10 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ..attacks.base import check_count, check_positive
+from ..utils.checks import check_count, check_positive
 from ..attacks.losses import logits_of
-from ..models.resnet import BasicBlock
-from ..models.wide_resnet import WideBlock
 from ..nn.hsic import HSICBottleneck
 from ..nn.masked import MASKED_TYPES, check_sparsity, kept_count, prune_model, topk_mask
 from ..train.loops import fit
@@ -43,9 +41,12 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 def block_outputs(model: nn.Module) -> list[str]:
-    """PwoA's hidden layers: every residual block's output, or every ReLU in a plain network."""
-    blocks = [n for n, m in model.named_modules() if isinstance(m, (BasicBlock, WideBlock))]
-    return blocks or [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
+    """PwoA's hidden layers: what the model names as its hidden outputs (``model.hidden_outputs()``,
+    e.g. every residual block of the zoo's ResNets), else every ReLU of a plain network."""
+    named = getattr(model, "hidden_outputs", None)
+    if callable(named):
+        return list(named())
+    return [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
 
 
 def _prunable(model: nn.Module) -> list[nn.Module]:
@@ -76,11 +77,33 @@ class _ADMM:
             self.u[i] += m.weight - self.z[i]
         self.rho = min(self.rho * self.growth, self.rho_max)
 
+    def state_dict(self) -> dict:
+        """Z, U and rho: saved with every run checkpoint of the ADMM stage (exact resume)."""
+        return {"z": [z.detach().clone() for z in self.z], "u": [u.detach().clone() for u in self.u], "rho": self.rho}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["z"]) != len(self.layers) or len(state["u"]) != len(self.layers):
+            raise ValueError("the run checkpoint's ADMM state is for another model")
+        self.z = [z.to(m.weight.device) for z, m in zip(state["z"], self.layers)]
+        self.u = [u.to(m.weight.device) for u, m in zip(state["u"], self.layers)]
+        self.rho = float(state["rho"])
+
     def distance(self) -> float:
         """Relative distance of the weights from the sparse set, sum |W - Z|^2 / sum |W|^2."""
         with torch.no_grad():
             num = sum((m.weight - z).square().sum() for m, z in zip(self.layers, self.z))
             return float(num / sum(m.weight.square().sum() for m in self.layers))
+
+
+class _Coin(random.Random):
+    """The retrain stage's batch-mixing coin, whose state goes into the run checkpoints."""
+
+    def state_dict(self) -> dict:
+        version, internal, gauss = self.getstate()
+        return {"version": version, "internal": list(internal), "gauss": gauss}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.setstate((state["version"], tuple(state["internal"]), state["gauss"]))
 
 
 def pwoa(student: nn.Module, teacher: nn.Module | None, train: TensorDataset, *, sparsity: float,
@@ -122,7 +145,8 @@ def pwoa(student: nn.Module, teacher: nn.Module | None, train: TensorDataset, *,
             admm.update()
 
     fit(student, train, objective=admm_objective, epochs=admm_epochs, lr=admm_lr,
-        run_dir=f"{run_dir}/admm" if run_dir else None, on_epoch_end=admm_epoch_end, **fit_options)
+        run_dir=f"{run_dir}/admm" if run_dir else None, on_epoch_end=admm_epoch_end, extra_state=admm,
+        **fit_options)
 
     # Stage 2: hard prune, the masks frozen from here on.
     prune_model(student, sparsity, method="magnitude")
@@ -133,7 +157,7 @@ def pwoa(student: nn.Module, teacher: nn.Module | None, train: TensorDataset, *,
     bottleneck = HSICBottleneck(student, list(hsic_layers or block_outputs(student)), lambda_x=lambda_x,
                                 lambda_y=lambda_y, sigma=sigma, num_classes=num_classes)
     mixer = mix_attack or (PGDTraining(8 / 255, 2 / 255, 10) if mix_ratio > 0 else None)
-    coin = random.Random(0)
+    coin = _Coin(0)
 
     def retrain_objective(model, x, y):
         if mixer is not None and coin.random() < mix_ratio:
@@ -143,7 +167,7 @@ def pwoa(student: nn.Module, teacher: nn.Module | None, train: TensorDataset, *,
 
     try:
         fit(student, train, objective=retrain_objective, epochs=retrain_epochs, lr=retrain_lr,
-            run_dir=f"{run_dir}/retrain" if run_dir else None, **fit_options)
+            run_dir=f"{run_dir}/retrain" if run_dir else None, extra_state=coin, **fit_options)
     finally:
         bottleneck.remove()
     return student

@@ -59,12 +59,15 @@ ESTIMATORS = ("biased", "unbiased", "cka", "nocco")
 def prepare_kernel(k: torch.Tensor, estimator: str, eps: float = 1e-5) -> torch.Tensor:
     """The per-matrix part of an estimator, (..., m, m) -> (..., m, m), computed once per matrix so
     that one matrix (X's, Y's) can be paired with many (every layer's) cheaply:
-    biased: Kc; cka: Kc / |Kc|_F; nocco: Kc (Kc + eps m I)^-1; unbiased: K with a zeroed diagonal."""
+    biased: Kc; cka: Kc / |Kc|_F (0 for a constant feature); nocco: Kc (Kc + eps m I)^-1; unbiased: K with a zeroed diagonal."""
     if estimator == "biased":
         return centre(k)
     if estimator == "cka":
+        # A constant feature (a dead layer) has Kc = 0: its CKA with anything is defined as 0 (no
+        # shared structure), not 0/0. The guard keeps the gradient finite too.
         kc = centre(k)
-        return kc / kc.square().sum(dim=(-2, -1), keepdim=True).sqrt()
+        norm = kc.square().sum(dim=(-2, -1), keepdim=True).sqrt()
+        return torch.where(norm > 0, kc / norm.clamp_min(torch.finfo(kc.dtype).tiny), torch.zeros_like(kc))
     if estimator == "nocco":
         return nocco_operator(k, eps)
     if estimator == "unbiased":

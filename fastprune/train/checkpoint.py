@@ -2,27 +2,11 @@
 never leaves a half-written checkpoint behind."""
 from __future__ import annotations
 
-import os
-import tempfile
-
 import torch
 from torch import nn
 
 from ..models import get_model
-
-
-def atomic_save(obj, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from ..utils.io import atomic_save, safe_load  # noqa: F401 - re-exported (fastprune.train.atomic_save)
 
 
 def save_model(path: str, model: nn.Module, name: str, num_classes: int, in_channels: int, **meta) -> None:
@@ -41,9 +25,12 @@ def save_model(path: str, model: nn.Module, name: str, num_classes: int, in_chan
 
 def load_model(path: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """(model in eval mode on ``device``, the checkpoint's fields) from :func:`save_model`'s file."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = safe_load(path, "checkpoint")
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {path!r} is not a dict: not written by fastprune")
+    if ckpt.get("format") == "fastprune-sparse":
+        raise ValueError(f"{path!r} is a sparse inference model (fastprune export); this command takes a training "
+                         f"checkpoint (a run's model.pt)")
     for key in ("model", "num_classes", "in_channels", "state_dict"):
         if key not in ckpt:
             raise ValueError(f"checkpoint {path!r} lacks {key!r}: not written by fastprune")

@@ -3,14 +3,17 @@
 ``fit`` uses this module when a process group is initialised: the model is wrapped in
 DistributedDataParallel (which starts every rank from rank 0's weights and averages gradients
 across ranks in its backward hooks), every rank walks the same shuffled order and takes its own
-slice of each global batch, so the update is that of one process on the whole batch. Buffers
-(BatchNorm statistics) are set to rank 0's at the end of every epoch. Rank 0 alone writes
+slice of each global batch, so the update is that of one process on the whole batch. BatchNorm in
+training mode normalises with the global batch's statistics (``synced_batchnorm``, fit's
+``sync_bn``, on by default; otherwise each rank would use its own slice's), and buffers are set to
+rank 0's at the end of every epoch. Rank 0 alone writes
 checkpoints, metrics and reports. The robust objectives' extra forward and backward passes (the
 attack's gradient with respect to the input only) go through the wrapper too; they compute no
 parameter gradient, so they trigger no all-reduce.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -63,6 +66,63 @@ def wrap(model: nn.Module) -> nn.Module:
     # attacks run ten or more per step; fit() syncs buffers to rank 0's once per epoch instead.
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                broadcast_buffers=False)
+
+
+class _SyncedBatchNorm:
+    """BatchNorm whose training-mode statistics are those of the global batch, all ranks together
+    (the forward of a BatchNorm1d/2d/3d, swapped in by :func:`synced_batchnorm`). Mean and variance
+    come from two differentiable all-reduces (sum, then sum of squared deviations), so gradients
+    flow across ranks as in one process on the whole batch; running statistics update with the
+    global unbiased variance, as nn.BatchNorm would. Works with gloo on the CPU and NCCL on GPUs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = torch.tensor(float(x.numel() // x.shape[1]), dtype=torch.float64, device=x.device)
+        dist.all_reduce(count)
+        mean = all_reduce(x.float().sum(dims)) / count.float()
+        var = all_reduce((x.float() - mean.view(shape)).square().sum(dims)) / count.float()
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var * (count / (count - 1).clamp_min(1)).float()
+                self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+        y = (x.float() - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+_SYNCED = {cls: type(f"Synced{cls.__name__}", (_SyncedBatchNorm, cls), {})
+           for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)}
+
+
+@contextlib.contextmanager
+def synced_batchnorm(model: nn.Module, enabled: bool = True):
+    """Inside the block, every BatchNorm of ``model`` normalises with the global batch's statistics
+    when running distributed (see _SyncedBatchNorm); the modules' classes are restored after, so
+    the model (and its state_dict) is unchanged for single-process use."""
+    swapped = []
+    if enabled and is_distributed():
+        for module in model.modules():
+            if type(module) in _SYNCED:
+                swapped.append((module, type(module)))
+                module.__class__ = _SYNCED[type(module)]
+    try:
+        yield bool(swapped)
+    finally:
+        for module, cls in swapped:
+            module.__class__ = cls
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def broadcast_buffers(model: nn.Module) -> None:

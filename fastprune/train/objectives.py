@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attacks.base import check_count, check_positive, eval_mode
+from ..utils.checks import check_count, check_positive, eval_mode
+from ..utils.checks import check_eps
 from ..attacks.losses import logits_of
 from ..attacks.pgd import PGD
 from ..ops.pgd import pgd_step_
@@ -26,7 +27,7 @@ class PGDTraining:
     """Cross-entropy on PGD examples (random start, ``steps`` steps of ``alpha``, Linf ``eps``)."""
 
     def __init__(self, eps: float, alpha: float, steps: int, seed: int | None = None):
-        self.eps, self.alpha = check_positive("eps", eps), check_positive("alpha", alpha)
+        self.eps, self.alpha = check_eps(eps), check_positive("alpha", alpha)
         self.steps, self.seed = check_count("steps", steps), seed
         self._attacks: dict[int, PGD] = {}
 
@@ -42,7 +43,7 @@ class TRADES:
     (start x + 0.001 N(0, 1), ``steps`` sign steps of ``alpha``); beta 6 in HYDRA's configs."""
 
     def __init__(self, eps: float, alpha: float, steps: int, beta: float = 6.0):
-        self.eps, self.alpha = check_positive("eps", eps), check_positive("alpha", alpha)
+        self.eps, self.alpha = check_eps(eps), check_positive("alpha", alpha)
         self.steps, self.beta = check_count("steps", steps), check_positive("beta", beta)
 
     def adversarial(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +59,7 @@ class TRADES:
                 kl = F.kl_div(F.log_softmax(logits_of(model(xg)), dim=1), p_clean, reduction="sum")
                 (grad,) = torch.autograd.grad(kl, xg)
                 x_adv = xg.detach()
-                pgd_step_(x_adv, grad, x, alpha=alpha, eps=eps)
+                pgd_step_(x_adv, grad, x, alpha=alpha, eps=eps, check_values=False)
         return x_adv
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

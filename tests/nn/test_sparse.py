@@ -240,6 +240,46 @@ def test_save_load_round_trip_and_size(tmp_path):
         load_sparse(str(tmp_path / "other.pt"))
 
 
+@pytest.mark.parametrize("name", ["resnet18", "vgg16"])
+def test_every_candidate_sparsify_can_pick_reloads_exactly(name, tmp_path):
+    # Whatever timing picks (layout, per-layer algorithm, fused epilogues, micro-batches, dense),
+    # save_sparse + load_sparse rebuild it from tensors and plain data with identical outputs.
+    from fastprune.nn.sparse import (BatchInnermostInput, ChannelsLastInput, MicroBatched, _fast_pooling,
+                                     _layout_candidates, _plan_of, fold_batchnorm)
+
+    torch.manual_seed(1)
+    model = prune_model(get_model(name, 10, 3).eval(), 0.95, method="magnitude")
+    for m in model.modules():  # BatchNorm statistics that are not the identity: folding must be redone
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(9, 3, 32, 32)
+    dense = _fast_pooling(fold_batchnorm(fold_masks(copy.deepcopy(model).eval())))
+    layouts = {"contiguous": None, "channels_last": ChannelsLastInput, "batch innermost": BatchInnermostInput}
+    candidates = _layout_candidates(dense, x, layouts, 0.5, repeats=1)
+    key, (innermost, _) = next((k, v) for k, v in candidates.items() if k == "sparse, batch innermost")
+    candidates["sparse, batch innermost, micro-batches of 4"] = (MicroBatched(innermost, 4), None)
+    assert len(candidates) == 6
+    for key, (candidate, _) in candidates.items():
+        candidate.sparsify_plan = _plan_of(candidate, key.split(",")[0])
+        candidate.fastprune_recipe = model.fastprune_recipe
+        path = tmp_path / "m.pt"
+        save_sparse(candidate, str(path))
+        loaded = load_sparse(str(path))
+        assert type(loaded).__name__ == type(candidate).__name__, key
+        assert loaded.state_dict().keys() == candidate.state_dict().keys(), key
+        with torch.no_grad():
+            assert torch.equal(loaded(x), candidate(x)), key
+
+
+def test_save_sparse_needs_a_sparsify_result_of_a_zoo_model(tmp_path):
+    with pytest.raises(ValueError, match="sparsify"):
+        save_sparse(nn.Linear(3, 2), str(tmp_path / "a.pt"))
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    with pytest.raises(ValueError, match="get_model"):
+        save_sparse(sparsify(plain), str(tmp_path / "b.pt"))
+
+
 def test_bad_inputs():
     layer = SparseConv2d.from_dense(nn.Conv2d(3, 4, 3, padding=1))
     with pytest.raises(ValueError, match="4D"):
