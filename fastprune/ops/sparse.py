@@ -115,7 +115,40 @@ def sparse_conv2d(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
     else:  # cpp: ReLU fused, pooling or the residual (if asked) after
         fused = 1 if epilogue in (1, 2) else 0
         y = torch.ops.fastprune.sparse_conv2d_ext(x, row_ptr, col_idx, values, bias, *geometry, algo, fused)
-    return finish_epilogue(y, epilogue, fused, residual)
+    return in_layout(finish_epilogue(y, epilogue, fused, residual), output_layout(x, algo))
+
+
+# The output's memory layout, the same for every backend (and what the fake says, so torch.compile
+# and opcheck see the real strides): batch innermost from the CPU's batch-innermost algorithm,
+# channels_last from a channels_last input, contiguous otherwise.
+LAYOUTS = ("contiguous", "channels_last", "batch_innermost")
+
+
+def output_layout(x: torch.Tensor, algo: int) -> str:
+    if x.device.type == "cpu" and algo == ALGORITHMS["batch_innermost"]:
+        return "batch_innermost"
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "contiguous"
+
+
+def empty_in_layout(like: torch.Tensor, shape, layout: str) -> torch.Tensor:
+    """An uninitialised (N, C, H, W) tensor of ``shape`` in ``layout``, on ``like``'s device and dtype
+    (fake tensors too)."""
+    n, c, h, w = shape
+    if layout == "batch_innermost":
+        return like.new_empty((c, h, w, n)).permute(3, 0, 1, 2)
+    if layout == "channels_last":
+        return like.new_empty((n, h, w, c)).permute(0, 3, 1, 2)
+    return like.new_empty((n, c, h, w))
+
+
+def in_layout(y: torch.Tensor, layout: str) -> torch.Tensor:
+    """``y`` with exactly the strides :func:`empty_in_layout` gives (a copy only where they differ)."""
+    target = empty_in_layout(y, y.shape, layout)
+    if target.stride() == y.stride():
+        return y
+    return target.copy_(y)
 
 
 def finish_epilogue(y: torch.Tensor, epilogue: int, fused: int, residual: Optional[torch.Tensor] = None):
@@ -138,7 +171,7 @@ def _sparse_conv2d_fake(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, 
     wo = conv_output_size(x.shape[3], kw, stride_w, pad_w)
     if epilogue == 2:
         ho, wo = ho // 2, wo // 2
-    return x.new_empty((x.shape[0], row_ptr.shape[0] - 1, ho, wo))
+    return empty_in_layout(x, (x.shape[0], row_ptr.shape[0] - 1, ho, wo), output_layout(x, algo))
 
 
 # Gradients w.r.t. the input only (the weights are inference buffers), so that attacks can run on a

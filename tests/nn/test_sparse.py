@@ -153,6 +153,44 @@ def test_fused_epilogues(backend, device):
         sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, 3, 3)
 
 
+LAYOUT_INPUTS = {"contiguous": lambda x: x, "channels_last": lambda x: x.contiguous(memory_format=torch.channels_last),
+                 "batch_innermost": to_batch_innermost}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUT_INPUTS))
+@pytest.mark.parametrize("algo,epilogue", [(0, 0), (0, 1), (1, 2), (2, 1), (3, 0), (3, 2), (3, 3)])
+def test_opcheck_on_every_layout_the_sparse_op_sees(layout, algo, epilogue):
+    # The fake must give the real output's strides (torch.compile relies on them): every layout the
+    # tuner can feed the op, every algorithm and fused epilogue.
+    if algo == 2 and layout != "contiguous":
+        pytest.skip("the direct algorithm takes contiguous inputs only")
+    gen = torch.Generator().manual_seed(algo * 10 + epilogue)
+    x = LAYOUT_INPUTS[layout](torch.randn(9, 4, 8, 8, generator=gen))
+    row_ptr, col_idx, values = dense_to_csr(sparse_weight((6, 4, 3, 3), 0.6, seed=algo))
+    residual = torch.randn(9, 6, 8, 8, generator=gen) if epilogue == 3 else None
+    args = (x, row_ptr, col_idx, values, torch.randn(6, generator=gen), 4, 3, 3, 1, 1, 1, 1, algo, epilogue, residual)
+    torch.library.opcheck(torch.ops.fastprune.sparse_conv2d.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    out = torch.ops.fastprune.sparse_conv2d.default(*args)
+    want = "batch_innermost" if algo == 3 else ("channels_last" if layout == "channels_last" else "contiguous")
+    assert {"batch_innermost": is_batch_innermost(out), "contiguous": out.is_contiguous(),
+            "channels_last": out.is_contiguous(memory_format=torch.channels_last)}[want]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUT_INPUTS))
+def test_torch_compile_of_a_sparse_layer_on_every_layout(layout):
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU())
+    with torch.no_grad():
+        dense[0].weight.mul_(torch.rand_like(dense[0].weight) > 0.7)
+    layer = SparseConv2d.from_dense(dense[0])
+    layer.algo, layer.epilogue = (3, 1) if layout == "batch_innermost" else (0, 1)
+    x = LAYOUT_INPUTS[layout](torch.rand(9, 4, 8, 8))
+    compiled = torch.compile(lambda t: layer(t) * 2.0 + 1.0, backend="inductor", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), dense(x) * 2.0 + 1.0, atol=1e-5, rtol=1e-5)
+
+
 def test_opcheck_sparse_ops():
     x = torch.randn(2, 3, 6, 6)
     row_ptr, col_idx, values = dense_to_csr(sparse_weight((4, 3, 3, 3), 0.6, seed=1))
