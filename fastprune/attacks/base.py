@@ -9,7 +9,7 @@ inside their loops (argument checks at the start of a call do, once).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from .apgd import APGD, APGDT
 from ..utils.checks import check_eps, check_images_labels
-from .base import Attack, check_count, check_positive, eval_mode
+from .base import Attack, check_count, eval_mode
 from .losses import logits_of
 from .pgd import CW, FGSM, PGD
 

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 
-MODULES = ("fastprune.kernels.pgd", "fastprune.kernels.hsic", "fastprune.kernels.sparse_conv")
+MODULES = ("fastprune.kernels.pgd", "fastprune.kernels.hsic", "fastprune.kernels.sparse")
 ARCHS = (90, 80)
 # Shared memory a block may use (opt-in maximum): sm_90 228 KB less 1 KB reserved, sm_80 164 KB less 1 KB.
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}

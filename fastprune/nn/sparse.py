@@ -4,9 +4,6 @@ on the actual device."""
 from __future__ import annotations
 
 import copy
-import os
-import statistics
-import time
 
 import torch
 from torch import nn

@@ -1,9 +1,9 @@
 """Sparse inference ops: ``fastprune::sparse_conv2d`` and ``fastprune::sparse_linear`` with CSR weights.
 
-Chain: fastprune/kernels/sparse_conv.py (Triton) and csrc/cuda/sparse_conv.cu (CUDA C++,
+Chain: fastprune/kernels/sparse.py (Triton) and csrc/cuda/sparse.cu (CUDA C++,
 ``sparse_conv2d_tiled_ext``): the GPU paths, float32/float16/bfloat16, both on the weight's
 output-channel-tiled form (reference/sparse.py's TiledWeight, built once per weight and cached
-here); csrc/sparse_conv.cpp (the CPU direct sparse convolution, three algorithms, on CSR);
+here); csrc/sparse.cpp (the CPU direct sparse convolution, three algorithms, on CSR);
 fastprune/reference/sparse.py (dense equivalent); fastprune/nn/sparse.py (modules, sparsify).
 The GPU kernels are checked here only under the Triton interpreter and by compilation: their GPU
 speed is unmeasured, and ``sparsify`` keeps whichever of dense and sparse its timing finds faster.
@@ -101,7 +101,7 @@ def sparse_conv2d(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
         weight = tiled_weight(row_ptr, col_idx, values, bias, in_channels * kh * kw)
         fused = 1 if epilogue in (1, 2) else 0
         if backend == "triton":
-            from fastprune.kernels.sparse_conv import sparse_conv2d_fwd
+            from fastprune.kernels.sparse import sparse_conv2d_fwd
 
             y = sparse_conv2d_fwd(x, weight, *geometry, relu=bool(fused))
         else:
@@ -211,7 +211,7 @@ def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
         # gathers of one feature for consecutive samples are contiguous (coalesced).
         x_cm = x.t().contiguous().t()
         if backend == "triton":
-            from fastprune.kernels.sparse_conv import sparse_linear_fwd
+            from fastprune.kernels.sparse import sparse_linear_fwd
 
             return sparse_linear_fwd(x_cm, weight)
         return _tiled_conv_cuda(x_cm[:, :, None, None], weight, (1, 1, 1, 1, 0, 0), False).view(x.shape[0], -1)

@@ -1,0 +1,267 @@
+"""The sparse ops (fastprune::sparse_conv2d, sparse_linear): every backend vs F.conv2d / F.linear in
+float64, on every layout, algorithm and fused epilogue; the GPU weight format; opcheck."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastprune
+from fastprune.ops.sparse import (_CONV_SPEC, _LINEAR_SPEC, is_batch_innermost, sparse_conv2d, sparse_linear,
+                                  to_batch_innermost)
+from fastprune.reference.sparse import csr_to_dense, dense_to_csr
+
+from ..conftest import backend_device_pairs
+
+# (N, C, H, W, OC, k, stride, padding, sparsity): 1x1 and 3x3, strides 1 and 2, paddings 0-2,
+# batch 1 and more, an all-zero layer (1.0) and a fully dense one (0.0), odd sizes.
+CONV_CASES = [
+    (1, 3, 8, 8, 4, 3, 1, 1, 0.9),
+    (2, 5, 9, 7, 6, 3, 1, 1, 0.5),
+    (3, 4, 8, 8, 6, 3, 2, 1, 0.7),
+    (2, 6, 7, 7, 5, 1, 2, 0, 0.3),
+    (2, 3, 5, 5, 4, 3, 1, 2, 0.0),
+    (2, 3, 5, 5, 4, 3, 1, 0, 1.0),
+    (4, 16, 4, 4, 8, 3, 1, 1, 0.95),
+    (1, 2, 33, 31, 3, 3, 2, 1, 0.6),
+    (2, 8, 6, 6, 7, 1, 1, 0, 0.8),
+    (2, 3, 17, 20, 5, 3, 1, 1, 0.8),  # wide enough for the direct algorithm
+    (1, 2, 18, 16, 3, 3, 1, 2, 0.5),
+    (2, 4, 16, 16, 3, 1, 1, 0, 0.5),
+    (2, 3, 17, 18, 4, 3, 2, 1, 0.5),  # stride 2, odd height, on the direct algorithm too
+    (1, 4, 16, 15, 3, 1, 2, 0, 0.4),
+    (2, 20, 6, 6, 37, 3, 1, 1, 0.7),  # three tiles of 16 output channels (the last partial), long unions
+    (1, 32, 4, 4, 20, 3, 1, 1, 0.97),  # a 4x4 map at batch 1: the GPU kernels' smallest block
+]
+
+
+
+def sparse_weight(shape, sparsity, seed, empty_row=True):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen) * (torch.rand(shape, generator=gen) >= sparsity)
+    if empty_row and shape[0] > 1:
+        w[1] = 0  # an output channel with no weights at all
+    return w
+
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_CONV_SPEC))
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_sparse_conv_matches_conv2d(backend, device, case):
+    n, c, h, w, oc, k, stride, pad, sparsity = case
+    gen = torch.Generator().manual_seed(sum(case[:8]))
+    x = torch.randn(n, c, h, w, generator=gen).to(device)
+    weight = sparse_weight((oc, c, k, k), sparsity, seed=n * 7 + c).to(device)
+    bias = torch.randn(oc, generator=gen).to(device)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    assert torch.equal(csr_to_dense(row_ptr, col_idx, values, weight.shape), weight)
+    want = F.conv2d(x.double(), weight.double(), bias.double(), stride=stride, padding=pad)
+    algos = [0, 1, 3] + ([2] if stride in (1, 2) else [])
+    # every algorithm, on contiguous, channels_last and batch-innermost inputs
+    for algo in algos:
+        for xin in (x, x.contiguous(memory_format=torch.channels_last), to_batch_innermost(x)):
+            if algo == 2 and not xin.is_contiguous():
+                continue
+            with fastprune.use_backend(backend):
+                got = sparse_conv2d(xin, row_ptr, col_idx, values, bias, c, k, k, stride, stride, pad, pad, algo)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+            if backend == "cpp" and algo == 3:
+                assert is_batch_innermost(got), "the batch-innermost algorithm writes its own layout"
+    if backend == "triton":  # half precision inputs (the GPU path), float32 accumulation
+        with fastprune.use_backend(backend):
+            got = sparse_conv2d(x.half(), row_ptr, col_idx, values, bias, c, k, k, stride, stride, pad, pad)
+        want = F.conv2d(x.half().double(), weight.double(), bias.double(), stride=stride, padding=pad)
+        assert got.dtype == torch.float16
+        torch.testing.assert_close(got.double(), want, atol=2e-3 * max(1.0, want.abs().max().item()), rtol=1e-3)
+
+
+
+@pytest.mark.parametrize("rows,columns,sparsity", [(1, 1, 0.0), (16, 9, 0.5), (37, 180, 0.9), (20, 5, 1.0)])
+def test_tiled_weight_round_trip(rows, columns, sparsity):
+    from fastprune.reference.sparse import OC_TILE, TiledWeight
+
+    weight = sparse_weight((rows, columns), sparsity, seed=rows + columns)
+    bias = torch.randn(rows)
+    tiled = TiledWeight(*dense_to_csr(weight), bias, columns)
+    assert torch.equal(tiled.to_dense(), weight)
+    assert torch.equal(tiled.bias[:rows], bias) and not tiled.bias[rows:].any()
+    for t in range(tiled.tiles):  # each tile's columns: sorted, exactly the union of its rows' non-zeros
+        cols = tiled.tile_cols[tiled.tile_ptr[t]:tiled.tile_ptr[t + 1]].long()
+        union = weight[t * OC_TILE:(t + 1) * OC_TILE].ne(0).any(0).nonzero()[:, 0]
+        assert torch.equal(cols, union)
+
+
+
+def test_bad_csr_is_refused_by_the_gpu_format():
+    from fastprune.reference.sparse import TiledWeight
+
+    row_ptr, col_idx, values = dense_to_csr(sparse_weight((4, 6), 0.5, seed=3))
+    with pytest.raises(ValueError, match="col_idx"):
+        TiledWeight(row_ptr, torch.where(col_idx == col_idx.max(), 6, col_idx).int(), values, None, 6)
+    with pytest.raises(ValueError, match="row_ptr"):
+        TiledWeight(row_ptr.flip(0), col_idx, values, None, 6)
+    with pytest.raises(ValueError, match="values"):
+        TiledWeight(row_ptr, col_idx, values[1:], None, 6)
+
+
+
+@pytest.mark.parametrize("total_p,oc", [(16, 8), (1, 70_000), (1024 * 224 * 224, 64), (256 * 32 * 32, 512)])
+def test_gpu_sparse_launch_grid(total_p, oc):
+    # One flat grid axis (CUDA allows 2^31 - 1 programs there, 65535 on the others): the old
+    # (positions, channels) grid could not launch a linear layer of more than 65535 outputs.
+    pytest.importorskip("triton")
+    from fastprune.kernels.sparse import OC_TILE, launch_grid
+
+    programs, n_pblocks, bp = launch_grid(total_p, oc)
+    assert programs < 2**31 and programs == -(-oc // OC_TILE) * n_pblocks and n_pblocks * bp >= total_p
+    if total_p <= 16:
+        assert bp == 16  # a 4x4 map at batch 1 fills its block (the old fixed 256 left 94% idle)
+
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_LINEAR_SPEC))
+@pytest.mark.parametrize("n,fin,fout,sparsity", [(1, 7, 5, 0.5), (9, 33, 17, 0.9), (4, 10, 3, 1.0), (3, 8, 6, 0.0),
+                                                (130, 40, 35, 0.8)])
+def test_sparse_linear_matches_linear(backend, device, n, fin, fout, sparsity):
+    gen = torch.Generator().manual_seed(n + fin)
+    x = torch.randn(n, fin, generator=gen).to(device)
+    weight = sparse_weight((fout, fin), sparsity, seed=fout).to(device)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    with fastprune.use_backend(backend):
+        got = sparse_linear(x, row_ptr, col_idx, values, None, fin)
+    torch.testing.assert_close(got.double(), x.double() @ weight.double().T, atol=1e-5, rtol=1e-5)
+
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_CONV_SPEC) + [pytest.param("reference", torch.device("cpu"))])
+def test_fused_epilogues(backend, device):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 18, 17, generator=gen).to(device)
+    weight = sparse_weight((5, 4, 3, 3), 0.6, seed=4).to(device)
+    bias = torch.randn(5, generator=gen).to(device)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    conv = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    residual = torch.randn(conv.shape, generator=gen).to(device)
+    for algo in (0, 1, 2, 3):
+        with fastprune.use_backend(backend):
+            relu = sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, algo, 1)
+            pooled = sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, algo, 2)
+            added = sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, algo, 3, residual)
+        torch.testing.assert_close(relu.double(), F.relu(conv), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pooled.double(), F.max_pool2d(F.relu(conv), 2), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(added.double(), F.relu(conv + residual.double()), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="residual"):
+        sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, 3, 1, residual)
+    with pytest.raises(ValueError, match="residual"):
+        sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, 3, 3)
+
+
+
+LAYOUT_INPUTS = {"contiguous": lambda x: x, "channels_last": lambda x: x.contiguous(memory_format=torch.channels_last),
+                 "batch_innermost": to_batch_innermost}
+
+
+
+@pytest.mark.parametrize("layout", list(LAYOUT_INPUTS))
+@pytest.mark.parametrize("algo,epilogue", [(0, 0), (0, 1), (1, 2), (2, 1), (3, 0), (3, 2), (3, 3)])
+def test_opcheck_on_every_layout_the_sparse_op_sees(layout, algo, epilogue):
+    # The fake must give the real output's strides (torch.compile relies on them): every layout the
+    # tuner can feed the op, every algorithm and fused epilogue.
+    if algo == 2 and layout != "contiguous":
+        pytest.skip("the direct algorithm takes contiguous inputs only")
+    gen = torch.Generator().manual_seed(algo * 10 + epilogue)
+    x = LAYOUT_INPUTS[layout](torch.randn(9, 4, 8, 8, generator=gen))
+    row_ptr, col_idx, values = dense_to_csr(sparse_weight((6, 4, 3, 3), 0.6, seed=algo))
+    residual = torch.randn(9, 6, 8, 8, generator=gen) if epilogue == 3 else None
+    args = (x, row_ptr, col_idx, values, torch.randn(6, generator=gen), 4, 3, 3, 1, 1, 1, 1, algo, epilogue, residual)
+    torch.library.opcheck(torch.ops.fastprune.sparse_conv2d.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    out = torch.ops.fastprune.sparse_conv2d.default(*args)
+    want = "batch_innermost" if algo == 3 else ("channels_last" if layout == "channels_last" else "contiguous")
+    assert {"batch_innermost": is_batch_innermost(out), "contiguous": out.is_contiguous(),
+            "channels_last": out.is_contiguous(memory_format=torch.channels_last)}[want]
+
+
+
+def test_opcheck_sparse_ops():
+    x = torch.randn(2, 3, 6, 6)
+    row_ptr, col_idx, values = dense_to_csr(sparse_weight((4, 3, 3, 3), 0.6, seed=1))
+    torch.library.opcheck(torch.ops.fastprune.sparse_conv2d.default,
+                          (x, row_ptr, col_idx, values, torch.randn(4), 3, 3, 3, 1, 1, 1, 1, 0, 0))
+    torch.library.opcheck(torch.ops.fastprune.sparse_conv2d.default,
+                          (torch.randn(2, 3, 16, 16), row_ptr, col_idx, values, None, 3, 3, 3, 1, 1, 1, 1, 2, 2))
+    row_ptr, col_idx, values = dense_to_csr(sparse_weight((5, 7), 0.6, seed=2))
+    torch.library.opcheck(torch.ops.fastprune.sparse_linear.default, (torch.randn(3, 7), row_ptr, col_idx, values,
+                                                                       None, 7))
+
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_CONV_SPEC))
+@pytest.mark.parametrize("stride", [(1, 2), (2, 1), (3, 3)])
+def test_sparse_conv_other_strides(backend, device, stride):
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 5, 11, 10, generator=gen).to(device)
+    weight = sparse_weight((6, 5, 3, 3), 0.7, seed=5).to(device)
+    bias = torch.randn(6, generator=gen).to(device)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    want = F.conv2d(x.double(), weight.double(), bias.double(), stride=stride, padding=1)
+    with fastprune.use_backend(backend):
+        got = sparse_conv2d(x, row_ptr, col_idx, values, bias, 5, 3, 3, *stride, 1, 1)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_CONV_SPEC))
+@pytest.mark.parametrize("case", [(3, 4, 9, 11, 5, 3, 1, 1), (2, 3, 13, 12, 4, 3, 2, 1), (2, 6, 8, 8, 7, 1, 1, 0),
+                                  (1, 5, 7, 7, 3, 3, 1, 0)], ids=str)
+def test_pooling_epilogue_on_the_padded_algorithm(backend, device, case):
+    n, c, h, w, oc, k, stride, pad = case  # odd sizes, stride 2, 1x1, no padding
+    gen = torch.Generator().manual_seed(sum(case))
+    x = torch.randn(n, c, h, w, generator=gen).to(device)
+    weight = sparse_weight((oc, c, k, k), 0.5, seed=c).to(device)
+    bias = torch.randn(oc, generator=gen).to(device)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    want = F.max_pool2d(F.relu(F.conv2d(x.double(), weight.double(), bias.double(), stride=stride, padding=pad)), 2)
+    for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+        with fastprune.use_backend(backend):
+            got = sparse_conv2d(xin, row_ptr, col_idx, values, bias, c, k, k, stride, stride, pad, pad, 1, 2)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_CONV_SPEC))
+@pytest.mark.parametrize("hw", [(1, 5), (5, 1), (1, 1), (2, 3)])
+def test_tiny_inputs_with_wide_padding_and_stride_two(backend, device, hw):
+    # taps can point past the last input row: the valid output range must not go negative
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, *hw, generator=gen).to(device)
+    weight = torch.randn(4, 3, 3, 3, generator=gen).to(device)
+    bias = torch.randn(4, generator=gen).to(device)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    want = F.conv2d(x.double(), weight.double(), bias.double(), stride=2, padding=1)
+    for algo in (0, 1, 2, 3):
+        with fastprune.use_backend(backend):
+            got = sparse_conv2d(x, row_ptr, col_idx, values, bias, 3, 3, 3, 2, 2, 1, 1, algo)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+
+@pytest.mark.parametrize("case", [(1, 3, 7, 6, 4, 3, 1, 1), (9, 5, 8, 8, 6, 3, 2, 1), (70, 3, 6, 5, 4, 3, 1, 2),
+                                  (130, 2, 5, 7, 3, 1, 2, 0), (65, 4, 9, 9, 5, 3, (1, 2), 1)], ids=str)
+def test_batch_innermost_algorithm_blocks_and_epilogues(case):
+    # batches of 1, under and over the 64-image block (70, 65 and 130 split unevenly), strides 1, 2
+    # and unequal, every epilogue, the output in the (OC, H', W', N) layout
+    n, c, h, w, oc, k, stride, pad = case
+    sh, sw = stride if isinstance(stride, tuple) else (stride, stride)
+    gen = torch.Generator().manual_seed(n + c)
+    x = torch.randn(n, c, h, w, generator=gen)
+    weight = sparse_weight((oc, c, k, k), 0.5, seed=n)
+    bias = torch.randn(oc, generator=gen)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    conv = F.conv2d(x.double(), weight.double(), bias.double(), stride=(sh, sw), padding=pad)
+    residual = to_batch_innermost(torch.randn(conv.shape, generator=gen))
+    wants = {0: conv, 1: F.relu(conv), 2: F.max_pool2d(F.relu(conv), 2), 3: F.relu(conv + residual.double())}
+    for epilogue, want in wants.items():
+        got = sparse_conv2d(to_batch_innermost(x), row_ptr, col_idx, values, bias, c, k, k, sh, sw, pad, pad, 3,
+                            epilogue, residual if epilogue == 3 else None)
+        assert got.shape == want.shape and is_batch_innermost(got)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
