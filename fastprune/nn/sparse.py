@@ -105,8 +105,9 @@ class SparseConv2d(_CSRWeight):
         recording = torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad))
         epilogue = 0 if recording else self.epilogue  # under autograd (attacks): the epilogue unfused
         y = sparse_conv2d(x, self.row_ptr, self.col_idx, self.values, self.bias, self.in_channels,
-                          *self.kernel_size, *self.stride, *self.padding, algo, epilogue,
-                          residual if epilogue == EPILOGUES["add_relu"] else None)
+                          *self.kernel_size, *self.stride, *self.padding, epilogue,
+                          residual if epilogue == EPILOGUES["add_relu"] else None,
+                          algo=algo if x.device.type == "cpu" else 0)
         return finish_epilogue(y, self.epilogue, epilogue, residual)
 
     def extra_repr(self) -> str:

@@ -28,12 +28,23 @@ _SPEC = backends.OpSpec("gaussian_gram", {"cuda": ("triton", "cuda"), "cpu": ("c
 
 
 # --- the registered ops -------------------------------------------------------------------------
+def _gram_reference(x, mean, scale, apply_exp):
+    dist = squared_distances_ref(x, mean).float()
+    return torch.exp(-scale * dist) if apply_exp else dist
+
+
+# One schema, one implementation per device registered on it: the decorated body is the default
+# (the PyTorch reference, any device); the CPU and CUDA kernels choose among their backends.
 @torch.library.custom_op("fastprune::gaussian_gram", mutates_args=())
 def _gaussian_gram_op(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, apply_exp: bool) -> torch.Tensor:
+    return _gram_reference(x, mean, scale, apply_exp)
+
+
+@_gaussian_gram_op.register_kernel(("cpu", "cuda"))
+def _gaussian_gram_device(x, mean, scale, apply_exp):
     backend = backends.choose(_SPEC, x.device)
     if backend == "reference":
-        dist = squared_distances_ref(x, mean).float()
-        return torch.exp(-scale * dist) if apply_exp else dist
+        return _gram_reference(x, mean, scale, apply_exp)
     if backend == "triton":
         from fastprune.kernels.hsic import gaussian_gram_fwd
 
@@ -52,6 +63,11 @@ def _gaussian_gram_fake(x, mean, scale, apply_exp):
 @torch.library.custom_op("fastprune::gaussian_gram_backward", mutates_args=())
 def _gaussian_gram_backward_op(grad: torch.Tensor, k: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
                                scale: torch.Tensor) -> torch.Tensor:
+    return gaussian_gram_backward_ref(grad, k, x, scale, mean).to(x.dtype)
+
+
+@_gaussian_gram_backward_op.register_kernel(("cpu", "cuda"))
+def _gaussian_gram_backward_device(grad, k, x, mean, scale):
     backend = backends.choose(_SPEC, x.device)
     if backend == "reference":
         return gaussian_gram_backward_ref(grad, k, x, scale, mean).to(x.dtype)

@@ -20,11 +20,16 @@ NORMS = ("linf", "l2")
 _SPEC = backends.OpSpec("pgd_step", {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}, native="pgd_step_ext")
 
 
+def _run_reference(x_adv, grad, x_nat, alpha, eps, norm, clip_min, clip_max, out) -> None:
+    out.copy_(pgd_step_ref(x_adv, grad, x_nat, alpha, eps, norm, clip_min, clip_max))
+
+
 def _run_backend(x_adv, grad, x_nat, alpha, eps, norm, clip_min, clip_max, out) -> None:
-    """Write the step into ``out`` with the chosen backend. ``out`` may alias ``x_adv``."""
+    """Write the step into ``out`` (which may alias ``x_adv``) with the backend chosen for the
+    tensors' device: the per-device kernels below call this; ``use_backend`` overrides the choice."""
     backend = backends.choose(_SPEC, x_adv.device)
     if backend == "reference":
-        out.copy_(pgd_step_ref(x_adv, grad, x_nat, alpha, eps, norm, clip_min, clip_max))
+        _run_reference(x_adv, grad, x_nat, alpha, eps, norm, clip_min, clip_max, out)
     elif backend == "triton":
         from fastprune.kernels.pgd import pgd_step_fwd
 
@@ -42,11 +47,20 @@ def _check_native_args(x_adv, grad, x_nat, alpha, eps, norm) -> None:
     torch._check(norm in NORMS, lambda: f"norm must be one of {NORMS}")
 
 
+# One schema, one implementation per device registered on it: the decorated body is the default
+# (the PyTorch reference, any device); the CPU and CUDA kernels choose among their backends.
 @torch.library.custom_op("fastprune::pgd_step", mutates_args=())
 def _pgd_step_op(
     x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, alpha: torch.Tensor, eps: torch.Tensor,
     norm: str, clip_min: float, clip_max: float,
 ) -> torch.Tensor:
+    out = torch.empty_like(x_adv)
+    _run_reference(x_adv, grad, x_nat, alpha, eps, norm, clip_min, clip_max, out)
+    return out
+
+
+@_pgd_step_op.register_kernel(("cpu", "cuda"))
+def _pgd_step_device(x_adv, grad, x_nat, alpha, eps, norm, clip_min, clip_max):
     out = torch.empty_like(x_adv)
     _run_backend(x_adv, grad, x_nat, alpha, eps, norm, clip_min, clip_max, out)
     return out
@@ -63,6 +77,11 @@ def _pgd_step_inplace_op(
     x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, alpha: torch.Tensor, eps: torch.Tensor,
     norm: str, clip_min: float, clip_max: float,
 ) -> None:
+    _run_reference(x_adv, grad, x_nat, alpha, eps, norm, clip_min, clip_max, x_adv)
+
+
+@_pgd_step_inplace_op.register_kernel(("cpu", "cuda"))
+def _pgd_step_inplace_device(x_adv, grad, x_nat, alpha, eps, norm, clip_min, clip_max):
     _run_backend(x_adv, grad, x_nat, alpha, eps, norm, clip_min, clip_max, x_adv)
 
 

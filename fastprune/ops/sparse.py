@@ -77,47 +77,6 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-@torch.library.custom_op("fastprune::sparse_conv2d", mutates_args=())
-def sparse_conv2d(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
-                  bias: Optional[torch.Tensor], in_channels: int, kh: int, kw: int, stride_h: int, stride_w: int,
-                  pad_h: int, pad_w: int, algo: int = 0, epilogue: int = 0,
-                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(N, C, H, W) float32 -> (N, OC, H', W'); CSR weight (OC rows, columns (ic * kh + r) * kw + s).
-    algo (cpp backend): 0 by shape, 1 padded channel-major, 2 direct (stride 1 or 2, contiguous NCHW),
-    3 batch innermost (any input; the output's memory holds (OC, H', W', N), see to_batch_innermost).
-    epilogue: 0 none, 1 ReLU, 2 ReLU then 2x2 max pooling (output H'/2 x W'/2), 3 ReLU of the sum with
-    ``residual`` (N, OC, H', W'); fused into the kernel where it can be (cpp: ReLU always, pooling
-    with all but the padded algorithm at unequal strides, the residual with the batch-innermost one),
-    applied after otherwise."""
-    if (epilogue == EPILOGUES["add_relu"]) != (residual is not None):
-        raise ValueError("residual must be given exactly when epilogue is 3 (add_relu)")
-    backend = backends.choose(_CONV_SPEC, x.device)
-    geometry = (kh, kw, stride_h, stride_w, pad_h, pad_w)
-    fused = 0
-    if backend == "reference":
-        y = sparse_conv2d_ref(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, (stride_h, stride_w),
-                              (pad_h, pad_w))
-    elif backend in ("triton", "cuda"):  # the tiled GPU kernels: ReLU fused, pooling/residual after
-        weight = tiled_weight(row_ptr, col_idx, values, bias, in_channels * kh * kw)
-        fused = 1 if epilogue in (1, 2) else 0
-        if backend == "triton":
-            from fastprune.kernels.sparse import sparse_conv2d_fwd
-
-            y = sparse_conv2d_fwd(x, weight, *geometry, relu=bool(fused))
-        else:
-            y = _tiled_conv_cuda(x, weight, geometry, bool(fused))
-    elif backend == "cpp" and epilogue == 3 and algo == ALGORITHMS["batch_innermost"]:
-        y, fused = torch.ops.fastprune.sparse_conv2d_ext(x, row_ptr, col_idx, values, bias, *geometry, algo, 3,
-                                                         residual), 3
-    elif backend == "cpp" and epilogue == 2 and pool_fusable(x, (stride_h, stride_w), algo):
-        pool_algo = algo if algo in (ALGORITHMS["padded"], ALGORITHMS["batch_innermost"]) else ALGORITHMS["direct"]
-        y, fused = torch.ops.fastprune.sparse_conv2d_ext(x, row_ptr, col_idx, values, bias, *geometry, pool_algo, 2), 2
-    else:  # cpp: ReLU fused, pooling or the residual (if asked) after
-        fused = 1 if epilogue in (1, 2) else 0
-        y = torch.ops.fastprune.sparse_conv2d_ext(x, row_ptr, col_idx, values, bias, *geometry, algo, fused)
-    return in_layout(finish_epilogue(y, epilogue, fused, residual), output_layout(x, algo))
-
-
 # The output's memory layout, the same for every backend (and what the fake says, so torch.compile
 # and opcheck see the real strides): batch innermost from the CPU's batch-innermost algorithm,
 # channels_last from a channels_last input, contiguous otherwise.
@@ -151,27 +110,161 @@ def in_layout(y: torch.Tensor, layout: str) -> torch.Tensor:
     return target.copy_(y)
 
 
+def _check_epilogue(epilogue: int, residual) -> None:
+    if epilogue not in EPILOGUES.values():
+        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    if (epilogue == EPILOGUES["add_relu"]) != (residual is not None):
+        raise ValueError("residual must be given exactly when epilogue is 3 (add_relu)")
+
+
+def _reference_conv(x, row_ptr, col_idx, values, bias, in_channels, geometry):
+    kh, kw, stride_h, stride_w, pad_h, pad_w = geometry
+    return sparse_conv2d_ref(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, (stride_h, stride_w),
+                             (pad_h, pad_w))
+
+
+def _conv_gpu(backend, x, row_ptr, col_idx, values, bias, in_channels, geometry, epilogue):
+    """(output, fused epilogue) of the tiled GPU kernels: ReLU fused, pooling and the residual after."""
+    kh, kw = geometry[:2]
+    weight = tiled_weight(row_ptr, col_idx, values, bias, in_channels * kh * kw)
+    relu = epilogue in (EPILOGUES["relu"], EPILOGUES["relu_pool"])
+    if backend == "triton":
+        from fastprune.kernels.sparse import sparse_conv2d_fwd
+
+        y = sparse_conv2d_fwd(x, weight, *geometry, relu=relu)
+    else:
+        y = _tiled_conv_cuda(x, weight, geometry, relu)
+    return y, EPILOGUES["relu"] if relu else EPILOGUES["none"]
+
+
+def _conv_cpp(x, row_ptr, col_idx, values, bias, geometry, algo, epilogue, residual):
+    """(output, fused epilogue) of the CPU C++ kernels, which fuse what their algorithm can."""
+    ext = torch.ops.fastprune.sparse_conv2d_ext
+    if epilogue == EPILOGUES["add_relu"] and algo == ALGORITHMS["batch_innermost"]:
+        return ext(x, row_ptr, col_idx, values, bias, *geometry, algo, epilogue, residual), epilogue
+    if epilogue == EPILOGUES["relu_pool"] and pool_fusable(x, geometry[2:4], algo):
+        pool_algo = algo if algo in (ALGORITHMS["padded"], ALGORITHMS["batch_innermost"]) else ALGORITHMS["direct"]
+        return ext(x, row_ptr, col_idx, values, bias, *geometry, pool_algo, epilogue), epilogue
+    fused = EPILOGUES["relu"] if epilogue in (EPILOGUES["relu"], EPILOGUES["relu_pool"]) else EPILOGUES["none"]
+    return ext(x, row_ptr, col_idx, values, bias, *geometry, algo, fused), fused
+
+
+def _conv_on_cpu(x, row_ptr, col_idx, values, bias, in_channels, geometry, algo, epilogue, residual):
+    backend = backends.choose(_CONV_SPEC, x.device)
+    if backend == "cpp":
+        y, fused = _conv_cpp(x, row_ptr, col_idx, values, bias, geometry, algo, epilogue, residual)
+    elif backend == "triton":  # the GPU kernel under Triton's interpreter (tests)
+        y, fused = _conv_gpu(backend, x, row_ptr, col_idx, values, bias, in_channels, geometry, epilogue)
+    else:
+        y, fused = _reference_conv(x, row_ptr, col_idx, values, bias, in_channels, geometry), EPILOGUES["none"]
+    return in_layout(finish_epilogue(y, epilogue, fused, residual), output_layout(x, algo))
+
+
+# The device-generic op: the math (convolution with a CSR weight, then the epilogue), nothing about
+# how a device computes it. Its CPU kernel uses the algorithm the shape suggests; to pick one (the
+# tuner does), call the CPU op below. One implementation per device, registered on the op.
+@torch.library.custom_op("fastprune::sparse_conv2d", mutates_args=())
+def _sparse_conv2d_op(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+                      bias: Optional[torch.Tensor], in_channels: int, kh: int, kw: int, stride_h: int, stride_w: int,
+                      pad_h: int, pad_w: int, epilogue: int = 0, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Default implementation (any device): the PyTorch reference."""
+    geometry = (kh, kw, stride_h, stride_w, pad_h, pad_w)
+    y = _reference_conv(x, row_ptr, col_idx, values, bias, in_channels, geometry)
+    return in_layout(finish_epilogue(y, epilogue, EPILOGUES["none"], residual), output_layout(x, 0))
+
+
+@_sparse_conv2d_op.register_kernel("cpu")
+def _sparse_conv2d_cpu_kernel(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, stride_h, stride_w, pad_h,
+                              pad_w, epilogue=0, residual=None):
+    return _conv_on_cpu(x, row_ptr, col_idx, values, bias, in_channels, (kh, kw, stride_h, stride_w, pad_h, pad_w),
+                        0, epilogue, residual)
+
+
+@_sparse_conv2d_op.register_kernel("cuda")
+def _sparse_conv2d_cuda_kernel(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, stride_h, stride_w, pad_h,
+                               pad_w, epilogue=0, residual=None):
+    geometry = (kh, kw, stride_h, stride_w, pad_h, pad_w)
+    backend = backends.choose(_CONV_SPEC, x.device)
+    if backend == "reference":
+        y, fused = _reference_conv(x, row_ptr, col_idx, values, bias, in_channels, geometry), EPILOGUES["none"]
+    else:
+        y, fused = _conv_gpu(backend, x, row_ptr, col_idx, values, bias, in_channels, geometry, epilogue)
+    return in_layout(finish_epilogue(y, epilogue, fused, residual), output_layout(x, 0))
+
+
+# The CPU's own op: the same convolution with the algorithm as an argument (0 by shape, 1 padded
+# channel-major, 2 direct NCHW for strides 1 and 2 on contiguous inputs, 3 batch innermost, whose
+# output is laid out (OC, H', W', N); see csrc/sparse.cpp). CPU tensors only.
+@torch.library.custom_op("fastprune::sparse_conv2d_cpu", mutates_args=())
+def _sparse_conv2d_cpu_op(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+                          bias: Optional[torch.Tensor], in_channels: int, kh: int, kw: int, stride_h: int,
+                          stride_w: int, pad_h: int, pad_w: int, algo: int, epilogue: int = 0,
+                          residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if x.device.type != "cpu":
+        raise ValueError(f"fastprune::sparse_conv2d_cpu takes CPU tensors, got {x.device}")
+    return _conv_on_cpu(x, row_ptr, col_idx, values, bias, in_channels, (kh, kw, stride_h, stride_w, pad_h, pad_w),
+                        algo, epilogue, residual)
+
+
+def sparse_conv2d(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+                  bias: Optional[torch.Tensor], in_channels: int, kh: int, kw: int, stride_h: int, stride_w: int,
+                  pad_h: int, pad_w: int, epilogue: int = 0, residual: Optional[torch.Tensor] = None, *,
+                  algo: int = 0) -> torch.Tensor:
+    """Sparse convolution: (N, C, H, W) -> (N, OC, H', W'), CSR weight (OC rows; column
+    (ic * kh + r) * kw + s; row_ptr/col_idx int32, values float32), groups 1, dilation 1, zero padding.
+
+    epilogue: 0 none, 1 ReLU, 2 ReLU then 2x2 max pooling (output H'/2 x W'/2), 3 ReLU of the sum
+    with ``residual`` (N, OC, H', W'); fused into the kernel where the device's kernel can, applied
+    after otherwise. algo: the CPU algorithm (see fastprune::sparse_conv2d_cpu); 0, by shape, is
+    the only choice on a GPU. Output layout (every backend alike): batch innermost from algorithm 3,
+    channels_last from a channels_last input, contiguous otherwise. Differentiable w.r.t. x when the
+    epilogue is 0.
+    """
+    _check_epilogue(epilogue, residual)
+    if algo not in ALGORITHMS.values() and algo != 0:
+        raise ValueError(f"algo must be 0 or one of {ALGORITHMS}, got {algo!r}")
+    args = (x, row_ptr, col_idx, values, bias, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w)
+    if algo == 0 or x.device.type != "cpu":
+        return _sparse_conv2d_op(*args, epilogue, residual)
+    return _sparse_conv2d_cpu_op(*args, algo, epilogue, residual)
+
+
 def finish_epilogue(y: torch.Tensor, epilogue: int, fused: int, residual: Optional[torch.Tensor] = None):
-    """Apply in PyTorch ops what of ``epilogue`` the kernel did not fuse (it fused ``fused``): the
-    residual add + ReLU, the ReLU, the 2x2 max pooling."""
+    """Apply in PyTorch ops what of ``epilogue`` the kernel did not fuse (it fused ``fused``: none,
+    the same epilogue, or the ReLU of one that pools): the residual add + ReLU, the ReLU, the 2x2
+    max pooling."""
+    if epilogue == fused:
+        return y
     if epilogue == EPILOGUES["add_relu"]:
-        return y if fused == epilogue else torch.relu(y + residual)
-    if epilogue >= 1 and fused == 0:
+        return torch.relu(y + residual)
+    if fused == EPILOGUES["none"] and epilogue in (EPILOGUES["relu"], EPILOGUES["relu_pool"]):
         y = torch.relu(y)
-    if epilogue == EPILOGUES["relu_pool"] and fused < epilogue:
+    if epilogue == EPILOGUES["relu_pool"]:
         y = torch.nn.functional.max_pool2d(y, 2)
     return y
 
 
-@sparse_conv2d.register_fake
-def _sparse_conv2d_fake(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w,
-                        algo=0, epilogue=0, residual=None):
+# The output layout is part of each op's contract (see output_layout): the fakes follow it, so
+# torch.compile and opcheck see the real strides.
+def _conv_fake(x, row_ptr, kh, kw, stride_h, stride_w, pad_h, pad_w, algo, epilogue):
     torch._check(x.dim() == 4, lambda: "x must be (N, C, H, W)")
     ho = conv_output_size(x.shape[2], kh, stride_h, pad_h)
     wo = conv_output_size(x.shape[3], kw, stride_w, pad_w)
-    if epilogue == 2:
+    if epilogue == EPILOGUES["relu_pool"]:
         ho, wo = ho // 2, wo // 2
     return empty_in_layout(x, (x.shape[0], row_ptr.shape[0] - 1, ho, wo), output_layout(x, algo))
+
+
+@_sparse_conv2d_op.register_fake
+def _sparse_conv2d_fake(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w,
+                        epilogue=0, residual=None):
+    return _conv_fake(x, row_ptr, kh, kw, stride_h, stride_w, pad_h, pad_w, 0, epilogue)
+
+
+@_sparse_conv2d_cpu_op.register_fake
+def _sparse_conv2d_cpu_fake(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w,
+                            algo, epilogue=0, residual=None):
+    return _conv_fake(x, row_ptr, kh, kw, stride_h, stride_w, pad_h, pad_w, algo, epilogue)
 
 
 # Gradients w.r.t. the input only (the weights are inference buffers), so that attacks can run on a
@@ -179,7 +272,9 @@ def _sparse_conv2d_fake(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, 
 # backward pass is not what sparse inference speeds up). Fused epilogues are not differentiated:
 # SparseConv2d applies them unfused when autograd records.
 def _conv_setup_context(ctx, inputs, output):
-    x, row_ptr, col_idx, values, _, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w, _, epilogue, _ = inputs
+    x, row_ptr, col_idx, values, _, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w = inputs[:12]
+    epilogue = inputs[-2]
+    ctx.n_inputs = len(inputs)
     ctx.save_for_backward(row_ptr, col_idx, values)
     ctx.geometry = (x.shape, in_channels, kh, kw, (stride_h, stride_w), (pad_h, pad_w), epilogue)
 
@@ -192,16 +287,22 @@ def _conv_backward(ctx, grad):
                            "and apply ReLU/pooling/the residual after (SparseConv2d does so under autograd)")
     weight = csr_to_dense(row_ptr, col_idx, values, (row_ptr.shape[0] - 1, in_channels, kh, kw)).to(grad.dtype)
     grad_x = torch.nn.grad.conv2d_input(x_shape, weight, grad.contiguous(), stride=stride, padding=padding)
-    return (grad_x,) + (None,) * 14
+    return (grad_x,) + (None,) * (ctx.n_inputs - 1)
 
 
-sparse_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+_sparse_conv2d_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+_sparse_conv2d_cpu_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
 
 
 @torch.library.custom_op("fastprune::sparse_linear", mutates_args=())
 def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
                   bias: Optional[torch.Tensor], in_features: int) -> torch.Tensor:
-    """(N, in) float32 -> (N, out); CSR weight (out rows, in columns)."""
+    """(N, in) -> (N, out); CSR weight (out rows, in columns). Default implementation: the reference."""
+    return sparse_linear_ref(x, row_ptr, col_idx, values, bias, in_features)
+
+
+@sparse_linear.register_kernel(("cpu", "cuda"))
+def _sparse_linear_device(x, row_ptr, col_idx, values, bias, in_features):
     backend = backends.choose(_LINEAR_SPEC, x.device)
     if backend == "reference":
         return sparse_linear_ref(x, row_ptr, col_idx, values, bias, in_features)

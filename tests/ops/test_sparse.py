@@ -61,7 +61,7 @@ def test_sparse_conv_matches_conv2d(backend, device, case):
             if algo == 2 and not xin.is_contiguous():
                 continue
             with fastprune.use_backend(backend):
-                got = sparse_conv2d(xin, row_ptr, col_idx, values, bias, c, k, k, stride, stride, pad, pad, algo)
+                got = sparse_conv2d(xin, row_ptr, col_idx, values, bias, c, k, k, stride, stride, pad, pad, algo=algo)
             assert got.shape == want.shape
             torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
             if backend == "cpp" and algo == 3:
@@ -143,16 +143,16 @@ def test_fused_epilogues(backend, device):
     residual = torch.randn(conv.shape, generator=gen).to(device)
     for algo in (0, 1, 2, 3):
         with fastprune.use_backend(backend):
-            relu = sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, algo, 1)
-            pooled = sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, algo, 2)
-            added = sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, algo, 3, residual)
+            relu = sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, 1, algo=algo)
+            pooled = sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, 2, algo=algo)
+            added = sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, 3, residual, algo=algo)
         torch.testing.assert_close(relu.double(), F.relu(conv), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(pooled.double(), F.max_pool2d(F.relu(conv), 2), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(added.double(), F.relu(conv + residual.double()), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="residual"):
-        sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, 3, 1, residual)
+        sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, 1, residual, algo=3)
     with pytest.raises(ValueError, match="residual"):
-        sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, 3, 3)
+        sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, 3, algo=3)
 
 
 
@@ -172,10 +172,12 @@ def test_opcheck_on_every_layout_the_sparse_op_sees(layout, algo, epilogue):
     x = LAYOUT_INPUTS[layout](torch.randn(9, 4, 8, 8, generator=gen))
     row_ptr, col_idx, values = dense_to_csr(sparse_weight((6, 4, 3, 3), 0.6, seed=algo))
     residual = torch.randn(9, 6, 8, 8, generator=gen) if epilogue == 3 else None
-    args = (x, row_ptr, col_idx, values, torch.randn(6, generator=gen), 4, 3, 3, 1, 1, 1, 1, algo, epilogue, residual)
-    torch.library.opcheck(torch.ops.fastprune.sparse_conv2d.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
-    out = torch.ops.fastprune.sparse_conv2d.default(*args)
+    common = (x, row_ptr, col_idx, values, torch.randn(6, generator=gen), 4, 3, 3, 1, 1, 1, 1)
+    # algorithm 0 through the device-generic op, a chosen one through the CPU's own op
+    op, args = ((torch.ops.fastprune.sparse_conv2d.default, common + (epilogue, residual)) if algo == 0 else
+                (torch.ops.fastprune.sparse_conv2d_cpu.default, common + (algo, epilogue, residual)))
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    out = op(*args)
     want = "batch_innermost" if algo == 3 else ("channels_last" if layout == "channels_last" else "contiguous")
     assert {"batch_innermost": is_batch_innermost(out), "contiguous": out.is_contiguous(),
             "channels_last": out.is_contiguous(memory_format=torch.channels_last)}[want]
@@ -186,8 +188,8 @@ def test_opcheck_sparse_ops():
     x = torch.randn(2, 3, 6, 6)
     row_ptr, col_idx, values = dense_to_csr(sparse_weight((4, 3, 3, 3), 0.6, seed=1))
     torch.library.opcheck(torch.ops.fastprune.sparse_conv2d.default,
-                          (x, row_ptr, col_idx, values, torch.randn(4), 3, 3, 3, 1, 1, 1, 1, 0, 0))
-    torch.library.opcheck(torch.ops.fastprune.sparse_conv2d.default,
+                          (x, row_ptr, col_idx, values, torch.randn(4), 3, 3, 3, 1, 1, 1, 1, 0))
+    torch.library.opcheck(torch.ops.fastprune.sparse_conv2d_cpu.default,
                           (torch.randn(2, 3, 16, 16), row_ptr, col_idx, values, None, 3, 3, 3, 1, 1, 1, 1, 2, 2))
     row_ptr, col_idx, values = dense_to_csr(sparse_weight((5, 7), 0.6, seed=2))
     torch.library.opcheck(torch.ops.fastprune.sparse_linear.default, (torch.randn(3, 7), row_ptr, col_idx, values,
@@ -223,7 +225,7 @@ def test_pooling_epilogue_on_the_padded_algorithm(backend, device, case):
     want = F.max_pool2d(F.relu(F.conv2d(x.double(), weight.double(), bias.double(), stride=stride, padding=pad)), 2)
     for xin in (x, x.contiguous(memory_format=torch.channels_last)):
         with fastprune.use_backend(backend):
-            got = sparse_conv2d(xin, row_ptr, col_idx, values, bias, c, k, k, stride, stride, pad, pad, 1, 2)
+            got = sparse_conv2d(xin, row_ptr, col_idx, values, bias, c, k, k, stride, stride, pad, pad, 2, algo=1)
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
@@ -240,7 +242,7 @@ def test_tiny_inputs_with_wide_padding_and_stride_two(backend, device, hw):
     want = F.conv2d(x.double(), weight.double(), bias.double(), stride=2, padding=1)
     for algo in (0, 1, 2, 3):
         with fastprune.use_backend(backend):
-            got = sparse_conv2d(x, row_ptr, col_idx, values, bias, 3, 3, 3, 2, 2, 1, 1, algo)
+            got = sparse_conv2d(x, row_ptr, col_idx, values, bias, 3, 3, 3, 2, 2, 1, 1, algo=algo)
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
@@ -261,7 +263,7 @@ def test_batch_innermost_algorithm_blocks_and_epilogues(case):
     residual = to_batch_innermost(torch.randn(conv.shape, generator=gen))
     wants = {0: conv, 1: F.relu(conv), 2: F.max_pool2d(F.relu(conv), 2), 3: F.relu(conv + residual.double())}
     for epilogue, want in wants.items():
-        got = sparse_conv2d(to_batch_innermost(x), row_ptr, col_idx, values, bias, c, k, k, sh, sw, pad, pad, 3,
-                            epilogue, residual if epilogue == 3 else None)
+        got = sparse_conv2d(to_batch_innermost(x), row_ptr, col_idx, values, bias, c, k, k, sh, sw, pad, pad,
+                            epilogue, residual if epilogue == 3 else None, algo=3)
         assert got.shape == want.shape and is_batch_innermost(got)
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
