@@ -16,7 +16,9 @@ from ..reference.pgd import pgd_step_ref
 
 Number = Union[float, int]
 NORMS = ("linf", "l2")
-# Fastest first; measured choices per device live in bench/results.
+# Preference per device, first available wins. On the CPU the C++ kernel was measured fastest
+# (bench/results/attacks-cpu.csv); on a GPU the order (CUDA C++, then Triton) is a guess until
+# scripts/gpu_check.sh has timed both (bench/attacks.py times every backend that runs).
 _SPEC = backends.OpSpec("pgd_step", {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}, native="pgd_step_ext")
 
 
