@@ -88,6 +88,14 @@ step() {
   tail -n 5 "$log" | sed 's/^/   /'
 }
 
+# --- 0. carried wheels (the machine has no network): torchattacks for the attack benchmark's peer ---
+# Here, before the run: python3 -m pip download --no-deps -d .whl torchattacks==3.5.1 (pure Python),
+# then name .whl in the run's carry list.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  step wheels 60 run "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" .whl/*.whl
+  export PYTHONPATH="$WORK/site:$PYTHONPATH"
+fi
+
 # --- 1. versions ---------------------------------------------------------------------------------
 step versions 20 run bash -c "$PY -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"gpu\", torch.cuda.is_available() and torch.cuda.get_device_name())'; $PY -c 'import triton; print(\"triton\", triton.__version__)'; nvcc --version | tail -n 2; nproc; (nvidia-smi || echo 'no nvidia-smi here')"
 
