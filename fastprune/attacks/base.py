@@ -106,7 +106,10 @@ class Attack:
     def _check_inputs(self, images, labels) -> None:
         if self.cuda_graph and isinstance(images, torch.Tensor) and images.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs CUDA tensors; images are on {images.device}")
-        check_images_labels(images, labels, clip=self.clip, model=self.model)
+        # The model's class count is read once (one forward of one image) and kept: attacks inside
+        # training objectives are called every batch.
+        self._num_classes = check_images_labels(images, labels, clip=self.clip, model=self.model,
+                                                num_classes=getattr(self, "_num_classes", None))
 
     # --- pieces the attacks are made of -------------------------------------------------------
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -95,10 +95,11 @@ def evaluate(model: nn.Module, data, attacks: Sequence[str] = DEFAULT_ATTACKS, *
     worst = torch.zeros((), dtype=torch.long, device=device)
     total = 0
     bar = tqdm(total=_length(data), desc="evaluate", unit="img", disable=not progress, leave=False)
-    clip = options.get("clip", (0.0, 1.0))
+    clip, classes = options.get("clip", (0.0, 1.0)), None
     for images, labels in _batches(data, batch_size):
         images, labels = images.to(device), labels.to(device)
-        check_images_labels(images, labels, clip=clip, model=model)  # "clean" too: NaN, 0-255, bad labels
+        # "clean" too: NaN, 0-255, bad labels (the model's class count read once)
+        classes = check_images_labels(images, labels, clip=clip, model=model, num_classes=classes)
         with torch.no_grad(), eval_mode(model):
             clean_right = logits_of(model(images)).argmax(dim=1) == labels
         robust = clean_right.clone()

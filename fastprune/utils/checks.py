@@ -66,10 +66,12 @@ def model_dtype(model) -> torch.dtype | None:
     return param.dtype if param is not None else None
 
 
-def check_images_labels(images, labels, *, clip=(0.0, 1.0), model=None, what: str = "images") -> None:
+def check_images_labels(images, labels, *, clip=(0.0, 1.0), model=None, what: str = "images",
+                        num_classes: int | None = None) -> int | None:
     """images (N, ...) floating point, finite, inside ``clip``, of the model's dtype; labels (N,)
-    integer in [0, classes) (classes from one forward of a single image, in eval mode, when a model
-    is given). One host synchronisation for all the value checks."""
+    integer in [0, classes). The classes are ``num_classes`` if given, else read off one forward of
+    a single image in eval mode when a model is given. One host synchronisation for all the value
+    checks. Returns the number of classes used (None if unknown), for callers to cache."""
     if not isinstance(images, torch.Tensor) or not images.is_floating_point():
         raise ValueError(f"{what} must be a floating-point tensor of shape (N, ...), got "
                          f"{images.dtype if isinstance(images, torch.Tensor) else type(images).__name__}")
@@ -86,7 +88,7 @@ def check_images_labels(images, labels, *, clip=(0.0, 1.0), model=None, what: st
         raise ValueError(f"{what} are {images.dtype} but the model's parameters are {dtype}: convert one "
                          f"(e.g. images.to({dtype}))")
     if images.numel() == 0:
-        return
+        return num_classes
     finite, lo, hi, lmin, lmax = torch.stack([
         torch.isfinite(images).all().double(), images.min().double(), images.max().double(),
         labels.min().double(), labels.max().double()]).tolist()
@@ -97,8 +99,9 @@ def check_images_labels(images, labels, *, clip=(0.0, 1.0), model=None, what: st
         raise ValueError(f"{what} must lie in clip={tuple(clip)}, got values in [{lo:.4g}, {hi:.4g}]{hint}")
     if lmin < 0:
         raise ValueError(f"labels must be class indices >= 0, got {int(lmin)}")
-    if isinstance(model, nn.Module):
+    if num_classes is None and isinstance(model, nn.Module):
         with torch.no_grad(), eval_mode(model):
-            classes = logits_of(model(images[:1])).shape[-1]
-        if lmax >= classes:
-            raise ValueError(f"labels must be class indices below the model's {classes} outputs, got {int(lmax)}")
+            num_classes = logits_of(model(images[:1])).shape[-1]
+    if num_classes is not None and lmax >= num_classes:
+        raise ValueError(f"labels must be class indices below the model's {num_classes} outputs, got {int(lmax)}")
+    return num_classes
