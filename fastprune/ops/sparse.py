@@ -4,7 +4,7 @@ Chain: fastprune/kernels/sparse.py (Triton) and csrc/cuda/sparse.cu (CUDA C++,
 ``sparse_conv2d_tiled_ext``): the GPU paths, float32/float16/bfloat16, both on the weight's
 output-channel-tiled form (reference/sparse.py's TiledWeight, built once per weight and cached
 here); csrc/sparse.cpp (the CPU direct sparse convolution, three algorithms, on CSR);
-fastprune/reference/sparse.py (dense equivalent); fastprune/nn/sparse.py (modules, sparsify).
+fastprune/reference/sparse.py (dense equivalent); fastprune/nn/sparse/ (modules, passes, sparsify, files).
 The GPU kernels are checked here only under the Triton interpreter and by compilation: their GPU
 speed is unmeasured, and ``sparsify`` keeps whichever of dense and sparse its timing finds faster.
 """

@@ -113,8 +113,10 @@ def test_save_load_round_trip_and_size(tmp_path):
 def test_every_candidate_sparsify_can_pick_reloads_exactly(name, tmp_path):
     # Whatever timing picks (layout, per-layer algorithm, fused epilogues, micro-batches, dense),
     # save_sparse + load_sparse rebuild it from tensors and plain data with identical outputs.
-    from fastprune.nn.sparse import (BatchInnermostInput, ChannelsLastInput, MicroBatched, _fast_pooling,
-                                     _layout_candidates, _plan_of, fold_batchnorm)
+    from fastprune.nn.sparse import BatchInnermostInput, ChannelsLastInput, MicroBatched, fold_batchnorm
+    from fastprune.nn.sparse.files import _plan_of
+    from fastprune.nn.sparse.passes import _fast_pooling
+    from fastprune.nn.sparse.tuner import _layout_candidates
 
     torch.manual_seed(1)
     model = prune_model(get_model(name, 10, 3).eval(), 0.95, method="magnitude")
@@ -206,7 +208,8 @@ def test_semi_structured_linear_matches_the_masked_dense_layer(dtype, tmp_path):
 
 
 def test_residual_add_and_relu_fuse_into_one_op():
-    from fastprune.nn.sparse import _fuse_add_relu, add_relu
+    from fastprune.nn.sparse import add_relu
+    from fastprune.nn.sparse.passes import _fuse_add_relu
 
     torch.manual_seed(0)
     model = get_model("resnet18", 10, 3).eval()
@@ -238,7 +241,8 @@ def test_fast_adaptive_avg_pooling_equals_pytorch():
 
 def test_batch_innermost_resnet_fuses_every_residual_into_a_conv():
     from fastprune.nn import BatchInnermostInput
-    from fastprune.nn.sparse import _convert_layers, add_relu, fold_batchnorm, fuse_epilogues
+    from fastprune.nn.sparse import add_relu, fold_batchnorm, fuse_epilogues
+    from fastprune.nn.sparse.tuner import _convert_layers
 
     torch.manual_seed(0)
     model = prune_model(get_model("resnet18", 10, 3).eval(), 0.9, method="magnitude")

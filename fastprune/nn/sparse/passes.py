@@ -1,0 +1,226 @@
+"""Graph passes sparsify applies to a model: BatchNorm folding, faster pooling modules, and fusing
+ReLU, 2x2 max pooling and ResNet's relu(a + b) into the sparse convolutions' epilogues."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...ops.sparse import ALGORITHMS, EPILOGUES
+from ..masked import _replace
+from .layers import SparseConv2d
+
+
+def _max_of_four(x: torch.Tensor) -> torch.Tensor:
+    """2x2, stride-2 max pooling of (N, C, H, W) as the maximum of four strided views (odd edges
+    dropped, as nn.MaxPool2d does): several times faster than PyTorch's CPU pooling on NCHW tensors,
+    the layout the sparse convolutions produce, and no slower on channels_last ones."""
+    h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
+    x = x[:, :, :h, :w]
+    return torch.maximum(torch.maximum(x[:, :, 0::2, 0::2], x[:, :, 0::2, 1::2]),
+                         torch.maximum(x[:, :, 1::2, 0::2], x[:, :, 1::2, 1::2]))
+
+
+class MaxPool2x2(nn.Module):
+    """nn.MaxPool2d(2) computed by :func:`_max_of_four`: the same values, faster."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _max_of_four(x) if x.dim() == 4 else torch.nn.functional.max_pool2d(x, 2)
+
+    @staticmethod
+    def replaces(module: nn.Module) -> bool:
+        def pair(v):
+            return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+        return (type(module) is nn.MaxPool2d and pair(module.kernel_size) == (2, 2)
+                and pair(module.stride or module.kernel_size) == (2, 2) and pair(module.padding) == (0, 0)
+                and pair(module.dilation) == (1, 1) and not module.ceil_mode and not module.return_indices)
+
+
+class _AdaptivePool(nn.Module):
+    """What the fast adaptive poolings share: an (h, w) output size taken from the PyTorch module
+    they replace (``pytorch_type``), which must give both sizes as integers."""
+
+    pytorch_type: type
+
+    def __init__(self, output_size: tuple[int, int]):
+        super().__init__()
+        self.output_size = output_size
+
+    @classmethod
+    def _size_of(cls, module: nn.Module) -> tuple[int, int] | None:
+        if type(module) is not cls.pytorch_type or getattr(module, "return_indices", False):
+            return None
+        size = module.output_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return size if all(isinstance(v, int) for v in size) else None
+
+    @classmethod
+    def replaces(cls, module: nn.Module) -> bool:
+        return cls._size_of(module) is not None
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "_AdaptivePool":
+        return cls(cls._size_of(module))
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}"
+
+
+class AdaptiveMaxPool2x2(_AdaptivePool):
+    """nn.AdaptiveMaxPool2d(output_size): where the input is exactly twice the output size its windows
+    are the 2x2 stride-2 ones, computed by :func:`_max_of_four` (PyTorch's adaptive kernel is an
+    order of magnitude slower on NCHW CPU tensors); any other size falls back to PyTorch."""
+
+    pytorch_type = nn.AdaptiveMaxPool2d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and (x.shape[2], x.shape[3]) == (2 * self.output_size[0], 2 * self.output_size[1]):
+            return _max_of_four(x)
+        return torch.nn.functional.adaptive_max_pool2d(x, self.output_size)
+
+
+class FastAdaptiveAvgPool2d(_AdaptivePool):
+    """nn.AdaptiveAvgPool2d(output_size) with the cases PyTorch's NCHW CPU kernel is slow at done
+    directly: a 1 x 1 input is broadcast (VGG16's 1 x 1 features pooled "up" to 2 x 2), an input that
+    is a whole multiple of the output is plain average pooling; anything else goes to PyTorch."""
+
+    pytorch_type = nn.AdaptiveAvgPool2d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        oh, ow = self.output_size
+        if x.dim() == 4:
+            h, w = x.shape[2], x.shape[3]
+            if (h, w) == (1, 1):
+                return x.expand(-1, -1, oh, ow).contiguous()
+            if h % oh == 0 and w % ow == 0:
+                return torch.nn.functional.avg_pool2d(x, (h // oh, w // ow))
+        return torch.nn.functional.adaptive_avg_pool2d(x, self.output_size)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every BatchNorm that follows a conv into the conv (eval mode; per-output-channel scaling
+    keeps zero weights zero, so sparsity survives). Uses torch.fx; a model that cannot be traced is
+    returned unchanged."""
+    import torch.fx
+    import torch.fx.experimental.optimization as fx_opt
+
+    try:
+        fused = fx_opt.fuse(model.eval(), inplace=False)
+    except (torch.fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError, AttributeError):
+        # symbolic tracing cannot follow the model (data-dependent control flow, untraceable calls):
+        # the model stays as it is, BatchNorms unfolded
+        return model
+    return _without_string_types(fused)
+
+
+def _without_string_types(graph_module):
+    """Drop type annotations that fx recorded as strings (a traced forward's annotations under
+    `from __future__ import annotations`): torch 2.11 cannot pickle a GraphModule that has them."""
+    changed = False
+    for node in graph_module.graph.nodes:
+        if isinstance(node.type, str):
+            node.type, changed = None, True
+    if changed:
+        graph_module.recompile()
+    return graph_module
+
+
+def _fast_pooling(model: nn.Module) -> nn.Module:
+    for name, module in list(model.named_modules()):
+        if MaxPool2x2.replaces(module):
+            _replace(model, name, MaxPool2x2())
+        elif AdaptiveMaxPool2x2.replaces(module):
+            _replace(model, name, AdaptiveMaxPool2x2.from_module(module))
+        elif FastAdaptiveAvgPool2d.replaces(module):
+            _replace(model, name, FastAdaptiveAvgPool2d.from_module(module))
+    return model
+
+
+def _is_relu(node, modules) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in (torch.relu, torch.relu_, torch.nn.functional.relu)
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _is_pool(node, modules) -> bool:
+    module = modules.get(node.target) if node.op == "call_module" else None
+    return isinstance(module, MaxPool2x2) or (module is not None and MaxPool2x2.replaces(module))
+
+
+def fuse_epilogues(model: nn.Module) -> nn.Module:
+    """In a torch.fx GraphModule, fold ReLU (and a following 2x2 max pool, where the layer's algorithm
+    can pool) that consume a SparseConv2d's output alone into that layer's epilogue,
+    saving whole passes over the activations. Other models are returned unchanged."""
+    import torch.fx
+
+    if not isinstance(model, torch.fx.GraphModule):
+        return model
+    modules = dict(model.named_modules())
+    for node in list(model.graph.nodes):
+        conv = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(conv, SparseConv2d) or len(node.users) != 1:
+            continue
+        relu = next(iter(node.users))
+        if not _is_relu(relu, modules) or relu.args[0] is not node:
+            continue
+        conv.epilogue = 1
+        relu.replace_all_uses_with(node)
+        model.graph.erase_node(relu)
+        pool = next(iter(node.users)) if len(node.users) == 1 else None
+        pool_ok = conv.algo in (ALGORITHMS["direct"], ALGORITHMS["batch_innermost"]) or (
+            conv.algo == ALGORITHMS["padded"] and conv.stride[0] == conv.stride[1])
+        if pool is not None and _is_pool(pool, modules) and pool_ok:
+            conv.epilogue = 2
+            pool.replace_all_uses_with(node)
+            model.graph.erase_node(pool)
+    _fuse_add_relu(model)
+    model.recompile()
+    return _without_string_types(model)
+
+
+def add_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """relu(a + b): one pass over the activations (aten._add_relu) at inference, the differentiable
+    two-op form when autograd records (aten._add_relu has no derivative; attacks need one)."""
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return torch.relu(a + b)
+    return torch.ops.aten._add_relu(a, b)
+
+
+def _fuse_add_relu(model) -> None:
+    """relu(a + b) (the residual connection at the end of every ResNet block) -> one pass over the
+    activations instead of two: into the epilogue of the sparse conv that computes a (or b) where it
+    runs the batch-innermost algorithm and a feeds nothing else, else :func:`add_relu`."""
+    import operator
+
+    modules = dict(model.named_modules())
+
+    def fusable_conv(arg):
+        conv = modules.get(arg.target) if arg.op == "call_module" else None
+        ok = (isinstance(conv, SparseConv2d) and conv.algo == ALGORITHMS["batch_innermost"]
+              and conv.epilogue == 0 and len(arg.users) == 1 and len(arg.args) == 1 and not arg.kwargs)
+        return conv if ok else None
+
+    for node in list(model.graph.nodes):
+        is_add = node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add)
+        if not is_add or node.kwargs or len(node.args) != 2 or len(node.users) != 1:
+            continue
+        if not all(isinstance(a, torch.fx.Node) for a in node.args):
+            continue
+        relu = next(iter(node.users))
+        if not _is_relu(relu, modules) or relu.args[0] is not node:
+            continue
+        conv_node = next((a for a in node.args if fusable_conv(a) is not None), None)
+        with model.graph.inserting_after(relu):
+            if conv_node is None:
+                fused = model.graph.call_function(add_relu, tuple(node.args))
+            else:  # conv(x, residual): placed where the relu was, after both its inputs exist
+                other = node.args[1] if node.args[0] is conv_node else node.args[0]
+                fusable_conv(conv_node).epilogue = EPILOGUES["add_relu"]
+                fused = model.graph.call_module(conv_node.target, (conv_node.args[0], other))
+        relu.replace_all_uses_with(fused)
+        model.graph.erase_node(relu)
+        model.graph.erase_node(node)
+        if conv_node is not None:
+            model.graph.erase_node(conv_node)
