@@ -82,6 +82,7 @@ class Attack:
             raise ValueError(f"seed must be an int or None, got {seed!r}")
         self.seed = seed
         self._graphs: dict = {}
+        self._num_classes: int | None = None  # the model's outputs, read at the first call
         if self.channels_last and isinstance(model, nn.Module):
             model.to(memory_format=torch.channels_last)
 
@@ -109,7 +110,7 @@ class Attack:
         # The model's class count is read once (one forward of one image) and kept: attacks inside
         # training objectives are called every batch.
         self._num_classes = check_images_labels(images, labels, clip=self.clip, model=self.model,
-                                                num_classes=getattr(self, "_num_classes", None))
+                                                num_classes=self._num_classes)
 
     # --- pieces the attacks are made of -------------------------------------------------------
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -80,9 +80,6 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 # The output's memory layout, the same for every backend (and what the fake says, so torch.compile
 # and opcheck see the real strides): batch innermost from the CPU's batch-innermost algorithm,
 # channels_last from a channels_last input, contiguous otherwise.
-LAYOUTS = ("contiguous", "channels_last", "batch_innermost")
-
-
 def output_layout(x: torch.Tensor, algo: int) -> str:
     if x.device.type == "cpu" and algo == ALGORITHMS["batch_innermost"]:
         return "batch_innermost"
@@ -102,12 +99,22 @@ def empty_in_layout(like: torch.Tensor, shape, layout: str) -> torch.Tensor:
     return like.new_empty((n, c, h, w))
 
 
+def layout_strides(shape, layout: str) -> tuple[int, int, int, int]:
+    """The strides :func:`empty_in_layout` gives an (N, C, H, W) tensor, computed without allocating."""
+    n, c, h, w = shape
+    if layout == "batch_innermost":
+        return (1, h * w * n, w * n, n)
+    if layout == "channels_last":
+        return (h * w * c, 1, w * c, c)
+    return (c * h * w, h * w, w, 1)
+
+
 def in_layout(y: torch.Tensor, layout: str) -> torch.Tensor:
-    """``y`` with exactly the strides :func:`empty_in_layout` gives (a copy only where they differ)."""
-    target = empty_in_layout(y, y.shape, layout)
-    if target.stride() == y.stride():
+    """``y`` with exactly the strides :func:`empty_in_layout` gives: itself when it has them (the
+    kernels' usual case, no allocation on the hot path), else a copy."""
+    if tuple(y.stride()) == layout_strides(y.shape, layout):
         return y
-    return target.copy_(y)
+    return empty_in_layout(y, y.shape, layout).copy_(y)
 
 
 def _check_epilogue(epilogue: int, residual) -> None:

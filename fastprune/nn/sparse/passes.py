@@ -110,19 +110,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         # symbolic tracing cannot follow the model (data-dependent control flow, untraceable calls):
         # the model stays as it is, BatchNorms unfolded
         return model
-    return _without_string_types(fused)
-
-
-def _without_string_types(graph_module):
-    """Drop type annotations that fx recorded as strings (a traced forward's annotations under
-    `from __future__ import annotations`): torch 2.11 cannot pickle a GraphModule that has them."""
-    changed = False
-    for node in graph_module.graph.nodes:
-        if isinstance(node.type, str):
-            node.type, changed = None, True
-    if changed:
-        graph_module.recompile()
-    return graph_module
+    return fused
 
 
 def _fast_pooling(model: nn.Module) -> nn.Module:
@@ -177,7 +165,7 @@ def fuse_epilogues(model: nn.Module) -> nn.Module:
             model.graph.erase_node(pool)
     _fuse_add_relu(model)
     model.recompile()
-    return _without_string_types(model)
+    return model
 
 
 def add_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
