@@ -204,12 +204,14 @@ def _lock(out: str) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (signal 0 checks without signalling; PermissionError means
+    it exists but belongs to someone else)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process: alive
-        return True
+    except PermissionError:
+        pass
     return True
 
 
@@ -507,8 +509,8 @@ def _config_value(path: str, action: argparse.Action, value):
                 item = action.type(item)
             except (TypeError, ValueError):
                 raise ValueError(f"{option} must be {getattr(action.type, '__name__', 'valid')}, got {item!r}") from None
-        elif item is not None and not isinstance(item, str):
-            item = str(item) if isinstance(item, (int, float)) else item
+        elif isinstance(item, (int, float)):  # an untyped string option given a YAML number
+            item = str(item)
         if action.choices is not None and item not in action.choices:
             raise ValueError(f"{option} must be one of {list(action.choices)}, got {item!r}")
         converted.append(item)
