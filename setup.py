@@ -36,7 +36,7 @@ def _extensions():
 
     # Without a GPU torch cannot detect the architecture: build Ampere and Hopper, plus PTX for newer.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-    cpu_sources = sorted(glob.glob("csrc/*.cpp"))
+    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/sparse/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     with_cuda = (
         torch.version.cuda is not None

@@ -347,11 +347,10 @@ def _export(args) -> int:
     device = _device(args.device)
     model, _ = load_model(args.checkpoint, device)
     example = get_dataset(args.data, root=args.root).test.tensors[0][: args.batch_size].to(device)
+    print("timing dense and sparse layers for batch sizes 1 to 256 (a minute or more on a CPU)", flush=True)
     sparse = sparsify(model, example)
     save_sparse(sparse, args.out)
-    kept = sum(d["kept"] == "sparse" for d in sparse.sparsify_decisions.values())
-    print(f"wrote {args.out}: {kept}/{len(sparse.sparsify_decisions)} layers sparse "
-          f"({sparse.sparsify_choice['kind']})")
+    print(f"wrote {args.out}:\n{sparse.summary()}")
     return 0
 
 

@@ -110,12 +110,13 @@ def _latency(model: nn.Module, example: torch.Tensor, repeats: int) -> dict:
     fastprune) against fastprune's sparse model (``sparsify``)."""
     dense = fold_masks(copy.deepcopy(model)).eval()
     dense_cl = ChannelsLastInput(copy.deepcopy(dense).to(memory_format=torch.channels_last))
-    sparse = sparsify(model, example, repeats=max(3, repeats // 4))
+    sparse = sparsify(model, example, batch_sizes=(example.shape[0],), repeats=max(3, repeats // 4))
     with torch.no_grad():
         times = interleaved_medians({"dense": lambda: dense(example), "dense_cl": lambda: dense_cl(example),
                                      "sparse": lambda: sparse(example)}, example.device, repeats=repeats)
     best_dense = min(times["dense"], times["dense_cl"])
-    kept = sum(d["kept"] == "sparse" for d in sparse.sparsify_decisions.values())
+    config = sparse.config_for(example)
+    kept = sum(choice != "dense" for choice in config["layers"].values())
     return {"dense_ms": best_dense * 1e3, "sparse_ms": times["sparse"] * 1e3,
             "latency_speedup": best_dense / times["sparse"], "sparse_layers": kept}
 

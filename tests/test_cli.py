@@ -1,5 +1,6 @@
 """The command line: train, prune, finetune, export and eval end to end; errors (the demo: test_study.py)."""
 import pytest
+import torch
 
 from fastprune.cli import main
 
@@ -41,8 +42,22 @@ def test_train_prune_finetune_export_eval_pipeline(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "ft" / "model.pt"), "--out", str(sparse),
                  "--batch-size", "32", "--quiet"]) == 0
     capsys.readouterr()
-    assert main(["eval", "--checkpoint", str(sparse), "--eps", "0.1", "--attacks", "clean", "--quiet"]) == 0
-    assert "clean" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(sparse), "--eps", "0.1", "--attacks", "clean", "--json", "--quiet"]) == 0
+    sparse_eval = capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(tmp_path / "ft" / "model.pt"), "--eps", "0.1", "--attacks", "clean",
+                 "--json", "--quiet"]) == 0
+    dense_eval = capsys.readouterr().out
+    # the exported file is the finetuned model: the same accuracy, and outputs equal per bucket tuned
+    assert json.loads(sparse_eval.splitlines()[-1]) == json.loads(dense_eval.splitlines()[-1])
+    from fastprune.nn import load_sparse
+    from fastprune.train import load_model
+
+    loaded, (model, _) = load_sparse(str(sparse)), load_model(str(tmp_path / "ft" / "model.pt"))
+    assert len(loaded.tuned(torch.device("cpu"))) == 5  # one config per batch-size bucket
+    x = torch.rand(300, 1, 8, 8)
+    with torch.no_grad():
+        for batch in (1, 5, 32, 100, 300):
+            torch.testing.assert_close(loaded(x[:batch]), model(x[:batch]), atol=1e-5, rtol=1e-5)
 
 
 def test_bad_configs_are_reported(tmp_path, capsys):

@@ -1,14 +1,18 @@
 """Sparse-inference latency: a pruned model run dense (the best dense a user gets) vs sparsified.
 
-``fastprune bench sparse --model vgg16 resnet18 wrn-28-4 --sparsity 0.9 0.95 0.99 --batch 1 64 256``
+``fastprune bench sparse --model vgg16 resnet18 wrn-28-4 --sparsity 0.9 0.95 0.99 --batch 1 8 64 256``
 
 Per (model, sparsity, batch): the model is magnitude-pruned to that sparsity in every conv and
 linear layer; the dense baseline is the pruned model with its masks folded into plain layers, run by
 oneDNN on the CPU contiguous and channels_last, each with and without BatchNorm folded into the convs
 (torch.fx), the fastest of the four counting (on CUDA: float16 and TF32, channels_last, and float16
-replayed as a CUDA graph); the sparse model is ``fastprune.nn.sparsify`` of it, which times every
-layer dense and sparse on its real input and keeps the faster. Latencies are medians of interleaved
-rounds. Outputs are checked equal (1e-4 relative). Writes a CSV and a plot.
+replayed as a CUDA graph); the sparse model is ``fastprune.nn.sparsify(model, example)`` with its
+default batch sizes (one per bucket: 1, 4, 16, 128, 256), the documented call. Latencies are
+medians of interleaved rounds. Outputs are checked equal (1e-4 relative).
+
+Extra rows (unless --no-extras): a plan tuned on 64 only, run on 1 and 256, and one tuned on 1 only,
+run on 64 (the untuned bucket is tuned on its first call: ``first_call_s``); ``sparsify(model)``
+with no example; torch.compile of the sparse and of the dense model. Writes a CSV and a plot.
 """
 from __future__ import annotations
 
@@ -61,17 +65,56 @@ def copy_to(model, device, dtype=None, channels_last=False):
     return out.eval()
 
 
-def run(models, sparsities, batches, device: torch.device, repeats: int = 7, seed: int = 0) -> list[dict]:
+def _example(device: torch.device) -> torch.Tensor:
+    """256 CIFAR-sized samples: sparsify's example (it repeats or cuts them to each batch size)."""
+    return torch.rand(256, 3, 32, 32, device=device)
+
+
+def _first_and_warm(model, x: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """(seconds of the first call, median seconds of the next ones): a bucket tuned on first use, or
+    torch.compile's compilation, shows in the first."""
+    import time
+
+    with torch.no_grad():
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        start = time.perf_counter()
+        model(x)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        first = time.perf_counter() - start
+        warm = interleaved_medians({"m": lambda: model(x)}, x.device, repeats=repeats, warmup=1)["m"]
+    return first, warm
+
+
+def _sparse_layers(sparse, x: torch.Tensor) -> str:
+    config = sparse.config_for(x)
+    return f"{sum(c != 'dense' for c in config['layers'].values())}/{len(config['layers'])}"
+
+
+def run(models, sparsities, batches, device: torch.device, repeats: int = 7, seed: int = 0,
+        extras: bool = True) -> list[dict]:
+    """Rows of the benchmark: per model, sparsity and batch, the dense variants and sparsify's model
+    (tuned with the library's default batch sizes); with ``extras``, a plan used on batch sizes it
+    was not tuned on, sparsify without an example, and torch.compile of both sides."""
+    import time
+
     rows = []
     for name in models:
         for sparsity in sparsities:
             torch.manual_seed(seed)
             model = prune_model(get_model(name, 10, 3).to(device).eval(), sparsity, method="magnitude")
             dense = fold_masks(model)
+            example = _example(device)
+            started = time.perf_counter()
+            sparse = sparsify(dense, example)
+            tune_s = time.perf_counter() - started
+            print(f"  {name} sparsity={sparsity}: sparsify tuned {len(sparse.tuned(device))} buckets in "
+                  f"{tune_s:.0f} s", flush=True)
+            variants = dense_variants(dense, device)
+            best_dense = {}
             for batch in batches:
-                x = torch.rand(batch, 3, 32, 32, device=device)
-                sparse = sparsify(dense, x)
-                variants = dense_variants(dense, device)
+                x = example[:batch] if batch <= example.shape[0] else torch.rand(batch, 3, 32, 32, device=device)
                 fns = {k: (lambda m=m, f=f: m(f(x))) for k, (m, f) in variants.items()}
                 fns["fastprune sparse"] = lambda: sparse(x)
                 if device.type == "cuda":  # launch-bound at small batches: replay both sides as CUDA graphs
@@ -82,18 +125,108 @@ def run(models, sparsities, batches, device: torch.device, repeats: int = 7, see
                     want, got = dense(x), sparse(x)
                     err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
                     seconds = interleaved_medians(fns, device, repeats=repeats, warmup=2)
-                best_dense = min(v for k, v in seconds.items() if k.startswith("dense"))
-                kept = sum(d["kept"] == "sparse" for d in sparse.sparsify_decisions.values())
+                best_dense[batch] = min(v for k, v in seconds.items() if k.startswith("dense"))
                 for impl, sec in seconds.items():
+                    mine = impl.startswith("fastprune")
                     rows.append({"model": name, "sparsity": sparsity, "batch": batch, "impl": impl,
-                                 "latency_ms": sec * 1e3, "speedup_vs_best_dense": best_dense / sec,
-                                 "weight_MB": weight_bytes(sparse if impl.startswith("fastprune") else dense) / 2**20,
-                                 "sparse_layers": f"{kept}/{len(sparse.sparsify_decisions)}" if impl.startswith(
-                                     "fastprune") else "", "max_rel_err": err if impl.startswith("fastprune") else ""})
-                print(f"  {name} sparsity={sparsity} batch={batch}: best dense {best_dense * 1e3:.1f} ms, "
+                                 "latency_ms": sec * 1e3, "speedup_vs_best_dense": best_dense[batch] / sec,
+                                 "weight_MB": weight_bytes(sparse if mine else dense) / 2**20,
+                                 "sparse_layers": _sparse_layers(sparse, x) if mine else "",
+                                 "max_rel_err": err if mine else "", "tune_s": tune_s if mine else ""})
+                print(f"  {name} sparsity={sparsity} batch={batch}: best dense {best_dense[batch] * 1e3:.1f} ms, "
                       f"sparse {seconds['fastprune sparse'] * 1e3:.1f} ms "
-                      f"({best_dense / seconds['fastprune sparse']:.2f}x, {kept} sparse layers)", flush=True)
+                      f"({best_dense[batch] / seconds['fastprune sparse']:.2f}x)", flush=True)
+            if extras:
+                rows += _extra_rows(name, sparsity, dense, sparse, example, best_dense, device, repeats)
     return rows
+
+
+def _extra_rows(name, sparsity, dense, sparse, example, best_dense: dict, device, repeats: int) -> list[dict]:
+    """Plans used off their tuned batch size (transfer), sparsify without an example (untuned: each
+    bucket tuned on its first call), and the compiled sparse and dense models: first call and warm."""
+    import time
+
+    rows = []
+
+    def row(impl, model, batch, tune_s=""):
+        x = example[:batch]
+        if batch not in best_dense:
+            variants = dense_variants(dense, device)
+            with torch.no_grad():
+                best_dense[batch] = min(interleaved_medians({k: (lambda m=m, f=f: m(f(x))) for k, (m, f) in
+                                                             variants.items()}, device, repeats=repeats,
+                                                            warmup=2).values())
+        first, warm = _first_and_warm(model, x, repeats)
+        rows.append({"model": name, "sparsity": sparsity, "batch": batch, "impl": impl, "latency_ms": warm * 1e3,
+                     "speedup_vs_best_dense": best_dense[batch] / warm, "first_call_s": first, "tune_s": tune_s,
+                     "sparse_layers": _sparse_layers(model, x) if hasattr(model, "config_for") else ""})
+        print(f"  {name} sparsity={sparsity} batch={batch} {impl}: first call {first:.2f} s, warm "
+              f"{warm * 1e3:.1f} ms ({best_dense[batch] / warm:.2f}x best dense)", flush=True)
+
+    for tuned_on, run_on in ((64, (1, 256)), (1, (64,))):
+        started = time.perf_counter()
+        transfer = sparsify(dense, example, batch_sizes=(tuned_on,))
+        tune_s = time.perf_counter() - started
+        for batch in run_on:
+            row(f"fastprune sparse, tuned on {tuned_on} only", transfer, batch, tune_s)
+        del transfer
+    untuned = sparsify(dense)
+    for batch in (1, 64):
+        row("fastprune sparse, untuned (no example)", untuned, batch)
+    del untuned
+    torch._dynamo.reset()
+    compiled_sparse = torch.compile(sparse)
+    compiled_dense = torch.compile(dense)
+    for batch in (1, 64):
+        row("fastprune sparse, torch.compile", compiled_sparse, batch)
+        row("dense (oneDNN), torch.compile" if device.type == "cpu" else "dense, torch.compile", compiled_dense, batch)
+    return rows
+
+
+_MEMORY_PROBE = """
+import gc, json, sys, torch
+from fastprune.models import get_model
+from fastprune.nn import fold_masks, prune_model, sparsify
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+name, sparsity = sys.argv[1], float(sys.argv[2])
+torch.manual_seed(0)
+dense = fold_masks(prune_model(get_model(name, 10, 3).eval(), sparsity, method="magnitude"))
+gc.collect()
+weights = sum(t.numel() * t.element_size() for t in dense.state_dict().values())
+x = torch.rand(256, 3, 32, 32)
+reset_peak(); base = status("VmRSS")
+with torch.no_grad():
+    dense(x)
+activations = status("VmHWM") - base
+gc.collect()
+reset_peak(); base = status("VmRSS")
+sparse = sparsify(dense, x, repeats=1)
+print(json.dumps({"weights": weights, "activations": activations, "sparsify_peak": status("VmHWM") - base}))
+"""
+
+
+def sparsify_memory(name: str, sparsity: float) -> dict:
+    """Peak memory (Linux RSS high-water mark, in a fresh process) that ``sparsify`` adds over the
+    dense model already in memory, against the dense weights and a dense batch-256 run's activations."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, name, str(sparsity)], capture_output=True, text=True,
+                         check=True)
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    budget = 2 * found["weights"] + found["activations"]
+    return {"model": name, "sparsity": sparsity, "batch": 256, "impl": "sparsify peak memory",
+            "weight_MB": found["weights"] / 2**20, "activations_MB": found["activations"] / 2**20,
+            "sparsify_peak_MB": found["sparsify_peak"] / 2**20, "peak_vs_budget": found["sparsify_peak"] / budget}
 
 
 def graphed(fns: dict, x: torch.Tensor) -> dict:
@@ -133,7 +266,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastprune bench sparse", description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", default=["vgg16", "resnet18"])
     parser.add_argument("--sparsity", nargs="+", type=float, default=[0.9, 0.95, 0.99])
-    parser.add_argument("--batch", nargs="+", type=int, default=[1, 64])
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 8, 64, 256])
+    parser.add_argument("--no-extras", action="store_true",
+                        help="skip the rows of plans used off their tuned batch size, untuned and compiled models")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default=os.path.join("bench", "results"))
@@ -156,9 +291,15 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     meta = {"device": device_label(device), **versions()}
     print(f"# sparse inference on {meta['device']} (torch {meta['torch']})", flush=True)
-    rows = run(args.model, args.sparsity, args.batch, device, repeats=args.repeats)
+    rows = run(args.model, args.sparsity, args.batch, device, repeats=args.repeats, extras=not args.no_extras)
+    if device.type == "cpu" and not args.no_extras and os.path.exists("/proc/self/clear_refs"):
+        for name in args.model:
+            found = sparsify_memory(name, max(args.sparsity))
+            print(f"  {name}: sparsify's peak {found['sparsify_peak_MB']:.0f} MB over the dense model "
+                  f"({found['peak_vs_budget']:.2f} of 2 x weights + activations)", flush=True)
+            rows.append(found)
     print(markdown_table(rows, ["model", "sparsity", "batch", "impl", "latency_ms", "speedup_vs_best_dense",
-                                "weight_MB", "sparse_layers"]))
+                                "first_call_s", "weight_MB", "sparse_layers"]))
     base = os.path.join(args.out, f"sparse-{device_slug(device)}")
     write_csv([{**row, **meta} for row in rows], base + ".csv")
     plot(rows, base + ".png")

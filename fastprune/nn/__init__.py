@@ -21,6 +21,7 @@ from .sparse import (
     SemiStructuredLinear,
     SparseConv2d,
     SparseLinear,
+    SparseModel,
     fold_batchnorm,
     is_2to4,
     load_sparse,
@@ -31,7 +32,8 @@ from .sparse import (
 
 __all__ = [
     "AdaptiveMaxPool2x2", "BatchInnermostInput", "ChannelsLastInput", "FeatureTaps", "HSICBottleneck",
-    "MaskedConv2d", "MaskedLinear", "MaxPool2x2", "MicroBatched", "SemiStructuredLinear", "SparseConv2d", "SparseLinear", "check_sparsity", "dense_twin",
+    "MaskedConv2d", "MaskedLinear", "MaxPool2x2", "MicroBatched", "SemiStructuredLinear", "SparseConv2d", "SparseLinear", "SparseModel",
+    "check_sparsity", "dense_twin",
     "fold_batchnorm", "fold_masks", "is_2to4", "kept_count", "load_sparse", "nm_mask", "prune_model", "save_sparse",
     "semi_structured_supported", "sparsify", "sparsity_report", "topk_mask",
 ]

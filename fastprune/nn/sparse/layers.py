@@ -5,13 +5,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import torch.nn.functional as F
+
 from ...ops.sparse import ALGORITHMS, EPILOGUES, direct_applicable, finish_epilogue, sparse_conv2d, sparse_linear
 from ...reference.sparse import check_csr, csr_to_dense, dense_to_csr
 from ..masked import effective_weight
 
 
 class _CSRWeight(nn.Module):
-    """A weight stored as CSR buffers (row_ptr, col_idx, values): memory proportional to the non-zeros."""
+    """A weight stored as CSR buffers (row_ptr, col_idx, values): memory proportional to the non-zeros.
+
+    ``choice`` says how the layer runs (set per batch-size bucket by :class:`SparseModel`): "dense"
+    runs PyTorch's dense kernel on the weight rebuilt from the CSR arrays (kept in ``dense_cache``, a
+    buffer outside the state_dict, built on first use), anything else one of the sparse kernels. The
+    state_dict is the same whatever the choice."""
+
+    choices: tuple[str, ...] = ("dense",)
 
     def _store(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self._store_csr(*dense_to_csr(weight), bias, weight.shape)
@@ -21,7 +30,19 @@ class _CSRWeight(nn.Module):
         self.register_buffer("col_idx", col_idx)
         self.register_buffer("values", values)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.register_buffer("dense_cache", None, persistent=False)
         self.weight_shape = tuple(weight_shape)
+        self._choice = self.choices[1]
+
+    @property
+    def choice(self) -> str:
+        return self._choice
+
+    @choice.setter
+    def choice(self, value: str) -> None:
+        if value not in self.choices:
+            raise ValueError(f"choice must be one of {self.choices}, got {value!r}")
+        self._choice = value
 
     @property
     def nnz(self) -> int:
@@ -29,6 +50,20 @@ class _CSRWeight(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         return csr_to_dense(self.row_ptr, self.col_idx, self.values, self.weight_shape)
+
+    def dense_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense weight in x's dtype on x's device, for the "dense" choice (cached)."""
+        cached = self.dense_cache
+        if cached is None or cached.device != x.device or cached.dtype != x.dtype:
+            cached = self.dense_cache = self.dense_weight().to(x.device, x.dtype)
+        return cached
+
+    def release_dense(self) -> None:
+        """Drop the dense weight's cache (sparsify does, for layers no tuned bucket runs dense)."""
+        self.dense_cache = None
+
+    def _bias_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.to(x.dtype)
 
     def _check_input(self, x: torch.Tensor, dims: int, name: str) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != dims:
@@ -42,8 +77,20 @@ class _CSRWeight(nn.Module):
             raise ValueError(f"input to {name} is on {x.device}, the layer on {self.values.device}")
 
 
+# A sparse conv's choices: "auto" picks its algorithm by shape (the only sparse choice on a GPU); the
+# others are the CPU algorithms of fastprune::sparse_conv2d_cpu.
+_CONV_CHOICES = ("dense", "auto", "padded", "direct", "batch_innermost")
+
+
 class SparseConv2d(_CSRWeight):
-    """Convolution with a CSR weight (groups 1, dilation 1, zero padding): (N, C, H, W) -> (N, OC, H', W')."""
+    """Convolution with a CSR weight (groups 1, dilation 1, zero padding): (N, C, H, W) -> (N, OC, H', W').
+
+    ``choice``: "dense", "auto" (the algorithm by shape), or a CPU algorithm ("padded", "direct",
+    "batch_innermost"); ``algo`` is the same as the op's integer. ``epilogue`` (set by the graph
+    pass fuse_epilogues): 1 ReLU, 2 ReLU then 2x2 max pooling, 3 relu(conv + residual); whatever a
+    choice's kernel cannot fuse runs after it, so every choice computes the same function."""
+
+    choices = _CONV_CHOICES
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride=(1, 1), padding=(0, 0)):
         super().__init__()
@@ -52,10 +99,19 @@ class SparseConv2d(_CSRWeight):
         self._store(weight, bias)
         self.in_channels, self.kernel_size = weight.shape[1], tuple(weight.shape[2:])
         self.stride, self.padding = tuple(stride), tuple(padding)
-        self.algo = 0  # chosen by shape; sparsify times the algorithms and sets the faster
-        # 1: ReLU fused, 2: ReLU and 2x2 max pooling fused, 3: relu(conv + residual) fused (set by
-        # sparsify's graph pass)
         self.epilogue = 0
+
+    @property
+    def algo(self) -> int:
+        """The op's algorithm number of ``choice`` (0 for "auto" and "dense")."""
+        return ALGORITHMS.get(self.choice, 0)
+
+    @algo.setter
+    def algo(self, value: int) -> None:
+        names = {0: "auto", **{v: k for k, v in ALGORITHMS.items()}}
+        if value not in names:
+            raise ValueError(f"algo must be 0 or one of {ALGORITHMS}, got {value!r}")
+        self.choice = names[value]
 
     @classmethod
     def from_csr(cls, row_ptr, col_idx, values, bias, conv: nn.Conv2d) -> "SparseConv2d":
@@ -69,7 +125,7 @@ class SparseConv2d(_CSRWeight):
         _CSRWeight.__init__(layer)
         layer._store_csr(row_ptr, col_idx, values, bias, shape)
         layer.in_channels, layer.kernel_size = shape[1], shape[2:]
-        layer.stride, layer.padding, layer.algo, layer.epilogue = tuple(conv.stride), tuple(conv.padding), 0, 0
+        layer.stride, layer.padding, layer.epilogue = tuple(conv.stride), tuple(conv.padding), 0
         return layer
 
     @staticmethod
@@ -94,6 +150,9 @@ class SparseConv2d(_CSRWeight):
             raise ValueError("residual must be given exactly when the layer's epilogue is 3 (add_relu)")
         if residual is not None:
             self._check_input(residual, 4, "SparseConv2d (residual)")
+        if self.choice == "dense":
+            y = F.conv2d(x, self.dense_for(x), self._bias_for(x), self.stride, self.padding)
+            return finish_epilogue(y, self.epilogue, EPILOGUES["none"], residual)
         algo = self.algo if self.algo != ALGORITHMS["direct"] or direct_applicable(x, self.stride) else 0
         recording = torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad))
         epilogue = 0 if recording else self.epilogue  # under autograd (attacks): the epilogue unfused
@@ -112,7 +171,10 @@ class SparseConv2d(_CSRWeight):
 
 
 class SparseLinear(_CSRWeight):
-    """Linear layer with a CSR weight: (N, in) -> (N, out)."""
+    """Linear layer with a CSR weight: (N, in) -> (N, out). ``choice``: "dense", "csr" (the sparse
+    kernel) or "2:4" (PyTorch's semi-structured kernels, where :func:`semi_structured_usable`)."""
+
+    choices = ("dense", "csr", "2:4")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -142,7 +204,30 @@ class SparseLinear(_CSRWeight):
         self._check_input(x, 2, "SparseLinear")
         if x.shape[1] != self.in_features:
             raise ValueError(f"input has {x.shape[1]} features, the layer expects {self.in_features}")
+        if self.choice == "dense":
+            return F.linear(x, self.dense_for(x), self._bias_for(x))
+        if self.choice == "2:4":
+            return F.linear(x, self._semi_structured_for(x), self._bias_for(x))
         return sparse_linear(x, self.row_ptr, self.col_idx, self.values, self.bias, self.in_features)
+
+    def _semi_structured_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight in PyTorch's 2:4 format on x's device and dtype (cached outside the state_dict)."""
+        from torch.sparse import to_sparse_semi_structured
+
+        cached = getattr(self, "_semi_cache", None)
+        if cached is None or cached.device != x.device or cached.dtype != x.dtype:
+            cached = self._semi_cache = to_sparse_semi_structured(self.dense_weight().to(x.device, x.dtype))
+        return cached
+
+    def release_dense(self) -> None:
+        super().release_dense()
+        self._semi_cache = None
+
+    def semi_structured_usable(self, x: torch.Tensor) -> bool:
+        """Whether the "2:4" choice can run on input x: a capable GPU, half precision, a 2:4 weight
+        of a shape PyTorch's kernels take."""
+        return (semi_structured_supported(x.device, x.dtype) and semi_structured_shape_ok(self.weight_shape, x.dtype)
+                and is_2to4(self.dense_weight()))
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, nnz={self.nnz}"

@@ -5,26 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...ops.sparse import ALGORITHMS, EPILOGUES
+from ...ops.sparse import EPILOGUES, max_pool_2x2
 from ..masked import _replace
 from .layers import SparseConv2d
 
 
-def _max_of_four(x: torch.Tensor) -> torch.Tensor:
-    """2x2, stride-2 max pooling of (N, C, H, W) as the maximum of four strided views (odd edges
-    dropped, as nn.MaxPool2d does): several times faster than PyTorch's CPU pooling on NCHW tensors,
-    the layout the sparse convolutions produce, and no slower on channels_last ones."""
-    h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
-    x = x[:, :, :h, :w]
-    return torch.maximum(torch.maximum(x[:, :, 0::2, 0::2], x[:, :, 0::2, 1::2]),
-                         torch.maximum(x[:, :, 1::2, 0::2], x[:, :, 1::2, 1::2]))
-
-
 class MaxPool2x2(nn.Module):
-    """nn.MaxPool2d(2) computed by :func:`_max_of_four`: the same values, faster."""
+    """nn.MaxPool2d(2) computed by :func:`max_pool_2x2`: the same values, faster."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _max_of_four(x) if x.dim() == 4 else torch.nn.functional.max_pool2d(x, 2)
+        return max_pool_2x2(x) if x.dim() == 4 else torch.nn.functional.max_pool2d(x, 2)
 
     @staticmethod
     def replaces(module: nn.Module) -> bool:
@@ -68,14 +58,14 @@ class _AdaptivePool(nn.Module):
 
 class AdaptiveMaxPool2x2(_AdaptivePool):
     """nn.AdaptiveMaxPool2d(output_size): where the input is exactly twice the output size its windows
-    are the 2x2 stride-2 ones, computed by :func:`_max_of_four` (PyTorch's adaptive kernel is an
+    are the 2x2 stride-2 ones, computed by :func:`max_pool_2x2` (PyTorch's adaptive kernel is an
     order of magnitude slower on NCHW CPU tensors); any other size falls back to PyTorch."""
 
     pytorch_type = nn.AdaptiveMaxPool2d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4 and (x.shape[2], x.shape[3]) == (2 * self.output_size[0], 2 * self.output_size[1]):
-            return _max_of_four(x)
+            return max_pool_2x2(x)
         return torch.nn.functional.adaptive_max_pool2d(x, self.output_size)
 
 
@@ -97,15 +87,15 @@ class FastAdaptiveAvgPool2d(_AdaptivePool):
         return torch.nn.functional.adaptive_avg_pool2d(x, self.output_size)
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
+def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Fold every BatchNorm that follows a conv into the conv (eval mode; per-output-channel scaling
     keeps zero weights zero, so sparsity survives). Uses torch.fx; a model that cannot be traced is
-    returned unchanged."""
+    returned unchanged. ``inplace``: fold into ``model``'s own modules instead of a copy."""
     import torch.fx
     import torch.fx.experimental.optimization as fx_opt
 
     try:
-        fused = fx_opt.fuse(model.eval(), inplace=False)
+        fused = fx_opt.fuse(model.eval(), inplace=inplace)
     except (torch.fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError, AttributeError):
         # symbolic tracing cannot follow the model (data-dependent control flow, untraceable calls):
         # the model stays as it is, BatchNorms unfolded
@@ -138,9 +128,11 @@ def _is_pool(node, modules) -> bool:
 
 
 def fuse_epilogues(model: nn.Module) -> nn.Module:
-    """In a torch.fx GraphModule, fold ReLU (and a following 2x2 max pool, where the layer's algorithm
-    can pool) that consume a SparseConv2d's output alone into that layer's epilogue,
-    saving whole passes over the activations. Other models are returned unchanged."""
+    """In a torch.fx GraphModule, fold ReLU (and a following 2x2 max pool) that consume a
+    SparseConv2d's output alone, and ResNet's relu(a + b), into the conv's epilogue, saving whole
+    passes over the activations. The fusion depends on the graph only, never on the algorithm a
+    layer runs: each kernel fuses what it can and the layer applies the rest (see SparseConv2d), so
+    one graph serves every batch-size bucket. Other models are returned unchanged."""
     import torch.fx
 
     if not isinstance(model, torch.fx.GraphModule):
@@ -148,19 +140,17 @@ def fuse_epilogues(model: nn.Module) -> nn.Module:
     modules = dict(model.named_modules())
     for node in list(model.graph.nodes):
         conv = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(conv, SparseConv2d) or len(node.users) != 1:
+        if not isinstance(conv, SparseConv2d) or len(node.users) != 1 or conv.epilogue:
             continue
         relu = next(iter(node.users))
         if not _is_relu(relu, modules) or relu.args[0] is not node:
             continue
-        conv.epilogue = 1
+        conv.epilogue = EPILOGUES["relu"]
         relu.replace_all_uses_with(node)
         model.graph.erase_node(relu)
         pool = next(iter(node.users)) if len(node.users) == 1 else None
-        pool_ok = conv.algo in (ALGORITHMS["direct"], ALGORITHMS["batch_innermost"]) or (
-            conv.algo == ALGORITHMS["padded"] and conv.stride[0] == conv.stride[1])
-        if pool is not None and _is_pool(pool, modules) and pool_ok:
-            conv.epilogue = 2
+        if pool is not None and _is_pool(pool, modules):
+            conv.epilogue = EPILOGUES["relu_pool"]
             pool.replace_all_uses_with(node)
             model.graph.erase_node(pool)
     _fuse_add_relu(model)
@@ -178,15 +168,15 @@ def add_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _fuse_add_relu(model) -> None:
     """relu(a + b) (the residual connection at the end of every ResNet block) -> one pass over the
-    activations instead of two: into the epilogue of the sparse conv that computes a (or b) where it
-    runs the batch-innermost algorithm and a feeds nothing else, else :func:`add_relu`."""
+    activations instead of two: into the epilogue of the sparse conv that computes a (or b) where a
+    feeds nothing else, else :func:`add_relu`."""
     import operator
 
     modules = dict(model.named_modules())
 
     def fusable_conv(arg):
         conv = modules.get(arg.target) if arg.op == "call_module" else None
-        ok = (isinstance(conv, SparseConv2d) and conv.algo == ALGORITHMS["batch_innermost"]
+        ok = (isinstance(conv, SparseConv2d)
               and conv.epilogue == 0 and len(arg.users) == 1 and len(arg.args) == 1 and not arg.kwargs)
         return conv if ok else None
 

@@ -1,5 +1,6 @@
-"""sparsify: build the sparse inference model of a pruned model, timing layers and whole candidates
-(layouts, algorithms, micro-batches, dense) on the device and keeping the fastest."""
+"""sparsify and the tuner: build a pruned model's SparseModel, then time, per batch-size bucket on the
+device, each layer dense and on each sparse kernel, and whole-model candidates (memory layouts,
+micro-batches, all dense), keeping the fastest as the bucket's config in the model's plan."""
 from __future__ import annotations
 
 import copy
@@ -7,209 +8,227 @@ import copy
 import torch
 from torch import nn
 
-from ...ops.sparse import ALGORITHMS, direct_applicable, to_batch_innermost
+from ...ops.sparse import direct_applicable
 from ...utils.timing import interleaved_medians, median_time
 from ..masked import _replace, check_sparsity, fold_masks
-from .files import _plan_of
-from .layers import (SemiStructuredLinear, SparseConv2d, SparseLinear, is_2to4, semi_structured_shape_ok,
-                     semi_structured_supported)
-from .layout import BatchInnermostInput, ChannelsLastInput, MicroBatched
+from .layers import SparseConv2d, SparseLinear, is_2to4
+from .model import DEFAULT_BATCH_SIZES, SparseModel, bucket_of, device_key, make_config
 from .passes import _fast_pooling, fold_batchnorm, fuse_epilogues
-
-
-def _sparse_twins(module: nn.Module) -> list[nn.Module]:
-    """The sparse layers that could replace ``module``: CSR (float32; any float on CUDA), and the
-    2:4 semi-structured linear where its weight and the hardware allow."""
-    w = module.weight
-    csr_dtype = w.dtype == torch.float32 or (w.is_cuda and w.dtype in (torch.float16, torch.bfloat16))
-    twins = []
-    if (isinstance(module, nn.Linear) and semi_structured_supported(w.device, w.dtype)
-            and semi_structured_shape_ok(w.shape, w.dtype) and is_2to4(w.detach())):
-        twins.append(SemiStructuredLinear.from_dense(module))
-    if isinstance(module, nn.Conv2d) and SparseConv2d.supports(module) and csr_dtype:
-        twins.append(SparseConv2d.from_dense(module))
-    elif isinstance(module, nn.Linear) and csr_dtype:
-        twins.append(SparseLinear.from_dense(module))
-    return twins
-
 
 # A sparse candidate must beat dense by this factor to be chosen: timings on a shared machine vary by
 # a few per cent, and a near tie picked by noise can come out slower than dense when timed again.
 _WIN_MARGIN = 0.97
 
-
-def _median_seconds(fn, x, repeats: int) -> float:
-    """Median seconds of fn(x) without autograd (one warm-up run)."""
-    with torch.no_grad():
-        return median_time(lambda: fn(x), x.device, repeats=repeats, warmup=1)
-
-
-def _tune_sparse(layer: nn.Module, x: torch.Tensor, repeats: int, batch_innermost: bool = False) -> float:
-    """Time each algorithm a sparse conv can use on input x, keep the fastest; returns its time.
-    In a batch-innermost model every sparse conv runs that algorithm (its output layout is what the
-    next layer reads)."""
-    if not isinstance(layer, SparseConv2d):
-        return _median_seconds(layer, x, repeats)
-    if batch_innermost:
-        options = [ALGORITHMS["batch_innermost"]]
-    else:
-        options = [ALGORITHMS["padded"]] + ([ALGORITHMS["direct"]] if direct_applicable(x, layer.stride) else [])
-    times = {}
-    for algo in options:
-        layer.algo = algo
-        times[algo] = _median_seconds(layer, x, repeats)
-    layer.algo = min(times, key=times.get)
-    return times[layer.algo]
-
-
-def _convert_layers(dense: nn.Module, inputs: dict, min_sparsity: float, repeats: int,
-                    batch_innermost: bool = False):
-    """Swap dense conv/linear layers for sparse ones: by timing where ``inputs`` has the layer's
-    input, else by the sparsity rule. Returns (model, decisions); ``dense`` is modified."""
-    decisions = {}
-    for name, module in [(n, m) for n, m in dense.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]:
-        twins = _sparse_twins(module)
-        weight = module.weight.detach()
-        decision = {"sparsity": float((weight == 0).float().mean()), "dense_s": None, "sparse_s": None}
-        chosen = None
-        if twins and name in inputs:
-            x = inputs[name]
-            decision["dense_s"] = _median_seconds(module, x, repeats)
-            times = [_tune_sparse(twin, x, repeats, batch_innermost) for twin in twins]
-            best = min(range(len(twins)), key=times.__getitem__)
-            decision["sparse_s"] = times[best]
-            chosen = twins[best] if times[best] < _WIN_MARGIN * decision["dense_s"] else None
-        elif twins:  # no timing: semi-structured wherever it applies, CSR from min_sparsity on
-            semi = [t for t in twins if isinstance(t, SemiStructuredLinear)]
-            chosen = semi[0] if semi else (twins[0] if decision["sparsity"] >= min_sparsity else None)
-        decision["kept"] = "sparse" if chosen is not None else "dense"
-        decision["format"] = "2:4" if isinstance(chosen, SemiStructuredLinear) else "csr" if chosen else "dense"
-        decisions[name] = decision
-        if chosen is not None:
-            _replace(dense, name, chosen)
-    return dense, decisions
-
-
-def _layer_inputs(model: nn.Module, x: torch.Tensor, convert=None) -> dict:
-    """Each conv/linear layer's input when ``model`` runs on x, passed through ``convert`` (the
-    layout the layer will see once its predecessors are sparse) where one is given."""
-    inputs = {}
-
-    def keep(name, value):
-        inputs[name] = convert(value) if convert is not None and value.dim() == 4 else value
-
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    hooks = [m.register_forward_hook(lambda mod, args, out, name=n: keep(name, args[0].detach())) for n, m in layers]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return inputs
-
-
-def _layout_candidates(dense: nn.Module, example: torch.Tensor, layouts: dict, min_sparsity: float, repeats: int,
-                       sparse_only: bool = False) -> dict:
-    """{"sparse, <layout>" / "dense, <layout>": (model, decisions)} for each memory layout: the
-    sparse model has each layer tuned on its real input in that layout."""
-    candidates = {}
-    for layout, wrapper in layouts.items():
-        cl = layout == "channels_last"
-        base = copy.deepcopy(dense).to(memory_format=torch.channels_last) if cl else copy.deepcopy(dense)
-        x = wrapper.convert(example) if wrapper else example
-        innermost = layout == "batch innermost"
-        inputs = _layer_inputs(base, x, to_batch_innermost if innermost else None)
-        sparse, decisions = _convert_layers(copy.deepcopy(base), inputs, min_sparsity, repeats,
-                                            batch_innermost=innermost)
-        sparse = fuse_epilogues(sparse)
-        wrap = wrapper or (lambda m: m)
-        candidates[f"sparse, {layout}"] = (wrap(sparse), decisions)
-        if not innermost and not sparse_only:  # oneDNN has no batch-innermost convolution: it would convert
-            all_dense = {k: {**d, "kept": "dense", "format": "dense"} for k, d in decisions.items()}
-            candidates[f"dense, {layout}"] = (wrap(base), all_dense)
-    return candidates
-
-
 # Batches at least this large may run batch-innermost on the CPU (a batch fills a vector register).
 _BATCH_INNERMOST_MIN_BATCH = 8
 
-
-# Larger CPU batches are also tried in micro-batches of this many images.
+# Larger CPU batches are also tried in micro-batches of this many images (layers tuned on one).
 _MICRO_BATCH = 64
 
 
-def sparsify(model: nn.Module, example_input: torch.Tensor | None = None, *, benchmark: bool = True,
+def _convertible(module: nn.Module, min_sparsity: float) -> bool:
+    """Whether ``module`` gets a sparse twin: a conv the sparse kernels take or a linear layer, in
+    float32 (or half precision on CUDA), at least ``min_sparsity`` sparse (2:4 weights always).
+    Depends on the weights only, never on timing, so the sparse model's state_dict keys do not."""
+    if not isinstance(module, (nn.Conv2d, nn.Linear)):
+        return False
+    w = module.weight
+    if not (w.dtype == torch.float32 or (w.is_cuda and w.dtype in (torch.float16, torch.bfloat16))):
+        return False
+    if isinstance(module, nn.Conv2d) and not SparseConv2d.supports(module):
+        return False
+    sparsity = float((w.detach() == 0).float().mean())
+    return sparsity >= min_sparsity or (isinstance(module, nn.Linear) and is_2to4(w.detach()))
+
+
+def _sparse_twin(module: nn.Module) -> nn.Module:
+    """The SparseConv2d/SparseLinear of ``module``, holding its dense weight as the dense choice's
+    cache (no copy: the dense module goes away)."""
+    twin = SparseConv2d.from_dense(module) if isinstance(module, nn.Conv2d) else SparseLinear.from_dense(module)
+    twin.dense_cache = module.weight.detach()
+    return twin
+
+
+def build_sparse_network(model: nn.Module, min_sparsity: float) -> tuple[nn.Module, dict[str, float]]:
+    """(net, {converted layer: sparsity}): a copy of ``model`` with masks and BatchNorms folded,
+    faster pooling, the convertible layers sparse and epilogues fused. Only one copy of the model
+    exists at a time besides the caller's."""
+    net = copy.deepcopy(model).eval()
+    net = _fast_pooling(fold_batchnorm(fold_masks(net), inplace=True))
+    sparsity = {}
+    for name, module in [(n, m) for n, m in net.named_modules() if _convertible(m, min_sparsity)]:
+        sparsity[name] = float((module.weight.detach() == 0).float().mean())
+        _replace(net, name, _sparse_twin(module))
+    return fuse_epilogues(net), sparsity
+
+
+def _options(layer: nn.Module, x: torch.Tensor, layout: str) -> list[str]:
+    """The choices worth timing for ``layer`` on input x in ``layout``: dense first."""
+    if isinstance(layer, SparseLinear):
+        return ["dense", "csr"] + (["2:4"] if layer.semi_structured_usable(x) else [])
+    if x.device.type != "cpu":
+        return ["dense", "auto"]
+    if layout == "batch_innermost":  # every sparse conv keeps the layout the next one reads
+        return ["dense", "batch_innermost"]
+    return ["dense", "padded"] + (["direct"] if direct_applicable(x, layer.stride) else [])
+
+
+def _time_choice(layer: nn.Module, choice: str, args: tuple, repeats: int) -> float:
+    """Median seconds of ``layer`` on ``args`` with ``choice`` (which stays set)."""
+    layer.choice = choice
+    with torch.no_grad():
+        return median_time(lambda: layer.forward(*args), args[0].device, repeats=repeats, warmup=1)
+
+
+def tune_layers(model: SparseModel, x: torch.Tensor, layout: str, repeats: int) -> dict[str, str]:
+    """{layer: choice}: in one run of the network on x in ``layout``, each sparse layer, just before it
+    runs, times its options on its real input and keeps the fastest (a sparse kernel only when at
+    least 3% faster than dense); later layers see the layout the earlier choices produce. No
+    activation is kept beyond the run."""
+    layers = model.sparse_layers()
+    choices = {name: ("batch_innermost" if layout == "batch_innermost" and isinstance(m, SparseConv2d)
+                      else m.choices[1]) for name, m in layers.items()}
+    start = make_config(layout, None, choices, "sparse")
+
+    def choose(name, layer, args):
+        times = {option: _time_choice(layer, option, args, repeats) for option in _options(layer, args[0], layout)}
+        best = min(times, key=times.get)
+        if best != "dense" and times[best] >= _WIN_MARGIN * times["dense"]:
+            best = "dense"
+        layer.choice = choices[name] = best
+
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=n: choose(name, mod, args)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            model.run(x, start)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model._active = None  # the layers' choices moved away from ``start``
+    return choices
+
+
+def _layouts(x: torch.Tensor, channels_last, batch_innermost) -> list[str]:
+    if x.dim() != 4:
+        return ["contiguous"]
+    layouts = {True: ["channels_last"], False: ["contiguous"], "auto": ["contiguous", "channels_last"]}[channels_last]
+    if batch_innermost is True or (batch_innermost == "auto" and x.device.type == "cpu"
+                                   and x.shape[0] >= _BATCH_INNERMOST_MIN_BATCH):
+        layouts.append("batch_innermost")
+    return layouts
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(
+        a, b, rtol=1e-3, atol=1e-3 * (b.abs().max().item() + 1e-12))
+
+
+def tune_bucket(model: SparseModel, x: torch.Tensor, repeats: int = 5, channels_last: bool | str = "auto",
+                batch_innermost: bool | str = "auto") -> dict:
+    """Tune the bucket of x's batch size on x's device and store its config in ``model.plan``.
+
+    For each memory layout (contiguous and channels_last; batch-innermost on CPU batches of 8 or
+    more): the layers are tuned on x (:func:`tune_layers`), giving a sparse candidate; contiguous
+    and channels_last also give an all-dense candidate. CPU batches over 64 tune the layers on 64
+    images and run them in micro-batches of 64 and whole. The candidates are timed whole in
+    interleaved rounds; the fastest is kept, a sparse one only when at least 3% faster than the
+    fastest dense one. Returns the config."""
+    bucket, key = bucket_of(x.shape[0]), device_key(x.device)
+    micro = _MICRO_BATCH if x.device.type == "cpu" and x.dim() == 4 and x.shape[0] > _MICRO_BATCH else None
+    layers_x = x if micro is None else x[:micro]
+    candidates = {}
+    for layout in _layouts(x, channels_last, batch_innermost):
+        choices = tune_layers(model, layers_x, layout, repeats)
+        candidates[f"sparse, {layout}"] = make_config(layout, None, choices, "sparse")
+        if micro is not None:
+            candidates[f"sparse, {layout}, micro-batches of {micro}"] = make_config(layout, micro, choices, "sparse")
+        if layout != "batch_innermost":  # oneDNN has no batch-innermost convolution: it would convert
+            all_dense = {name: "dense" for name in choices}
+            candidates[f"dense, {layout}"] = make_config(layout, None, all_dense, "dense")
+    with torch.no_grad():
+        reference = model.run(x, next(c for c in candidates.values() if c["kind"] == "dense"))
+        # Micro-batches only where they give the whole batch's outputs (no op mixes samples).
+        candidates = {k: c for k, c in candidates.items()
+                      if c["micro_batch"] is None or _same(model.run(x, c), reference)}
+        # Whole models after two warm-up runs: the first runs of a config allocate its activations
+        # afresh (page faults), which would favour whichever candidate ran last.
+        times = interleaved_medians({k: (lambda c=c: model.run(x, c)) for k, c in candidates.items()},
+                                    x.device, repeats=repeats, warmup=2)
+    best = min(times, key=times.get)
+    fastest_dense = min((k for k in times if candidates[k]["kind"] == "dense"), key=times.get)
+    if times[best] >= _WIN_MARGIN * times[fastest_dense]:  # a near tie is timing noise: stay dense
+        best = fastest_dense
+    config = {**candidates[best], "tuned_on": int(x.shape[0]), "choice": best,
+              "seconds": {k: float(v) for k, v in times.items()}}
+    model.plan["devices"].setdefault(key, {})[bucket] = config
+    _release_unused_dense(model, x.device)
+    return config
+
+
+def _release_unused_dense(model: SparseModel, device: torch.device) -> None:
+    """Free the dense weights of layers that no tuned bucket on ``device`` runs dense."""
+    used = {name for config in model.tuned(device).values() for name, c in config["layers"].items() if c == "dense"}
+    for name, layer in model.sparse_layers().items():
+        if name not in used:
+            layer.release_dense()
+
+
+def batch_of(example: torch.Tensor, batch: int) -> torch.Tensor:
+    """A batch of ``batch`` samples made of the example's (repeated when it has fewer)."""
+    if example.shape[0] >= batch:
+        return example[:batch]
+    return example[torch.arange(batch, device=example.device) % example.shape[0]]
+
+
+def sparsify(model: nn.Module, example_input: torch.Tensor | None = None, *,
+             batch_sizes: tuple[int, ...] | None = DEFAULT_BATCH_SIZES, benchmark: bool = True,
              min_sparsity: float = 0.5, repeats: int = 5, channels_last: bool | str = "auto",
-             batch_innermost: bool | str = "auto") -> nn.Module:
-    """An inference copy of ``model`` whose conv and linear layers carry compressed weights.
+             batch_innermost: bool | str = "auto", untuned: str | None = None) -> SparseModel:
+    """The sparse inference model of a pruned ``model``: a :class:`SparseModel`.
 
-    With ``example_input`` (a typical batch, (N, C, H, W) for a CNN) and ``benchmark`` on, on the
-    model's device: every candidate layer is timed dense and sparse on its real input and the faster
-    kept; then the whole sparse model is timed against the dense model (masks folded in), in the
-    contiguous and the channels_last layout (``channels_last="auto"``) and, on the CPU for batches of
-    8 or more (``batch_innermost="auto"``), with every sparse conv on the batch-innermost algorithm
-    (activations laid out (C, H, W, N), see :class:`BatchInnermostInput`); CPU batches over 64 are
-    also tried in micro-batches of 64 (:class:`MicroBatched`, tuned on 64); the fastest of those is
-    returned, so the result is never slower than the dense model. A sparse layer or model must be at
-    least 3% faster than dense to be chosen (smaller differences are timing noise). Without timing,
-    a layer becomes sparse when its sparsity is at least ``min_sparsity``. Masks of masked layers
-    and BatchNorms that follow a conv are folded into the conv weights either way, 2x2 max pooling
-    gets a faster NCHW version, and ReLU (and pooling) right after a sparse conv are fused into its
-    epilogue.
+    Masks of masked layers and BatchNorms that follow a conv are folded into the conv weights, 2x2
+    max pooling gets a faster NCHW version, every conv/linear layer at least ``min_sparsity`` sparse
+    (float32; half precision on CUDA) gets CSR weights, and ReLU, pooling and residual additions
+    after a sparse conv are fused into its epilogue. Then, with ``example_input`` (samples of the
+    input, (N, C, H, W) for a CNN) and ``benchmark`` on, each batch size in ``batch_sizes`` (default
+    1, 4, 16, 128 and 256: one in each bucket 1, 2-7, 8-63, 64-255, 256+) is tuned on the model's
+    device (see :func:`tune_bucket`; the example's samples are repeated or cut to each size): the
+    model runs each bucket in its fastest layout and per-layer choice, never in a config slower than
+    its dense run (a sparse choice must be at least 3% faster, the size of timing noise). Two
+    sizes in one bucket are refused.
 
-    The returned model has ``sparsify_decisions`` ({layer: {"sparsity", "dense_s", "sparse_s",
-    "kept"}}) and ``sparsify_choice`` (what was returned and the whole-model times).
+    A bucket not tuned here is, by ``untuned``: "tune" (the default when timing is allowed) timed
+    on its first call, which takes seconds; "dense", every layer dense; "sparse" (the default with
+    ``benchmark=False``), every converted layer on its sparse kernel by shape, untimed. The plan
+    is ``result.plan``; ``result.summary()`` says it in words; ``save_sparse`` keeps it.
     """
     check_sparsity(min_sparsity, "min_sparsity")
     for name, value in (("channels_last", channels_last), ("batch_innermost", batch_innermost)):
         if value not in (True, False, "auto"):
             raise ValueError(f"{name} must be True, False or 'auto', got {value!r}")
-    recipe = getattr(model, "fastprune_recipe", None)  # how to rebuild it (save_sparse), for zoo models
-    dense = _fast_pooling(fold_batchnorm(fold_masks(copy.deepcopy(model).eval())))
-    if example_input is None or not benchmark:
-        result, decisions = _convert_layers(dense, {}, min_sparsity, repeats)
-        result = fuse_epilogues(result)
-        if channels_last is True:
-            result = ChannelsLastInput(result.to(memory_format=torch.channels_last))
-        result.sparsify_decisions, result.sparsify_choice = decisions, {"kind": "sparse", "timed": False}
-        result.sparsify_plan, result.fastprune_recipe = _plan_of(result, "sparse"), recipe
-        return result
-
-    layouts = {"contiguous": None, "channels_last": ChannelsLastInput}
-    if channels_last != "auto":
-        del layouts["contiguous" if channels_last else "channels_last"]
-    if batch_innermost is True or (batch_innermost == "auto" and example_input.device.type == "cpu"
-                                   and example_input.dim() == 4
-                                   and example_input.shape[0] >= _BATCH_INNERMOST_MIN_BATCH):
-        layouts["batch innermost"] = BatchInnermostInput
-    candidates = _layout_candidates(dense, example_input, layouts, min_sparsity, repeats)
-    micro = _MICRO_BATCH
-    if example_input.device.type == "cpu" and example_input.dim() == 4 and example_input.shape[0] > micro:
-        # Large CPU batches also run in micro-batches, each through the whole network while its
-        # activations fit in cache; the layers are tuned on a micro-batch. Kept only where the
-        # outputs equal the whole-batch run (no cross-sample op in the model).
-        with torch.no_grad():
-            reference = candidates["dense, " + next(iter(layouts))][0](example_input)
-        small = _layout_candidates(dense, example_input[:micro], layouts, min_sparsity, repeats, sparse_only=True)
-        for key, (model_, decisions) in small.items():
-            chunked = MicroBatched(model_, micro)
-            with torch.no_grad():
-                out = chunked(example_input)
-            if isinstance(out, torch.Tensor) and torch.allclose(out, reference, rtol=1e-3, atol=1e-3 * (
-                    reference.abs().max().item() + 1e-12)):
-                candidates[f"{key}, micro-batches of {micro}"] = (chunked, decisions)
-    # Whole models in interleaved rounds after two warm-up runs: the first runs of a model allocate
-    # its activations afresh (page faults), which would favour whichever candidate ran last.
-    with torch.no_grad():
-        times = interleaved_medians({k: (lambda m=m: m(example_input)) for k, (m, _) in candidates.items()},
-                                    example_input.device, repeats=repeats, warmup=2)
-    best = min(times, key=times.get)
-    fastest_dense = min((k for k in times if k.startswith("dense")), key=times.get)
-    if times[best] >= _WIN_MARGIN * times[fastest_dense]:  # a near tie is timing noise: stay dense
-        best = fastest_dense
-    result, decisions = candidates[best]
-    result.sparsify_decisions = decisions
-    result.sparsify_choice = {"kind": best, "timed": True, "seconds": times}
-    result.sparsify_plan, result.fastprune_recipe = _plan_of(result, best.split(",")[0]), recipe
+    sizes = _check_batch_sizes(batch_sizes)
+    if untuned is None:
+        untuned = "tune" if benchmark else "sparse"
+    net, _ = build_sparse_network(model, min_sparsity)
+    result = SparseModel(net, recipe=getattr(model, "fastprune_recipe", None), untuned=untuned, repeats=repeats)
+    if example_input is not None and benchmark:
+        if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2 or example_input.shape[0] < 1:
+            raise ValueError("example_input must be a batch of samples, (N, ...) with N >= 1")
+        for size in sizes:
+            tune_bucket(result, batch_of(example_input, size), repeats, channels_last, batch_innermost)
+    if untuned != "dense":
+        device = next(iter(result.buffers()), torch.empty(0)).device
+        _release_unused_dense(result, device)
     return result
+
+
+def _check_batch_sizes(batch_sizes) -> list[int]:
+    sizes = sorted(set(int(b) for b in (batch_sizes or ())))
+    if any(b < 1 for b in sizes):
+        raise ValueError(f"batch_sizes must be positive, got {batch_sizes!r}")
+    buckets = [bucket_of(b) for b in sizes]
+    for bucket in set(buckets):
+        shared = [b for b, name in zip(sizes, buckets) if name == bucket]
+        if len(shared) > 1:
+            raise ValueError(f"batch_sizes {shared} share the bucket {bucket}: give one size per bucket")
+    return sizes

@@ -1,0 +1,78 @@
+// fastprune::sparse_conv2d_ext on the CPU (the `cpp` backend of fastprune::sparse_conv2d): direct
+// sparse convolution, work proportional to the number of non-zero weights. Checks the arguments,
+// picks the algorithm when asked to (algo 0, by shape), allocates the output in the layout the op
+// promises and runs one of padded.cpp, direct.cpp, batch_innermost.cpp.
+#include <torch/library.h>
+
+#include "sparse_common.h"
+
+namespace fastprune {
+namespace sparse_cpu {
+
+void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values, int64_t rows) {
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.size(0) == rows + 1 && row_ptr.scalar_type() == at::kInt &&
+                  row_ptr.is_contiguous(),
+              "sparse: row_ptr must be a contiguous int32 (rows + 1,) tensor");
+  TORCH_CHECK(col_idx.dim() == 1 && col_idx.scalar_type() == at::kInt && col_idx.is_contiguous(),
+              "sparse: col_idx must be contiguous int32");
+  TORCH_CHECK(values.dim() == 1 && values.size(0) == col_idx.size(0) && values.scalar_type() == at::kFloat &&
+                  values.is_contiguous(),
+              "sparse: values must be contiguous float32 with col_idx's length");
+}
+
+namespace {
+
+// Feature maps at least this wide take the direct algorithm when it is chosen by shape (long enough
+// rows to vectorise).
+constexpr int64_t kDirectMinWidth = 16;
+
+at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                             const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t kh, int64_t kw,
+                             int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t algo,
+                             int64_t epilogue, const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(algo >= 0 && algo <= 3,
+              "sparse_conv2d: algo must be 0 (auto), 1 (padded), 2 (direct) or 3 (batch innermost)");
+  TORCH_CHECK(epilogue >= 0 && epilogue <= 3,
+              "sparse_conv2d: epilogue must be 0 (none), 1 (relu), 2 (relu + pool) or 3 (add residual + relu)");
+  TORCH_CHECK((epilogue == 3) == residual.has_value() && (epilogue != 3 || algo == 3),
+              "sparse_conv2d: the residual epilogue (3) needs a residual and the batch-innermost algorithm (3)");
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "sparse_conv2d: x must be float32 (N, C, H, W)");
+  TORCH_CHECK(kh >= 1 && kw >= 1 && stride_h >= 1 && stride_w >= 1 && pad_h >= 0 && pad_w >= 0,
+              "sparse_conv2d: bad geometry");
+  const int64_t oc_count = row_ptr.size(0) - 1;
+  check_csr(row_ptr, col_idx, values, oc_count);
+  TORCH_CHECK(x.size(2) + 2 * pad_h >= kh && x.size(3) + 2 * pad_w >= kw,
+              "sparse_conv2d: the kernel is larger than the padded input");
+  const bool relu = epilogue >= 1, pool = epilogue == 2;
+  const ConvArgs args{row_ptr.const_data_ptr<int32_t>(), col_idx.const_data_ptr<int32_t>(),
+                      values.const_data_ptr<float>(), bias.has_value() ? bias->const_data_ptr<float>() : nullptr,
+                      oc_count, kh, kw, stride_h, stride_w, pad_h, pad_w, relu, pool};
+  if (algo == 3) return conv_batch_innermost(x, args, residual);
+  // channels_last in, channels_last out (so that pooling and BatchNorm around the layer stay on
+  // their fast path); any other layout is read through its strides and gives a contiguous output.
+  const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+  const int64_t n = x.size(0), w = x.size(3);
+  const int64_t ho = (x.size(2) + 2 * pad_h - kh) / stride_h + 1, wo = (w + 2 * pad_w - kw) / stride_w + 1;
+  const bool direct_ok = !channels_last && x.is_contiguous() && stride_h == stride_w && stride_h <= 2;
+  TORCH_CHECK(algo != 2 || direct_ok, "sparse_conv2d: the direct algorithm needs stride 1 or 2 and a contiguous input");
+  const bool direct = algo == 2 || (algo == 0 && direct_ok && w >= kDirectMinWidth);
+  TORCH_CHECK(epilogue != 2 || direct || stride_h == stride_w,
+              "sparse_conv2d: the pooling epilogue needs the direct algorithm or equal strides");
+  at::Tensor out = at::empty({n, oc_count, pool ? ho / 2 : ho, pool ? wo / 2 : wo},
+                             x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                     : at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  if (direct) {
+    conv_direct(x, args, out);
+  } else {
+    conv_padded(x, args, out);
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace sparse_cpu
+
+TORCH_LIBRARY_IMPL(fastprune, CPU, m) { m.impl("sparse_conv2d_ext", &sparse_cpu::sparse_conv2d_cpu); }
+
+}  // namespace fastprune

@@ -1,0 +1,92 @@
+// What the CPU sparse kernels share (csrc/sparse/*.cpp): the AXPY inner loops, multi-versioned for
+// AVX2 and baseline x86-64; the range of output rows a tap reaches; each algorithm's entry point.
+// The algorithms (sparsify times them per layer and keeps the fastest):
+//   padded.cpp           algo 1: channel-major zero-padded copy of the input, one long AXPY per
+//                        non-zero over the whole batch (any stride; small maps);
+//   direct.cpp           algo 2: NCHW planes, row-wise AXPYs, no re-layout (wide maps, batch 1);
+//   batch_innermost.cpp  algo 3: activations (C, H, W, N), the batch is the vector dimension;
+//   conv.cpp             the op: checks, algorithm by shape, output allocation; linear.cpp the
+//                        sparse linear layer. epilogue.h: ReLU / 2x2 max pooling / residual stores.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTPRUNE_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FASTPRUNE_CPU_CLONES
+#endif
+
+namespace fastprune {
+namespace sparse_cpu {
+
+// A convolution's CSR weight and geometry, and the epilogue its kernel fuses.
+struct ConvArgs {
+  const int32_t* rp;    // row_ptr: output channel oc's non-zeros are [rp[oc], rp[oc + 1])
+  const int32_t* cols;  // column (ic * kh + r) * kw + s of each non-zero
+  const float* vals;
+  const float* bias;    // or nullptr
+  int64_t oc_count, kh, kw, stride_h, stride_w, pad_h, pad_w;
+  bool relu, pool;      // ReLU; ReLU then 2x2 max pooling
+};
+
+// Algorithm 1 (padded) and 2 (direct) write into ``out`` (N, OC, H', W'), contiguous or
+// channels_last; algorithm 3 returns its (C, H, W, N)-laid output, with the residual epilogue.
+void conv_padded(const at::Tensor& x, const ConvArgs& a, at::Tensor& out);
+void conv_direct(const at::Tensor& x, const ConvArgs& a, at::Tensor& out);
+at::Tensor conv_batch_innermost(const at::Tensor& x, const ConvArgs& a, const std::optional<at::Tensor>& residual);
+
+// The CSR arrays' dtypes, shapes and contiguity (TORCH_CHECK): conv.cpp.
+void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values, int64_t rows);
+
+namespace {
+
+// acc[0:len] += v * src[0:len]: the whole inner loop of a non-zero. Built for AVX2 and baseline.
+[[maybe_unused]] FASTPRUNE_CPU_CLONES void axpy(float* __restrict__ acc, const float* __restrict__ src, float v, int64_t len) {
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) acc[j] += v * src[j];
+}
+
+// acc[0:len] += sum of four AXPYs in one pass: the accumulator is loaded and stored once per four
+// multiply-adds (an AXPY loads and stores it for each), and four input streams stay few enough for
+// the hardware prefetchers.
+[[maybe_unused]] FASTPRUNE_CPU_CLONES void axpy4(float* __restrict__ acc, const float* __restrict__ s0, const float* __restrict__ s1,
+                                const float* __restrict__ s2, const float* __restrict__ s3, float v0, float v1,
+                                float v2, float v3, int64_t len) {
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) acc[j] += v0 * s0[j] + v1 * s1[j] + v2 * s2[j] + v3 * s3[j];
+}
+
+[[maybe_unused]] FASTPRUNE_CPU_CLONES void axpy8(float* __restrict__ acc, const float* const* __restrict__ s, const float* v,
+                                int64_t len) {
+  const float* __restrict__ s0 = s[0]; const float* __restrict__ s1 = s[1];
+  const float* __restrict__ s2 = s[2]; const float* __restrict__ s3 = s[3];
+  const float* __restrict__ s4 = s[4]; const float* __restrict__ s5 = s[5];
+  const float* __restrict__ s6 = s[6]; const float* __restrict__ s7 = s[7];
+  const float v0 = v[0], v1 = v[1], v2 = v[2], v3 = v[3], v4 = v[4], v5 = v[5], v6 = v[6], v7 = v[7];
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j)
+    acc[j] += (v0 * s0[j] + v1 * s1[j] + v2 * s2[j] + v3 * s3[j]) + (v4 * s4[j] + v5 * s5[j] + v6 * s6[j] + v7 * s7[j]);
+}
+
+[[maybe_unused]] FASTPRUNE_CPU_CLONES void axpy_strided(float* __restrict__ acc, const float* __restrict__ src, float v, int64_t len,
+                                       int64_t stride) {
+  for (int64_t j = 0; j < len; ++j) acc[j] += v * src[j * stride];
+}
+
+// The output rows (or columns) [lo, hi) whose input position i * S + d lies inside [0, size)
+// (floor division: d can reach past the last input row when the padding is wide).
+[[maybe_unused]] inline void tap_range(int64_t S, int64_t d, int64_t size, int64_t out, int64_t& lo, int64_t& hi) {
+  lo = d >= 0 ? 0 : (-d + S - 1) / S;
+  hi = size - 1 - d < 0 ? 0 : std::min<int64_t>(out, (size - 1 - d) / S + 1);
+}
+
+}  // namespace
+}  // namespace sparse_cpu
+}  // namespace fastprune

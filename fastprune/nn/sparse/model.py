@@ -1,0 +1,189 @@
+"""SparseModel: one sparse inference network and its plan, the per-device, per-batch-size-bucket
+choice of memory layout, micro-batching and, per layer, dense or sparse and which sparse algorithm.
+
+The network's modules and state_dict never change with the plan (every convertible layer holds its
+CSR weights; "dense" rebuilds the dense weight outside the state_dict), so what timing picked is
+data, saved with the model (files.py) and switched per call by the batch size.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...ops.sparse import to_batch_innermost
+from .layers import SparseConv2d, SparseLinear
+
+# Batch-size buckets (first, last or None: no end). A plan tuned on one batch size is used only for
+# the batch sizes of its bucket: the best layout at 64 can be the worst at 1.
+BUCKETS = ((1, 1), (2, 7), (8, 63), (64, 255), (256, None))
+
+# What sparsify tunes when given an example input: one batch size in each bucket, near its middle
+# (128: a CPU bucket over 64 also weighs micro-batches of 64, which then serve the whole bucket).
+DEFAULT_BATCH_SIZES = (1, 4, 16, 128, 256)
+
+LAYOUTS = ("contiguous", "channels_last", "batch_innermost")
+
+# What a bucket the plan does not cover runs: "tune" times it on its first call (that call takes
+# seconds), "dense" runs every layer dense (never slower than the dense model), "sparse" runs every
+# convertible layer sparse on the algorithm chosen by shape (sparsify(..., benchmark=False)).
+UNTUNED = ("tune", "dense", "sparse")
+
+
+def bucket_name(first: int, last: int | None) -> str:
+    return f"{first}+" if last is None else str(first) if first == last else f"{first}-{last}"
+
+
+def bucket_of(batch: int) -> str:
+    """The name of the bucket holding ``batch`` ("1", "2-7", "8-63", "64-255", "256+"); an empty
+    batch counts as 1."""
+    batch = max(int(batch), 1)
+    for first, last in BUCKETS:
+        if last is None or batch <= last:
+            return bucket_name(first, last)
+    raise AssertionError("the last bucket has no end")
+
+
+def device_key(device: torch.device) -> str:
+    """What a plan is tuned for: the GPU's name, or the CPU with its thread count (timings on 2 and
+    on 16 threads pick differently)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"{device.type}: {torch.get_num_threads()} threads"
+
+
+def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """x (N, C, H, W) in the given memory layout (other shapes unchanged)."""
+    if x.dim() != 4 or layout == "contiguous":
+        return x.contiguous() if x.dim() == 4 else x
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    return to_batch_innermost(x)
+
+
+def make_config(layout: str, micro_batch: int | None, layers: dict[str, str], kind: str) -> dict:
+    """One bucket's entry of a plan: plain data (saved as is)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return {"kind": kind, "layout": layout, "micro_batch": micro_batch, "layers": dict(layers)}
+
+
+class SparseModel(nn.Module):
+    """A model's sparse inference network (``net``: convertible layers as SparseConv2d/SparseLinear,
+    BatchNorms folded, epilogues fused) with its ``plan``.
+
+    ``plan["devices"][device_key][bucket]`` holds, for the batch sizes of that bucket on that device:
+    the memory layout the input is put in ("contiguous", "channels_last", "batch_innermost"), the
+    micro-batch size (large CPU batches run in slices whose activations stay in cache) and each
+    sparse layer's choice ("dense", or a sparse kernel); ``plan["untuned"]`` says what a bucket
+    without an entry runs (see UNTUNED). forward(x) (N, ...) -> the model's output, the same
+    function whatever the plan chooses.
+    """
+
+    def __init__(self, net: nn.Module, plan: dict | None = None, recipe: dict | None = None,
+                 untuned: str = "tune", repeats: int = 5):
+        super().__init__()
+        self.net = net
+        self.plan = plan if plan is not None else {"untuned": untuned, "devices": {}}
+        if self.plan.get("untuned") not in UNTUNED:
+            raise ValueError(f"untuned must be one of {UNTUNED}, got {self.plan.get('untuned')!r}")
+        self._check_plan()
+        self.fastprune_recipe = recipe
+        self.repeats = repeats  # timing repeats when a bucket is tuned on first use
+        self._active = None     # the config the layers are set to
+
+    def _check_plan(self) -> None:
+        """A plan (perhaps read from a file) must name this network's sparse layers and choices they have."""
+        layers = self.sparse_layers()
+        if not isinstance(self.plan.get("devices"), dict):
+            raise ValueError("plan: 'devices' must map device names to buckets")
+        for device, buckets in self.plan["devices"].items():
+            for bucket, config in buckets.items():
+                where = f"plan[{device!r}][{bucket!r}]"
+                if config.get("layout") not in LAYOUTS or not isinstance(config.get("layers"), dict):
+                    raise ValueError(f"{where}: needs a layout in {LAYOUTS} and a dict of layers")
+                micro = config.get("micro_batch")
+                if micro is not None and (not isinstance(micro, int) or micro < 1):
+                    raise ValueError(f"{where}: micro_batch must be None or a positive int, got {micro!r}")
+                if set(config["layers"]) != set(layers):
+                    raise ValueError(f"{where}: its layers do not match the network's sparse layers")
+                for name, choice in config["layers"].items():
+                    if choice not in layers[name].choices:
+                        raise ValueError(f"{where}: layer {name!r} has no choice {choice!r}")
+
+    @property
+    def untuned(self) -> str:
+        return self.plan["untuned"]
+
+    @untuned.setter
+    def untuned(self, value: str) -> None:
+        if value not in UNTUNED:
+            raise ValueError(f"untuned must be one of {UNTUNED}, got {value!r}")
+        self.plan["untuned"] = value
+
+    def sparse_layers(self) -> dict[str, nn.Module]:
+        """{name in net: layer} of the layers a plan chooses for."""
+        return {n: m for n, m in self.net.named_modules() if isinstance(m, (SparseConv2d, SparseLinear))}
+
+    def tuned(self, device: torch.device) -> dict:
+        """{bucket: config} tuned for ``device``."""
+        return self.plan["devices"].get(device_key(device), {})
+
+    def static_config(self, kind: str) -> dict:
+        """Every sparse layer dense ("dense") or on its default sparse kernel ("sparse"), contiguous."""
+        layers = {n: "dense" if kind == "dense" else m.choices[1] for n, m in self.sparse_layers().items()}
+        return make_config("contiguous", None, layers, kind)
+
+    def config_for(self, x: torch.Tensor) -> dict:
+        """The config that runs x: its bucket's on x's device, else by ``untuned`` (tuning it now
+        when that is "tune")."""
+        config = self.tuned(x.device).get(bucket_of(x.shape[0]))
+        if config is not None:
+            return config
+        if self.untuned == "tune":
+            from .tuner import tune_bucket
+
+            return tune_bucket(self, x.detach(), repeats=self.repeats)
+        return self.static_config(self.untuned)
+
+    def use_config(self, config: dict) -> None:
+        """Set every sparse layer to its choice in ``config``."""
+        if config is self._active:
+            return
+        layers = self.sparse_layers()
+        for name, choice in config["layers"].items():
+            layers[name].choice = choice
+        self._active = config
+
+    @torch.compiler.disable
+    def _prepare(self, x: torch.Tensor) -> dict:
+        # Outside torch.compile's graph: choosing (and perhaps tuning) the bucket is plain Python; the
+        # layers' choices it sets are guarded on, so a compiled model recompiles per bucket.
+        config = self.config_for(x)
+        self.use_config(config)
+        return config
+
+    def run(self, x: torch.Tensor, config: dict) -> torch.Tensor:
+        """The network on x under ``config`` (layout, micro-batches, layer choices)."""
+        self.use_config(config)
+        x = to_layout(x, config["layout"])
+        micro = config["micro_batch"]
+        if micro is not None and x.shape[0] > micro:
+            return torch.cat([self.net(part) for part in x.split(micro)])
+        return self.net(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, ...) -> net(x), under the config of N's bucket on x's device."""
+        return self.run(x, self._prepare(x))
+
+    def summary(self) -> str:
+        """One line per tuned bucket: what runs there."""
+        lines = []
+        for device, buckets in self.plan["devices"].items():
+            for bucket, config in buckets.items():
+                sparse = sum(choice != "dense" for choice in config["layers"].values())
+                micro = f", micro-batches of {config['micro_batch']}" if config["micro_batch"] else ""
+                lines.append(f"{device}, batch {bucket}: {config['kind']}, {config['layout']}{micro}, "
+                             f"{sparse}/{len(config['layers'])} layers sparse")
+        lines.append(f"other batch sizes: {self.untuned}")
+        return "\n".join(lines)
