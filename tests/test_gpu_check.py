@@ -85,7 +85,10 @@ def results(tmp_path):
                                  ("resnet18", 0.99, 64, "fastprune sparse", 1.3),
                                  ("vgg16", 0.99, 256, "fastprune sparse", 1.8),
                                  ("vgg16", 0.9, 64, "fastprune sparse", 0.8),
-                                 ("vgg16", 0.9, 64, "dense fp16 channels_last", 1.0)]])
+                                 ("vgg16", 0.9, 64, "dense fp16 channels_last", 1.0),
+                                 ("vgg16", 0.9, 1, "fastprune sparse, tuned on 64 only", 0.96),
+                                 ("vgg16", 0.9, 64, "fastprune sparse, untuned (no example)", 1.2),
+                                 ("vgg16", 0.9, 1, "fastprune sparse, torch.compile", 0.5)]])
     write(tmp_path / "sparse-cpu.csv", [{"model": "vgg16", "sparsity": 0.99, "batch": 256,
                                          "impl": "fastprune sparse", "speedup_vs_best_dense": 9.0}])
     write(tmp_path / f"train-{dev}-quick.csv", [
@@ -105,9 +108,11 @@ def test_targets_are_read_off_the_benchmark_files(results):
     assert got["hsic_bottleneck ResNet-18 m=128 vs compile"] == (1.5, False)
     sparse = "sparse resnet18 99% batch 256 vs fp16 cuDNN (channels_last, CUDA graph)"
     assert got[sparse] == (2.2, True)  # the graphed sparse model counts
-    assert got["sparse resnet18: never slower than dense at batch 1, 64, 256"] == (0.99, True)
+    assert got["sparse resnet18: never slower than dense at every batch benchmarked"] == (0.99, True)
+    assert got["sparse resnet18: transferred and untuned plans, warm"] == (None, None)  # not in the file
     assert got["sparse vgg16 99% batch 256 vs fp16 cuDNN (channels_last, CUDA graph)"] == (1.8, False)  # not the CPU's 9x
-    assert got["sparse vgg16: never slower than dense at batch 1, 64, 256"] == (0.8, False)
+    assert got["sparse vgg16: never slower than dense at every batch benchmarked"] == (0.8, False)
+    assert got["sparse vgg16: transferred and untuned plans, warm"] == (0.96, False)  # compiled rows not counted
     assert got["HYDRA prune-phase epoch vs the paper-faithful loop"] == (2.3, True)
     assert got["PwoA retrain epoch vs fastprune's HYDRA prune-phase epoch"] == (4, False)
     table = markdown(evaluate(str(results)))

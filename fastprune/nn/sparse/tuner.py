@@ -124,7 +124,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def tune_bucket(model: SparseModel, x: torch.Tensor, repeats: int = 5, channels_last: bool | str = "auto",
-                batch_innermost: bool | str = "auto") -> dict:
+                batch_innermost: bool | str = "auto", release: bool = True) -> dict:
     """Tune the bucket of x's batch size on x's device and store its config in ``model.plan``.
 
     For each memory layout (contiguous and channels_last; batch-innermost on CPU batches of 8 or
@@ -132,7 +132,8 @@ def tune_bucket(model: SparseModel, x: torch.Tensor, repeats: int = 5, channels_
     and channels_last also give an all-dense candidate. CPU batches over 64 tune the layers on 64
     images and run them in micro-batches of 64 and whole. The candidates are timed whole in
     interleaved rounds; the fastest is kept, a sparse one only when at least 3% faster than the
-    fastest dense one. Returns the config."""
+    fastest dense one. Returns the config. ``release``: afterwards, free the dense weights of
+    layers that no tuned bucket runs dense (sparsify does so once, after all its buckets)."""
     bucket, key = bucket_of(x.shape[0]), device_key(x.device)
     micro = _MICRO_BATCH if x.device.type == "cpu" and x.dim() == 4 and x.shape[0] > _MICRO_BATCH else None
     layers_x = x if micro is None else x[:micro]
@@ -161,7 +162,8 @@ def tune_bucket(model: SparseModel, x: torch.Tensor, repeats: int = 5, channels_
     config = {**candidates[best], "tuned_on": int(x.shape[0]), "choice": best,
               "seconds": {k: float(v) for k, v in times.items()}}
     model.plan["devices"].setdefault(key, {})[bucket] = config
-    _release_unused_dense(model, x.device)
+    if release:
+        _release_unused_dense(model, x.device)
     return config
 
 
@@ -215,7 +217,7 @@ def sparsify(model: nn.Module, example_input: torch.Tensor | None = None, *,
         if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2 or example_input.shape[0] < 1:
             raise ValueError("example_input must be a batch of samples, (N, ...) with N >= 1")
         for size in sizes:
-            tune_bucket(result, batch_of(example_input, size), repeats, channels_last, batch_innermost)
+            tune_bucket(result, batch_of(example_input, size), repeats, channels_last, batch_innermost, release=False)
     if untuned != "dense":
         device = next(iter(result.buffers()), torch.empty(0)).device
         _release_unused_dense(result, device)
