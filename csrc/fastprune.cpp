@@ -32,6 +32,11 @@ TORCH_LIBRARY(fastprune, m) {
   m.def(
       "sparse_conv2d_ext(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias, int kh, int kw, "
       "int stride_h, int stride_w, int pad_h, int pad_w, int algo, int epilogue, Tensor? residual=None) -> Tensor");
+  // The gradient w.r.t. the CSR values of that convolution (the pattern frozen): (nnz,) float32, from
+  // its input x and the gradient of its (un-fused) output. (CPU.)
+  m.def(
+      "sparse_conv2d_weight_grad_ext(Tensor x, Tensor grad, Tensor row_ptr, Tensor col_idx, int kh, int kw, "
+      "int stride_h, int stride_w, int pad_h, int pad_w) -> Tensor");
   // Sparse linear (N, in) -> (N, out) with a CSR weight (out x in). (CPU.)
   m.def("sparse_linear_ext(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias) -> Tensor");
   // The GPU form of both (CUDA): a convolution (N, C, H, W) -> (N, oc, H', W') contiguous, with the

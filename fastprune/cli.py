@@ -5,6 +5,7 @@
                                   90/95/99% sparsity, five attacks, latency; results into --out
   fastprune eval --checkpoint P   robust accuracy of a saved model under the attack suite
   fastprune bench sparse ...      sparse-inference latency vs the best dense (fastprune.benchmarks.sparse)
+  fastprune bench sparse-grad ... attacks and finetune steps on sparse vs masked dense layers
   fastprune train ...             (robust) training of a model; a run directory that resumes
   fastprune prune --method M ...  HYDRA, LWM or PwoA pruning of a checkpoint
   fastprune finetune ...          robust finetune of a pruned checkpoint, masks fixed
@@ -300,7 +301,7 @@ def _prune(args) -> int:
     data = get_dataset(args.data, root=args.root)
     _check_model_fits(model, data, ckpt["model"], args.data)
     out = _run_dir(args, f"prune-{args.method}")
-    common = dict(run_dir=out, **_fit_options(args))
+    common = dict(run_dir=out, sparse_kernels=args.sparse_kernels, **_fit_options(args))
     if args.method == "hydra":
         hydra(model, data.train, sparsity=args.sparsity, objective=_objective(args), prune_epochs=args.prune_epochs,
               finetune_epochs=args.finetune_epochs, prune_lr=args.prune_lr, finetune_lr=args.finetune_lr, **common)
@@ -330,7 +331,7 @@ def _finetune(args) -> int:
     _check_model_fits(model, data, ckpt["model"], args.data)
     out = _run_dir(args, "finetune")
     finetune_phase(model, data.train, objective=_objective(args), epochs=args.epochs, lr=args.lr, run_dir=out,
-                   **_fit_options(args))
+                   sparse_kernels=args.sparse_kernels, **_fit_options(args))
     _finish(out, model, data, args, started, (ckpt["model"], ckpt["num_classes"], ckpt["in_channels"]), {})
     return 0
 
@@ -375,6 +376,10 @@ def _bench(args) -> int:
         from fastprune.benchmarks.sparse import main as sparse_main
 
         return sparse_main(args.rest)
+    if args.suite == "sparse-grad":
+        from fastprune.benchmarks.sparse_grad import main as sparse_grad_main
+
+        return sparse_grad_main(args.rest)
     raise ValueError(f"unknown benchmark {args.suite!r}")
 
 
@@ -456,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--finetune-epochs", type=int, default=100)
     pr.add_argument("--prune-lr", type=float, default=0.1)
     pr.add_argument("--finetune-lr", type=float, default=0.01)
+    pr.add_argument("--sparse-kernels", action="store_true",
+                    help="the finetune (HYDRA, LWM) or masked retrain (PwoA) on the sparse kernels, trainable CSR values")
     pr.add_argument("--admm-epochs", type=int, default=50)
     pr.add_argument("--retrain-epochs", type=int, default=100)
     pr.add_argument("--temperature", type=float, default=30.0)
@@ -469,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--checkpoint", required=True)
     ft.add_argument("--epochs", type=int, default=100)
     ft.add_argument("--lr", type=float, default=0.01)
+    ft.add_argument("--sparse-kernels", action="store_true",
+                    help="train the pruned layers on the sparse kernels (trainable CSR values): the same run, "
+                         "at the non-zeros' cost")
     common(ft)
     ft.set_defaults(func=_finetune)
 
@@ -477,9 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(ex, objective=False)
     ex.set_defaults(func=_export)
 
-    bench = sub.add_parser("bench", help="benchmarks shipped with the package: sparse",
-                           description="fastprune bench sparse [--model ...] [--sparsity ...] [--batch ...]")
-    bench.add_argument("suite", choices=["sparse"])
+    bench = sub.add_parser("bench", help="benchmarks shipped with the package: sparse, sparse-grad",
+                           description="fastprune bench sparse [--model ...] [--sparsity ...] [--batch ...]; "
+                                       "fastprune bench sparse-grad [--sparsity ...] [--batch ...]")
+    bench.add_argument("suite", choices=["sparse", "sparse-grad"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the suite's own options (--help for them)")
     bench.set_defaults(func=_bench)
     return parser

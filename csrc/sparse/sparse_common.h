@@ -6,7 +6,8 @@
 //   direct.cpp           algo 2: NCHW planes, row-wise AXPYs, no re-layout (wide maps, batch 1);
 //   batch_innermost.cpp  algo 3: activations (C, H, W, N), the batch is the vector dimension;
 //   conv.cpp             the op: checks, algorithm by shape, output allocation; linear.cpp the
-//                        sparse linear layer. epilogue.h: ReLU / 2x2 max pooling / residual stores.
+//                        sparse linear layer; weight_grad.cpp the gradient at the non-zeros.
+//                        epilogue.h: ReLU / 2x2 max pooling / residual stores.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..utils.checks import (check_count, check_eps, check_images_labels, check_positive,  # noqa: F401 - re-exported
                             eval_mode)
+from ..utils.autograd import input_gradients_only
 from .losses import LOSSES, logits_of
 
 NORMS = ("linf", "l2")
@@ -128,9 +129,9 @@ class Attack:
         """Per-sample loss (N,), its gradient w.r.t. x (N, ...) and the logits (N, C).
 
         autograd.grad w.r.t. the input only: parameters' .grad stay untouched and their gradients
-        are not even computed.
+        are not even computed (fastprune's sparse ops included: input_gradients_only).
         """
-        with torch.enable_grad():
+        with torch.enable_grad(), input_gradients_only():
             xg = x.detach().requires_grad_(True)
             logits = self.logits(xg)
             loss = loss_fn(logits, y, target)

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from .. import backends
+from ..utils.autograd import parameter_gradients_wanted
 from ..reference.sparse import TiledWeight, csr_to_dense, sparse_conv2d_ref, sparse_linear_ref
 
 _CONV_SPEC = backends.OpSpec("sparse_conv2d", {"cuda": ("triton", "cuda"), "cpu": ("cpp",)},
@@ -287,27 +288,133 @@ def _sparse_conv2d_cpu_fake(x, row_ptr, col_idx, values, bias, in_channels, kh, 
     return _conv_fake(x, row_ptr, kh, kw, stride_h, stride_w, pad_h, pad_w, algo, epilogue)
 
 
-# Gradients w.r.t. the input only (the weights are inference buffers), so that attacks can run on a
-# sparse model: the transposed convolution with the dense weight rebuilt from the CSR arrays (the
-# backward pass is not what sparse inference speeds up). Fused epilogues are not differentiated:
-# SparseConv2d applies them unfused when autograd records.
+# The transposed, flipped pattern of each conv weight the backward pass has seen: rows are input
+# channels, column (oc * kh + kh - 1 - r) * kw + kw - 1 - s for the non-zero at (oc, (ic, r, s)),
+# and the permutation that takes the values there. The input gradient of a convolution is the
+# convolution of the output gradient with this weight (padding k - 1 - p; a stride S first spreads
+# the gradient S apart), so it runs on the forward's sparse kernels at the forward's sparse cost.
+# Keyed by the pattern tensors alone (finetuning changes the values every step, not the pattern);
+# built without host syncs.
+_TRANSPOSED: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_TRANSPOSED_VALUES: dict[tuple, torch.Tensor] = {}
+
+
+def transposed_weight(row_ptr, col_idx, values, in_channels: int, kh: int, kw: int):
+    """(row_ptr, col_idx, values) of the transposed, flipped weight (in_channels rows of
+    out_channels * kh * kw columns); the pattern is cached per weight, the values gathered."""
+    key = (id(row_ptr), row_ptr._version, id(col_idx), col_idx._version, in_channels, kh, kw)
+    found = _TRANSPOSED.get(key)
+    if found is None:
+        found = _TRANSPOSED[key] = _transpose_pattern(row_ptr, col_idx, in_channels, kh, kw)
+        weakref.finalize(col_idx, _TRANSPOSED.pop, key, None)
+    new_ptr, new_col, order = found
+    # The gathered values are cached too, so that the GPU kernels' tiled form of this weight (keyed by
+    # the values tensor) is built once, not on every backward pass.
+    values_key = key + (id(values), values._version)
+    gathered = _TRANSPOSED_VALUES.get(values_key)
+    if gathered is None:
+        gathered = _TRANSPOSED_VALUES[values_key] = values.detach()[order]
+        weakref.finalize(values, _TRANSPOSED_VALUES.pop, values_key, None)
+    return new_ptr, new_col, gathered
+
+
+def _transpose_pattern(row_ptr, col_idx, in_channels: int, kh: int, kw: int):
+    oc_count, ksize, nnz = row_ptr.numel() - 1, kh * kw, col_idx.numel()
+    counts = (row_ptr[1:] - row_ptr[:-1]).long()
+    oc = torch.repeat_interleave(torch.arange(oc_count, device=col_idx.device), counts, output_size=nnz)
+    col = col_idx.long()
+    ic, rs = col // ksize, col % ksize
+    new_col = (oc * kh + (kh - 1 - rs // kw)) * kw + (kw - 1 - rs % kw)
+    order = torch.argsort(ic * (oc_count * ksize) + new_col)
+    per_row = torch.zeros(in_channels, dtype=torch.long, device=col_idx.device).index_add_(0, ic, torch.ones_like(ic))
+    new_ptr = torch.cat([per_row.new_zeros(1), per_row.cumsum(0)]).to(torch.int32)
+    return new_ptr, new_col[order].to(torch.int32).contiguous(), order
+
+
+def conv_input_grad(grad, row_ptr, col_idx, values, x_shape, in_channels: int, kh: int, kw: int, stride, padding):
+    """d loss / d x (x_shape) of the sparse convolution from d loss / d output, as a sparse
+    convolution of the (stride-spread) output gradient with the transposed, flipped weight."""
+    n, _, h, w = x_shape
+    (sh, sw), (ph, pw) = stride, padding
+    if ph > kh - 1 or pw > kw - 1:  # a padding wider than the kernel: the dense transposed convolution
+        weight = csr_to_dense(row_ptr, col_idx, values, (row_ptr.shape[0] - 1, in_channels, kh, kw)).to(grad.dtype)
+        return torch.nn.grad.conv2d_input(x_shape, weight, grad.contiguous(), stride=stride, padding=padding)
+    t_ptr, t_cols, t_vals = transposed_weight(row_ptr, col_idx, values, in_channels, kh, kw)
+    if (sh, sw) != (1, 1):
+        # Spread the gradient S apart, plus the rows/columns the forward's floor division dropped.
+        ho, wo = grad.shape[2], grad.shape[3]
+        extra_h, extra_w = (h + 2 * ph - kh) % sh, (w + 2 * pw - kw) % sw
+        spread = grad.new_zeros(n, grad.shape[1], (ho - 1) * sh + 1 + extra_h, (wo - 1) * sw + 1 + extra_w)
+        spread[:, :, : (ho - 1) * sh + 1 : sh, : (wo - 1) * sw + 1 : sw] = grad
+        grad = spread
+    algo = ALGORITHMS["batch_innermost"] if grad.device.type == "cpu" and is_batch_innermost(grad) else 0
+    return sparse_conv2d(grad, t_ptr, t_cols, t_vals.to(grad.dtype), None, grad.shape[1], kh, kw, 1, 1,
+                         kh - 1 - ph, kw - 1 - pw, algo=algo)
+
+
+def _weight_grad_reference(x, grad, row_ptr, col_idx, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w):
+    shape = (row_ptr.shape[0] - 1, in_channels, kh, kw)
+    dense = torch.nn.grad.conv2d_weight(x, shape, grad, stride=(stride_h, stride_w), padding=(pad_h, pad_w))
+    counts = (row_ptr[1:] - row_ptr[:-1]).long()
+    rows = torch.repeat_interleave(torch.arange(shape[0], device=x.device), counts, output_size=col_idx.numel())
+    return dense.reshape(shape[0], -1)[rows, col_idx.long()].contiguous()
+
+
+@torch.library.custom_op("fastprune::sparse_conv2d_weight_grad", mutates_args=())
+def sparse_conv2d_weight_grad(x: torch.Tensor, grad: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                              in_channels: int, kh: int, kw: int, stride_h: int, stride_w: int, pad_h: int,
+                              pad_w: int) -> torch.Tensor:
+    """d loss / d values (nnz,) of a sparse convolution with a frozen pattern, from its input x
+    (N, C, H, W) and the gradient of its output (N, OC, H', W'): the dense weight gradient sampled
+    at the non-zeros. Default implementation (any device): that, computed densely (the reference)."""
+    return _weight_grad_reference(x, grad, row_ptr, col_idx, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w)
+
+
+@sparse_conv2d_weight_grad.register_kernel("cpu")
+def _sparse_conv2d_weight_grad_cpu(x, grad, row_ptr, col_idx, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w):
+    if backends.choose(_CONV_SPEC, x.device) != "cpp" or x.dtype != torch.float32:
+        return _weight_grad_reference(x, grad, row_ptr, col_idx, in_channels, kh, kw, stride_h, stride_w, pad_h,
+                                      pad_w)
+    return torch.ops.fastprune.sparse_conv2d_weight_grad_ext(x, grad, row_ptr, col_idx, kh, kw, stride_h, stride_w,
+                                                             pad_h, pad_w)
+
+
+@sparse_conv2d_weight_grad.register_fake
+def _sparse_conv2d_weight_grad_fake(x, grad, row_ptr, col_idx, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w):
+    return x.new_empty((col_idx.shape[0],))
+
+
+def _grad_wanted(ctx, index: int) -> bool:
+    """Whether this backward pass needs the gradient of input ``index`` (values, bias): it requires
+    grad and no attack asked for input gradients only (see fastprune.utils.autograd)."""
+    return ctx.needs_input_grad[index] and parameter_gradients_wanted()
+
+
+# Gradients: w.r.t. the input (attacks on a sparse model) as a sparse transposed convolution, and
+# w.r.t. the CSR values where they require it (finetuning with the pattern frozen) at the non-zeros
+# only. Fused epilogues are not differentiated: SparseConv2d applies them unfused when autograd records.
 def _conv_setup_context(ctx, inputs, output):
-    x, row_ptr, col_idx, values, _, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w = inputs[:12]
+    x, row_ptr, col_idx, values, bias, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w = inputs[:12]
     epilogue = inputs[-2]
     ctx.n_inputs = len(inputs)
-    ctx.save_for_backward(row_ptr, col_idx, values)
+    ctx.save_for_backward(row_ptr, col_idx, values, x if values.requires_grad else None)
     ctx.geometry = (x.shape, in_channels, kh, kw, (stride_h, stride_w), (pad_h, pad_w), epilogue)
 
 
 def _conv_backward(ctx, grad):
-    row_ptr, col_idx, values = ctx.saved_tensors
+    row_ptr, col_idx, values, x = ctx.saved_tensors
     x_shape, in_channels, kh, kw, stride, padding, epilogue = ctx.geometry
     if epilogue:
         raise RuntimeError("sparse_conv2d: a fused epilogue has no gradient; call it with epilogue=0 "
                            "and apply ReLU/pooling/the residual after (SparseConv2d does so under autograd)")
-    weight = csr_to_dense(row_ptr, col_idx, values, (row_ptr.shape[0] - 1, in_channels, kh, kw)).to(grad.dtype)
-    grad_x = torch.nn.grad.conv2d_input(x_shape, weight, grad.contiguous(), stride=stride, padding=padding)
-    return (grad_x,) + (None,) * (ctx.n_inputs - 1)
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = conv_input_grad(grad, row_ptr, col_idx, values, x_shape, in_channels, kh, kw, stride, padding)
+    if _grad_wanted(ctx, 3):
+        grad_values = sparse_conv2d_weight_grad(x, grad, row_ptr, col_idx, in_channels, kh, kw, *stride, *padding)
+    if _grad_wanted(ctx, 4):
+        grad_bias = grad.sum((0, 2, 3))
+    return (grad_x, None, None, grad_values, grad_bias) + (None,) * (ctx.n_inputs - 5)
 
 
 _sparse_conv2d_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
@@ -345,15 +452,27 @@ def _sparse_linear_fake(x, row_ptr, col_idx, values, bias, in_features):
 
 
 def _linear_setup_context(ctx, inputs, output):
-    _, row_ptr, col_idx, values, _, in_features = inputs
-    ctx.save_for_backward(row_ptr, col_idx, values)
+    x, row_ptr, col_idx, values, bias, in_features = inputs
+    ctx.save_for_backward(row_ptr, col_idx, values, x if values.requires_grad else None)
     ctx.in_features = in_features
 
 
 def _linear_backward(ctx, grad):
-    row_ptr, col_idx, values = ctx.saved_tensors
-    weight = csr_to_dense(row_ptr, col_idx, values, (row_ptr.shape[0] - 1, ctx.in_features)).to(grad.dtype)
-    return grad @ weight, None, None, None, None, None
+    """d/dx = grad W: the sparse product with the transposed CSR (rows: input features); d/dvalues
+    at the non-zeros only: sum over the batch of grad[:, row] * x[:, col]."""
+    row_ptr, col_idx, values, x = ctx.saved_tensors
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        t_ptr, t_cols, t_vals = transposed_weight(row_ptr, col_idx, values, ctx.in_features, 1, 1)
+        grad_x = sparse_linear(grad.contiguous(), t_ptr, t_cols, t_vals.to(grad.dtype), None, grad.shape[1])
+    if _grad_wanted(ctx, 3):
+        counts = (row_ptr[1:] - row_ptr[:-1]).long()
+        rows = torch.repeat_interleave(torch.arange(row_ptr.numel() - 1, device=grad.device), counts,
+                                       output_size=col_idx.numel())
+        grad_values = (grad[:, rows] * x[:, col_idx.long()]).sum(0)
+    if _grad_wanted(ctx, 4):
+        grad_bias = grad.sum(0)
+    return grad_x, None, None, grad_values, grad_bias, None
 
 
 sparse_linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)

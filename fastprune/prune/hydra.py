@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from ..nn.masked import MASKED_TYPES, check_sparsity, prune_model
+from ..nn.sparse.training import sparse_training
 from ..train.loops import fit
 
 
@@ -38,34 +39,41 @@ def prune_phase(model: nn.Module, train: TensorDataset, *, objective: Callable, 
 
 
 def finetune_phase(model: nn.Module, train: TensorDataset, *, objective: Callable, epochs: int, lr: float = 0.01,
-                   run_dir: str | None = None, **fit_options) -> list[dict]:
-    """Freeze every mask as it is, then train the weights (HYDRA's and LWM's last phase)."""
+                   run_dir: str | None = None, sparse_kernels: bool = False, **fit_options) -> list[dict]:
+    """Freeze every mask as it is, then train the weights (HYDRA's and LWM's last phase).
+
+    ``sparse_kernels``: train the masked layers as sparse layers with trainable CSR values
+    (fastprune.nn.sparse.training), so forward, input and weight gradients cost the non-zeros'
+    work; the model comes back as masked layers (fixed masks) afterwards, as without it. CPU
+    float32 runs on the C++ sparse kernels."""
     for layer in _masked_layers(model):
         layer.freeze_mask()
     for p in model.parameters():
         p.requires_grad_(True)
-    return fit(model, train, objective=objective, epochs=epochs, lr=lr, run_dir=_phase_dir(run_dir, "finetune"),
-               **fit_options)
+    with sparse_training(model, sparse_kernels):
+        return fit(model, train, objective=objective, epochs=epochs, lr=lr, run_dir=_phase_dir(run_dir, "finetune"),
+                   **fit_options)
 
 
 def hydra(model: nn.Module, train: TensorDataset, *, sparsity: float, objective: Callable, prune_epochs: int = 20,
           finetune_epochs: int = 100, prune_lr: float = 0.1, finetune_lr: float = 0.01, skip=(),
-          run_dir: str | None = None, **fit_options) -> nn.Module:
+          run_dir: str | None = None, sparse_kernels: bool = False, **fit_options) -> nn.Module:
     """Prune ``model`` (in place) to ``sparsity`` in every layer with HYDRA; returns it, masks frozen.
     Defaults follow the paper: 20 prune epochs at lr 0.1, 100 finetune epochs at lr 0.01."""
     check_sparsity(sparsity)
     prune_model(model, sparsity, method="scores", skip=skip)
     prune_phase(model, train, objective=objective, epochs=prune_epochs, lr=prune_lr, run_dir=run_dir, **fit_options)
     finetune_phase(model, train, objective=objective, epochs=finetune_epochs, lr=finetune_lr, run_dir=run_dir,
-                   **fit_options)
+                   sparse_kernels=sparse_kernels, **fit_options)
     return model
 
 
 def lwm(model: nn.Module, train: TensorDataset, *, sparsity: float, objective: Callable, finetune_epochs: int = 100,
-        finetune_lr: float = 0.01, skip=(), run_dir: str | None = None, **fit_options) -> nn.Module:
+        finetune_lr: float = 0.01, skip=(), run_dir: str | None = None, sparse_kernels: bool = False,
+        **fit_options) -> nn.Module:
     """Least-weight-magnitude pruning: magnitude mask per layer, then the robust finetune."""
     check_sparsity(sparsity)
     prune_model(model, sparsity, method="magnitude", skip=skip)
     finetune_phase(model, train, objective=objective, epochs=finetune_epochs, lr=finetune_lr, run_dir=run_dir,
-                   **fit_options)
+                   sparse_kernels=sparse_kernels, **fit_options)
     return model

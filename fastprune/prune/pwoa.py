@@ -27,6 +27,7 @@ from ..utils.checks import check_count, check_positive
 from ..attacks.losses import logits_of
 from ..nn.hsic import HSICBottleneck
 from ..nn.masked import MASKED_TYPES, check_sparsity, kept_count, prune_model, topk_mask
+from ..nn.sparse.training import sparse_training
 from ..train.loops import fit
 from ..train.objectives import PGDTraining
 
@@ -112,10 +113,12 @@ def pwoa(student: nn.Module, teacher: nn.Module | None, train: TensorDataset, *,
          rho_max: float = 1.0, admm_every: int = 3, lambda_x: float = 2e-5, lambda_y: float = 1e-4,
          sigma: float = 5.0, hsic_layers: Sequence[str] | None = None, num_classes: int | None = None,
          mix_ratio: float = 0.0, mix_attack: Callable | None = None, run_dir: str | None = None,
-         **fit_options) -> nn.Module:
+         sparse_kernels: bool = False, **fit_options) -> nn.Module:
     """Prune ``student`` (in place; usually a copy of the robust ``teacher``) to ``sparsity`` per
     layer with PwoA's three stages; returns it with frozen masks. Defaults follow the paper's CIFAR-10
-    settings. ``mix_attack``: the attack objective for mixed batches (default PGD, eps 8/255)."""
+    settings. ``mix_attack``: the attack objective for mixed batches (default PGD, eps 8/255).
+    ``sparse_kernels``: the masked retrain runs on sparse layers with trainable values (see
+    fastprune.prune.finetune_phase)."""
     if teacher is None:
         raise ValueError("teacher: PwoA distils from the pre-trained robust model; pass it")
     check_sparsity(sparsity)
@@ -166,8 +169,9 @@ def pwoa(student: nn.Module, teacher: nn.Module | None, train: TensorDataset, *,
         return distill(model, x) + bottleneck(x, y)
 
     try:
-        fit(student, train, objective=retrain_objective, epochs=retrain_epochs, lr=retrain_lr,
-            run_dir=f"{run_dir}/retrain" if run_dir else None, extra_state=coin, **fit_options)
+        with sparse_training(student, sparse_kernels):
+            fit(student, train, objective=retrain_objective, epochs=retrain_epochs, lr=retrain_lr,
+                run_dir=f"{run_dir}/retrain" if run_dir else None, extra_state=coin, **fit_options)
     finally:
         bottleneck.remove()
     return student

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..utils.checks import check_count, check_positive, eval_mode
 from ..utils.checks import check_eps
+from ..utils.autograd import input_gradients_only
 from ..attacks.losses import logits_of
 from ..attacks.pgd import PGD
 from ..ops.pgd import pgd_step_
@@ -50,7 +51,7 @@ class TRADES:
         n = x.shape[0]
         alpha = torch.full((n,), self.alpha, device=x.device)
         eps = torch.full((n,), self.eps, device=x.device)
-        with eval_mode(model), torch.enable_grad():
+        with eval_mode(model), torch.enable_grad(), input_gradients_only():
             with torch.no_grad():
                 p_clean = F.softmax(logits_of(model(x)), dim=1)  # once per batch, not once per step
             x_adv = (x + 0.001 * torch.randn_like(x)).detach()

@@ -49,7 +49,8 @@ class _CSRWeight(nn.Module):
         return self.values.numel()
 
     def dense_weight(self) -> torch.Tensor:
-        return csr_to_dense(self.row_ptr, self.col_idx, self.values, self.weight_shape)
+        """The dense weight the CSR arrays describe (detached: a copy, never part of a graph)."""
+        return csr_to_dense(self.row_ptr, self.col_idx, self.values.detach(), self.weight_shape)
 
     def dense_for(self, x: torch.Tensor) -> torch.Tensor:
         """The dense weight in x's dtype on x's device, for the "dense" choice (cached)."""
@@ -154,8 +155,9 @@ class SparseConv2d(_CSRWeight):
             y = F.conv2d(x, self.dense_for(x), self._bias_for(x), self.stride, self.padding)
             return finish_epilogue(y, self.epilogue, EPILOGUES["none"], residual)
         algo = self.algo if self.algo != ALGORITHMS["direct"] or direct_applicable(x, self.stride) else 0
-        recording = torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad))
-        epilogue = 0 if recording else self.epilogue  # under autograd (attacks): the epilogue unfused
+        recording = torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad
+                                                 or (residual is not None and residual.requires_grad))
+        epilogue = 0 if recording else self.epilogue  # under autograd (attacks, finetuning): unfused
         y = sparse_conv2d(x, self.row_ptr, self.col_idx, self.values, self.bias, self.in_channels,
                           *self.kernel_size, *self.stride, *self.padding, epilogue,
                           residual if epilogue == EPILOGUES["add_relu"] else None,

@@ -1,0 +1,186 @@
+"""Gradients of the sparse ops: w.r.t. the input (a sparse transposed convolution on the forward's
+kernels) and w.r.t. the CSR values (the dense weight gradient at the non-zeros only), against
+float64 dense references on every layout, algorithm, stride and padding; opcheck of the weight-
+gradient op; no host synchronisation on CUDA."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastprune
+from fastprune.ops.sparse import (_CONV_SPEC, _LINEAR_SPEC, sparse_conv2d, sparse_conv2d_weight_grad, sparse_linear,
+                                  to_batch_innermost)
+from fastprune.reference.sparse import dense_to_csr
+
+from ..conftest import GPU, backend_device_pairs
+from .test_sparse import CONV_CASES, sparse_weight
+
+LAYOUTS = {"contiguous": lambda t: t, "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+           "batch_innermost": to_batch_innermost}
+
+# Beyond the forward's cases: unequal strides, stride 3, padding wider than half the kernel, and a
+# 1x1 kernel with padding (its input gradient falls back to the dense transposed convolution).
+GRAD_CASES = CONV_CASES + [(2, 3, 9, 10, 4, 3, (1, 2), 1, 0.6), (3, 2, 11, 11, 3, 3, 3, 2, 0.5),
+                           (2, 3, 7, 7, 4, 1, 1, 1, 0.5), (5, 4, 9, 9, 5, 5, 2, 2, 0.8)]
+
+
+def _pair(v):
+    return v if isinstance(v, tuple) else (v, v)
+
+
+def _reference(x, weight, bias, stride, pad, grad):
+    """(dL/dx, dL/dW, dL/db) of the dense convolution in float64."""
+    xd = x.detach().double().requires_grad_()
+    wd = weight.double().requires_grad_()
+    bd = bias.double().requires_grad_()
+    y = F.conv2d(xd, wd, bd, stride=stride, padding=pad)
+    return torch.autograd.grad(y, (xd, wd, bd), grad.double())
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_CONV_SPEC))
+@pytest.mark.parametrize("case", GRAD_CASES, ids=str)
+def test_input_and_value_gradients_match_the_dense_convolution(backend, device, case):
+    n, c, h, w, oc, k, stride, pad, sparsity = case
+    stride, pad = _pair(stride), _pair(pad)
+    gen = torch.Generator().manual_seed(hash(str(case)) % 2**31)
+    x = torch.randn(n, c, h, w, generator=gen).to(device)
+    weight = sparse_weight((oc, c, k, k), sparsity, seed=n * 5 + c).to(device)
+    bias = torch.randn(oc, generator=gen).to(device)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    ho, wo = ((h + 2 * pad[0] - k) // stride[0] + 1), ((w + 2 * pad[1] - k) // stride[1] + 1)
+    grad = torch.randn(n, oc, ho, wo, generator=gen).to(device)
+    want_x, want_w, want_b = _reference(x, weight, bias, stride, pad, grad)
+    rows = torch.repeat_interleave(torch.arange(oc, device=device), (row_ptr[1:] - row_ptr[:-1]).long())
+    want_values = want_w.reshape(oc, -1)[rows, col_idx.long()]
+    algos = [0] if device.type == "cuda" else [0, 1, 3] + ([2] if stride in ((1, 1), (2, 2)) else [])
+    with fastprune.use_backend(backend):
+        for algo in algos:
+            for layout, to_layout in LAYOUTS.items():
+                if algo == 2 and layout != "contiguous":
+                    continue
+                xin = to_layout(x).requires_grad_()
+                v = values.clone().requires_grad_()
+                b = bias.clone().requires_grad_()
+                y = sparse_conv2d(xin, row_ptr, col_idx, v, b, c, k, k, *stride, *pad, algo=algo)
+                got_x, got_v, got_b = torch.autograd.grad(y, (xin, v, b), to_layout(grad) if layout != "contiguous"
+                                                          else grad)
+                scale = want_x.abs().max().item() + 1
+                where = f"algo {algo}, {layout}"
+                torch.testing.assert_close(got_x.double(), want_x, atol=1e-5 * scale, rtol=1e-5, msg=where)
+                value_scale = want_values.abs().max().item() if want_values.numel() else 0.0
+                torch.testing.assert_close(got_v.double(), want_values, atol=1e-4 * (value_scale + 1), rtol=1e-5,
+                                           msg=where)
+                torch.testing.assert_close(got_b.double(), want_b, atol=1e-4, rtol=1e-5, msg=where)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_LINEAR_SPEC))
+@pytest.mark.parametrize("n,fin,fout,sparsity", [(1, 7, 5, 0.5), (9, 33, 17, 0.9), (4, 10, 3, 1.0), (3, 8, 6, 0.0)])
+def test_sparse_linear_gradients_match_the_dense_layer(backend, device, n, fin, fout, sparsity):
+    gen = torch.Generator().manual_seed(n + fin)
+    x = torch.randn(n, fin, generator=gen).to(device)
+    weight = sparse_weight((fout, fin), sparsity, seed=fin).to(device)
+    bias = torch.randn(fout, generator=gen).to(device)
+    grad = torch.randn(n, fout, generator=gen).to(device)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    xd, wd, bd = (t.double().requires_grad_() for t in (x, weight, bias))
+    want_x, want_w, want_b = torch.autograd.grad(F.linear(xd, wd, bd), (xd, wd, bd), grad.double())
+    rows = torch.repeat_interleave(torch.arange(fout, device=device), (row_ptr[1:] - row_ptr[:-1]).long())
+    with fastprune.use_backend(backend):
+        xs, v, b = x.clone().requires_grad_(), values.clone().requires_grad_(), bias.clone().requires_grad_()
+        got_x, got_v, got_b = torch.autograd.grad(sparse_linear(xs, row_ptr, col_idx, v, b, fin), (xs, v, b), grad)
+    torch.testing.assert_close(got_x.double(), want_x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_v.double(), want_w[rows, col_idx.long()], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_b.double(), want_b, atol=1e-5, rtol=1e-5)
+
+
+def test_the_weight_gradient_op_passes_opcheck_and_matches_its_reference():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 9, 8, generator=gen)
+    weight = sparse_weight((5, 4, 3, 3), 0.7, seed=3)
+    row_ptr, col_idx, _ = dense_to_csr(weight)
+    for stride, pad in (((1, 1), (1, 1)), ((2, 1), (0, 2))):
+        ho, wo = (9 + 2 * pad[0] - 3) // stride[0] + 1, (8 + 2 * pad[1] - 3) // stride[1] + 1
+        grad = torch.randn(3, 5, ho, wo, generator=gen)
+        args = (x, grad, row_ptr, col_idx, 4, 3, 3, *stride, *pad)
+        torch.library.opcheck(sparse_conv2d_weight_grad, args)
+        with fastprune.use_backend("reference"):
+            want = sparse_conv2d_weight_grad(*args)
+        torch.testing.assert_close(sparse_conv2d_weight_grad(*args), want, atol=1e-4, rtol=1e-5)
+        # channels_last inputs are read as well
+        torch.testing.assert_close(sparse_conv2d_weight_grad(x.contiguous(memory_format=torch.channels_last),
+                                                             *args[1:]), want, atol=1e-4, rtol=1e-5)
+
+
+def test_opcheck_of_the_sparse_conv_with_trainable_values():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 6, 6, generator=gen, requires_grad=True)
+    row_ptr, col_idx, values = dense_to_csr(sparse_weight((4, 3, 3, 3), 0.6, seed=4))
+    values.requires_grad_()
+    bias = torch.randn(4, generator=gen, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastprune.sparse_conv2d.default,
+                          (x, row_ptr, col_idx, values, bias, 3, 3, 3, 2, 2, 1, 1, 0, None))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA device")
+def test_sparse_backward_does_not_synchronise_with_the_host():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 16, 16, 16, generator=gen).cuda().requires_grad_()
+    row_ptr, col_idx, values = (t.cuda() for t in dense_to_csr(sparse_weight((32, 16, 3, 3), 0.9, seed=5)))
+    values.requires_grad_()
+
+    def step():
+        y = sparse_conv2d(x, row_ptr, col_idx, values, None, 16, 3, 3, 2, 2, 1, 1)
+        return torch.autograd.grad(y.square().sum(), (x, values))
+
+    step()  # builds the cached weight forms (one sync per weight, before any capture)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_an_input_gradient_alone_skips_the_weight_gradient(monkeypatch):
+    # An attack on a model being finetuned asks for d/dx only: the values' gradient (the forward's
+    # cost again) must not be computed; a training step's backward computes it. The attack loop
+    # is what the test mirrors: fastprune.attacks' loss_and_grad.
+    import fastprune.ops.sparse as ops
+
+    calls = []
+    real = ops.sparse_conv2d_weight_grad
+    monkeypatch.setattr(ops, "sparse_conv2d_weight_grad", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 6, 6, generator=gen, requires_grad=True)
+    row_ptr, col_idx, values = dense_to_csr(sparse_weight((4, 3, 3, 3), 0.6, seed=6))
+    values = torch.nn.Parameter(values)
+    from fastprune.utils.autograd import input_gradients_only
+
+    y = sparse_conv2d(x, row_ptr, col_idx, values, None, 3, 3, 3, 1, 1, 1, 1)
+    with input_gradients_only():  # what fastprune's attacks (and TRADES' inner maximisation) say
+        (gx,) = torch.autograd.grad(y.square().sum(), x, retain_graph=True)
+    assert gx.shape == x.shape and not calls and values.grad is None
+    y.square().sum().backward()
+    assert len(calls) == 1 and values.grad is not None
+
+
+def test_attacks_on_a_model_being_finetuned_compute_no_weight_gradient(monkeypatch):
+    import fastprune.ops.sparse as ops
+    from fastprune.attacks import PGD
+    from fastprune.models import get_model
+    from fastprune.nn import SparseConv2d, prune_model
+    from fastprune.nn.sparse.training import to_sparse_training
+    from fastprune.train.objectives import TRADES
+
+    calls = []
+    real = ops.sparse_conv2d_weight_grad
+    monkeypatch.setattr(ops, "sparse_conv2d_weight_grad", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = to_sparse_training(prune_model(get_model("cnn-small", 10, 1), 0.8, method="magnitude")).eval()
+    x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    PGD(model, eps=0.1, alpha=0.02, steps=3)(x, y)
+    TRADES(0.1, 0.02, 3).adversarial(model, x)
+    assert not calls
+    TRADES(0.1, 0.02, 3)(model.train(), x, y).backward()  # the training step's own backward: computed
+    convs = sum(isinstance(m, SparseConv2d) for m in model.modules())
+    assert convs > 0 and len(calls) == 2 * convs  # TRADES' loss runs each conv on x and on x_adv

@@ -1,0 +1,114 @@
+"""Finetuning on the sparse kernels (trainable CSR values): the same run as the masked dense model,
+step for step, and back to masked layers for export."""
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from fastprune.models import get_model
+from fastprune.nn import MaskedConv2d, SparseConv2d, SparseLinear, prune_model
+from fastprune.nn.masked import MASKED_TYPES, effective_weight
+from fastprune.nn.sparse.training import sparse_training, to_masked, to_sparse_training
+from fastprune.prune import finetune_phase
+from fastprune.train.objectives import PGDTraining
+
+
+def _pruned(name="resnet18", sparsity=0.9, seed=0):
+    torch.manual_seed(seed)
+    channels = 1 if name == "cnn-small" else 3
+    model = prune_model(get_model(name, 10, channels), sparsity, method="magnitude")
+    for m in model.modules():
+        if isinstance(m, MASKED_TYPES):
+            m.freeze_mask()
+    return model
+
+
+def _effective(model):
+    return {n: effective_weight(m).detach().clone() for n, m in model.named_modules() if isinstance(m, MASKED_TYPES)}
+
+
+def test_round_trip_keeps_the_pattern_weights_and_outputs():
+    model = _pruned("cnn-small").eval()
+    conv = next(m for m in model.modules() if isinstance(m, MaskedConv2d))
+    with torch.no_grad():  # a kept weight that is exactly zero must stay in the pattern
+        kept = conv.mask.nonzero()[0]
+        conv.weight[tuple(kept)] = 0.0
+    masks = {n: m.mask.clone() for n, m in model.named_modules() if isinstance(m, MASKED_TYPES)}
+    before = _effective(model)
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+    to_sparse_training(model)
+    layers = [m for m in model.modules() if isinstance(m, (SparseConv2d, SparseLinear))]
+    assert layers and all(isinstance(m.values, nn.Parameter) for m in layers)
+    assert not any(isinstance(m, MASKED_TYPES) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
+    to_masked(model)
+    assert {n: m.mask for n, m in model.named_modules() if isinstance(m, MASKED_TYPES)}.keys() == masks.keys()
+    for name, m in model.named_modules():
+        if isinstance(m, MASKED_TYPES):
+            assert torch.equal(m.mask, masks[name]), name
+            assert torch.equal(effective_weight(m), before[name]), name
+
+
+def test_adversarial_finetune_steps_match_the_masked_dense_model():
+    # PGD training (input gradients through every sparse layer) with SGD momentum and weight decay:
+    # losses and weights follow the masked dense run step for step.
+    masked = _pruned("resnet18", 0.9).train()
+    sparse = to_sparse_training(copy.deepcopy(masked)).train()
+    assert sum(isinstance(m, SparseConv2d) for m in sparse.modules()) == 20  # every conv on the sparse kernels
+    objective = PGDTraining(8 / 255, 2 / 255, 2)
+    optimisers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) for m in (masked, sparse)]
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        x, y = torch.rand(5, 3, 32, 32, generator=gen), torch.randint(0, 10, (5,), generator=gen)
+        losses = []
+        for model, opt in zip((masked, sparse), optimisers):
+            torch.manual_seed(step)  # the same random start for both
+            opt.zero_grad()
+            loss = objective(model, x, y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) <= 1e-4 * abs(losses[0]) + 1e-5, (step, losses)
+    to_masked(sparse)
+    want, got = _effective(masked), _effective(sparse)
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=2e-5, rtol=1e-4, msg=name)
+    for (name, a), (_, b) in zip(masked.named_buffers(), sparse.named_buffers()):
+        if "running" in name:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_finetune_phase_with_sparse_kernels_is_the_same_run():
+    torch.manual_seed(1)
+    data = TensorDataset(torch.rand(40, 1, 8, 8), torch.randint(0, 10, (40,)))
+    runs = []
+    for sparse_kernels in (False, True):
+        model = _pruned("cnn-small", 0.8, seed=2)
+        history = finetune_phase(model, data, objective=lambda m, x, y: F.cross_entropy(m(x), y), epochs=2, lr=0.05,
+                                 batch_size=16, progress=False, sparse_kernels=sparse_kernels)
+        assert any(isinstance(m, MASKED_TYPES) for m in model.modules())  # masked again afterwards
+        assert not any(isinstance(m, (SparseConv2d, SparseLinear)) for m in model.modules())
+        runs.append((history, _effective(model)))
+    (h0, w0), (h1, w1) = runs
+    for a, b in zip(h0, h1):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]) + 1e-6, (a, b)
+    for name in w0:
+        torch.testing.assert_close(w1[name], w0[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_sparse_training_restores_masked_layers_when_the_block_raises():
+    model = _pruned("cnn-small")
+    try:
+        with sparse_training(model):
+            assert any(isinstance(m, SparseConv2d) for m in model.modules())
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    assert any(isinstance(m, MaskedConv2d) for m in model.modules())
+    assert not any(isinstance(m, SparseConv2d) for m in model.modules())
