@@ -130,7 +130,9 @@ def tune_bucket(model: SparseModel, x: torch.Tensor, repeats: int = 5, channels_
     For each memory layout (contiguous and channels_last; batch-innermost on CPU batches of 8 or
     more): the layers are tuned on x (:func:`tune_layers`), giving a sparse candidate; contiguous
     and channels_last also give an all-dense candidate. CPU batches over 64 tune the layers on 64
-    images and run them in micro-batches of 64 and whole. The candidates are timed whole in
+    images and run sparse in micro-batches of 64 (whole-batch sparse runs would hold the sparse
+    kernels' activation copies, padded inputs and layout conversions, for the whole batch: memory
+    over the dense run's, and micro-batches were faster wherever measured). The candidates are timed whole in
     interleaved rounds; the fastest is kept, a sparse one only when at least 3% faster than the
     fastest dense one. Returns the config. ``release``: afterwards, free the dense weights of
     layers that no tuned bucket runs dense (sparsify does so once, after all its buckets)."""
@@ -140,8 +142,9 @@ def tune_bucket(model: SparseModel, x: torch.Tensor, repeats: int = 5, channels_
     candidates = {}
     for layout in _layouts(x, channels_last, batch_innermost):
         choices = tune_layers(model, layers_x, layout, repeats)
-        candidates[f"sparse, {layout}"] = make_config(layout, None, choices, "sparse")
-        if micro is not None:
+        if micro is None:
+            candidates[f"sparse, {layout}"] = make_config(layout, None, choices, "sparse")
+        else:  # whole-batch sparse runs would hold the kernels' activation copies of the whole batch
             candidates[f"sparse, {layout}, micro-batches of {micro}"] = make_config(layout, micro, choices, "sparse")
         if layout != "batch_innermost":  # oneDNN has no batch-innermost convolution: it would convert
             all_dense = {name: "dense" for name in choices}
