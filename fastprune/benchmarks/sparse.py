@@ -7,7 +7,7 @@ linear layer; the dense baseline is the pruned model with its masks folded into 
 oneDNN on the CPU contiguous and channels_last, each with and without BatchNorm folded into the convs
 (torch.fx), the fastest of the four counting (on CUDA: float16 and TF32, channels_last, and float16
 replayed as a CUDA graph); the sparse model is ``fastprune.nn.sparsify(model, example)`` with its
-default batch sizes (one per bucket: 1, 4, 16, 128, 256), the documented call. Latencies are
+default batch sizes (one per bucket: 1, 4, 16, 64, 256), the documented call. Latencies are
 medians of interleaved rounds. Outputs are checked equal (1e-4 relative).
 
 Extra rows (unless --no-extras): a plan tuned on 64 only, run on 1 and 256, and one tuned on 1 only,

@@ -25,20 +25,23 @@ _CONV_SPEC = backends.OpSpec("sparse_conv2d", {"cuda": ("triton", "cuda"), "cpu"
 _LINEAR_SPEC = backends.OpSpec("sparse_linear", {"cuda": ("triton", "cuda"), "cpu": ("cpp",)},
                                native={"cpp": "sparse_linear_ext", "cuda": "sparse_conv2d_tiled_ext"})
 
-# The tiled forms of the weights the GPU kernels have seen, keyed by the CSR tensors' identity and
-# version; an entry goes away with its values tensor. Building one syncs with the host once per
-# weight: run a model once before capturing it in a CUDA graph (sparsify's timing does).
-_TILED: dict[tuple, TiledWeight] = {}
+# The tiled forms of the weights the GPU kernels have seen, one per weight (keyed by the CSR tensors'
+# identity), rebuilt when the values' version changes (a finetune step) and gone with the values
+# tensor. Building one syncs with the host once per weight (and per update while finetuning): run a
+# model once before capturing it in a CUDA graph (sparsify's timing does).
+_TILED: dict[tuple, tuple[tuple, TiledWeight]] = {}
 
 
 def tiled_weight(row_ptr, col_idx, values, bias, columns: int) -> TiledWeight:
-    key = (id(values), values._version, id(row_ptr), id(col_idx), columns,
-           None if bias is None else (id(bias), bias._version))
+    key = (id(values), id(row_ptr), id(col_idx), columns, None if bias is None else id(bias))
+    versions = (values._version, None if bias is None else bias._version)
     found = _TILED.get(key)
-    if found is None:
-        found = _TILED[key] = TiledWeight(row_ptr, col_idx, values, bias, columns)
-        weakref.finalize(values, _TILED.pop, key, None)
-    return found
+    if found is None or found[0] != versions:  # one entry per weight, rebuilt when it is updated
+        if found is None:
+            weakref.finalize(values, _TILED.pop, key, None)
+        found = _TILED[key] = (versions, TiledWeight(row_ptr, col_idx, values.detach(),
+                                                     None if bias is None else bias.detach(), columns))
+    return found[1]
 
 
 def _tiled_conv_cuda(x, weight: TiledWeight, geometry, relu: bool) -> torch.Tensor:
@@ -296,7 +299,21 @@ def _sparse_conv2d_cpu_fake(x, row_ptr, col_idx, values, bias, in_channels, kh, 
 # Keyed by the pattern tensors alone (finetuning changes the values every step, not the pattern);
 # built without host syncs.
 _TRANSPOSED: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-_TRANSPOSED_VALUES: dict[tuple, torch.Tensor] = {}
+
+# values[order] for the reordered weights above, one entry per (pattern, values tensor), replaced when
+# the values change (a finetune step): the GPU kernels' tiled form, keyed by the tensor, is then
+# built once per weight update, not on every backward pass.
+_GATHERED: dict[tuple, tuple[int, torch.Tensor]] = {}
+
+
+def _gathered(values: torch.Tensor, order: torch.Tensor, pattern_key: tuple) -> torch.Tensor:
+    key = pattern_key + (id(values),)
+    found = _GATHERED.get(key)
+    if found is None or found[0] != values._version:
+        if found is None:
+            weakref.finalize(values, _GATHERED.pop, key, None)
+        found = _GATHERED[key] = (values._version, values.detach()[order])
+    return found[1]
 
 
 def transposed_weight(row_ptr, col_idx, values, in_channels: int, kh: int, kw: int):
@@ -308,14 +325,7 @@ def transposed_weight(row_ptr, col_idx, values, in_channels: int, kh: int, kw: i
         found = _TRANSPOSED[key] = _transpose_pattern(row_ptr, col_idx, in_channels, kh, kw)
         weakref.finalize(col_idx, _TRANSPOSED.pop, key, None)
     new_ptr, new_col, order = found
-    # The gathered values are cached too, so that the GPU kernels' tiled form of this weight (keyed by
-    # the values tensor) is built once, not on every backward pass.
-    values_key = key + (id(values), values._version)
-    gathered = _TRANSPOSED_VALUES.get(values_key)
-    if gathered is None:
-        gathered = _TRANSPOSED_VALUES[values_key] = values.detach()[order]
-        weakref.finalize(values, _TRANSPOSED_VALUES.pop, values_key, None)
-    return new_ptr, new_col, gathered
+    return new_ptr, new_col, _gathered(values, order, key)
 
 
 def _transpose_pattern(row_ptr, col_idx, in_channels: int, kh: int, kw: int):
@@ -332,24 +342,86 @@ def _transpose_pattern(row_ptr, col_idx, in_channels: int, kh: int, kw: int):
 
 
 def conv_input_grad(grad, row_ptr, col_idx, values, x_shape, in_channels: int, kh: int, kw: int, stride, padding):
-    """d loss / d x (x_shape) of the sparse convolution from d loss / d output, as a sparse
-    convolution of the (stride-spread) output gradient with the transposed, flipped weight."""
-    n, _, h, w = x_shape
+    """d loss / d x (x_shape) of the sparse convolution from d loss / d output: a sparse convolution
+    of the output gradient with the transposed, flipped weight (stride 1), or one per stride phase
+    (stride S: see :func:`_strided_input_grad`), on the forward's kernels."""
     (sh, sw), (ph, pw) = stride, padding
+    if (sh, sw) != (1, 1):
+        return _strided_input_grad(grad, row_ptr, col_idx, values, x_shape, in_channels, kh, kw, stride, padding)
     if ph > kh - 1 or pw > kw - 1:  # a padding wider than the kernel: the dense transposed convolution
         weight = csr_to_dense(row_ptr, col_idx, values, (row_ptr.shape[0] - 1, in_channels, kh, kw)).to(grad.dtype)
         return torch.nn.grad.conv2d_input(x_shape, weight, grad.contiguous(), stride=stride, padding=padding)
     t_ptr, t_cols, t_vals = transposed_weight(row_ptr, col_idx, values, in_channels, kh, kw)
-    if (sh, sw) != (1, 1):
-        # Spread the gradient S apart, plus the rows/columns the forward's floor division dropped.
-        ho, wo = grad.shape[2], grad.shape[3]
-        extra_h, extra_w = (h + 2 * ph - kh) % sh, (w + 2 * pw - kw) % sw
-        spread = grad.new_zeros(n, grad.shape[1], (ho - 1) * sh + 1 + extra_h, (wo - 1) * sw + 1 + extra_w)
-        spread[:, :, : (ho - 1) * sh + 1 : sh, : (wo - 1) * sw + 1 : sw] = grad
-        grad = spread
     algo = ALGORITHMS["batch_innermost"] if grad.device.type == "cpu" and is_batch_innermost(grad) else 0
     return sparse_conv2d(grad, t_ptr, t_cols, t_vals.to(grad.dtype), None, grad.shape[1], kh, kw, 1, 1,
                          kh - 1 - ph, kw - 1 - pw, algo=algo)
+
+
+# Stride phases. With stride S, input row i = S q + a - p (a in [0, S)) receives the output gradient
+# through the kernel rows r = a + S t only: d/dx on phase a is the stride-1 transposed convolution of
+# the output gradient with the sub-kernel u_a[t] = w[a + S t]. So the input gradient is S x S' sparse
+# convolutions of the gradient with the phases' transposed, flipped sub-kernels (full padding), each
+# written into its rows and columns of d/dx: the work of the non-zeros, where spreading the gradient S
+# apart and convolving it would compute S S' times as many positions, most of them on zeros.
+_PHASES: dict[tuple, list] = {}
+
+
+def _phase_patterns(row_ptr, col_idx, in_channels: int, kh: int, kw: int, sh: int, sw: int) -> list:
+    """[(a, b, th, tw, row_ptr, col_idx, order) per phase with taps]: the sub-kernel's CSR over input
+    channels, its column (oc * th + th - 1 - t) * tw + tw - 1 - t2 for the tap (a + sh t, b + sw t2),
+    and the permutation that takes the values there. Cached per weight pattern (building it reads
+    the per-phase counts: one host sync per weight on a GPU)."""
+    key = (id(row_ptr), row_ptr._version, id(col_idx), col_idx._version, in_channels, kh, kw, sh, sw)
+    found = _PHASES.get(key)
+    if found is not None:
+        return found
+    oc_count, ksize, nnz = row_ptr.numel() - 1, kh * kw, col_idx.numel()
+    counts = (row_ptr[1:] - row_ptr[:-1]).long()
+    oc = torch.repeat_interleave(torch.arange(oc_count, device=col_idx.device), counts, output_size=nnz)
+    col = col_idx.long()
+    ic, rs = col // ksize, col % ksize
+    r, s = rs // kw, rs % kw
+    found = []
+    for a in range(sh):
+        th = (kh - a + sh - 1) // sh  # taps a, a + sh, ... below kh
+        for b in range(sw):
+            tw = (kw - b + sw - 1) // sw
+            if th <= 0 or tw <= 0:
+                continue
+            idx = (((r % sh) == a) & ((s % sw) == b)).nonzero().squeeze(1)
+            t, t2 = r[idx] // sh, s[idx] // sw
+            new_col = (oc[idx] * th + (th - 1 - t)) * tw + (tw - 1 - t2)
+            local = torch.argsort(ic[idx] * (oc_count * th * tw) + new_col)
+            rows = ic[idx][local]
+            per_row = torch.zeros(in_channels, dtype=torch.long, device=col_idx.device).index_add_(
+                0, rows, torch.ones_like(rows))
+            ptr = torch.cat([per_row.new_zeros(1), per_row.cumsum(0)]).to(torch.int32)
+            found.append((a, b, th, tw, ptr, new_col[local].to(torch.int32).contiguous(), idx[local]))
+    _PHASES[key] = found
+    weakref.finalize(col_idx, _PHASES.pop, key, None)
+    return found
+
+
+def _strided_input_grad(grad, row_ptr, col_idx, values, x_shape, in_channels, kh, kw, stride, padding):
+    n, _, h, w = x_shape
+    (sh, sw), (ph, pw) = stride, padding
+    grad_x = grad.new_zeros((n, in_channels, h, w))
+    for a, b, th, tw, ptr, cols, order in _phase_patterns(row_ptr, col_idx, in_channels, kh, kw, sh, sw):
+        # input rows i = sh q + a - ph inside [0, h): q in [q0, q1]; likewise columns
+        q0, q1 = max(0, -((a - ph) // sh)), (h - 1 + ph - a) // sh
+        c0, c1 = max(0, -((b - pw) // sw)), (w - 1 + pw - b) // sw
+        if q1 < q0 or c1 < c0:
+            continue
+        vals = _gathered(values, order, (id(col_idx), col_idx._version, a, b, sh, sw)).to(grad.dtype)
+        part = sparse_conv2d(grad, ptr, cols, vals, None, grad.shape[1], th, tw, 1, 1, th - 1, tw - 1)
+        # rows past the computed ones receive nothing: they stay zero
+        q1, c1 = min(q1, part.shape[2] - 1), min(c1, part.shape[3] - 1)
+        if q1 < q0 or c1 < c0:
+            continue
+        i0, j0 = sh * q0 + a - ph, sw * c0 + b - pw
+        grad_x[:, :, i0: i0 + sh * (q1 - q0) + 1: sh, j0: j0 + sw * (c1 - c0) + 1: sw] = part[:, :, q0: q1 + 1,
+                                                                                           c0: c1 + 1]
+    return grad_x
 
 
 def _weight_grad_reference(x, grad, row_ptr, col_idx, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w):

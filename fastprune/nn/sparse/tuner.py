@@ -22,7 +22,7 @@ _WIN_MARGIN = 0.97
 # Batches at least this large may run batch-innermost on the CPU (a batch fills a vector register).
 _BATCH_INNERMOST_MIN_BATCH = 8
 
-# Larger CPU batches are also tried in micro-batches of this many images (layers tuned on one).
+# CPU batches of this many images or more run sparse in micro-batches of this size (layers tuned on one).
 _MICRO_BATCH = 64
 
 
@@ -129,31 +129,32 @@ def tune_bucket(model: SparseModel, x: torch.Tensor, repeats: int = 5, channels_
 
     For each memory layout (contiguous and channels_last; batch-innermost on CPU batches of 8 or
     more): the layers are tuned on x (:func:`tune_layers`), giving a sparse candidate; contiguous
-    and channels_last also give an all-dense candidate. CPU batches over 64 tune the layers on 64
-    images and run sparse in micro-batches of 64 (whole-batch sparse runs would hold the sparse
-    kernels' activation copies, padded inputs and layout conversions, for the whole batch: memory
-    over the dense run's, and micro-batches were faster wherever measured). The candidates are timed whole in
-    interleaved rounds; the fastest is kept, a sparse one only when at least 3% faster than the
-    fastest dense one. Returns the config. ``release``: afterwards, free the dense weights of
-    layers that no tuned bucket runs dense (sparsify does so once, after all its buckets)."""
+    and channels_last also give an all-dense candidate. On CPU batches of 64 and more the sparse
+    candidates run in micro-batches of 64 (layers tuned on 64 images): each slice's activations
+    stay in cache through the network, a larger batch in the bucket costs per image what the tuned
+    one did, and no whole-batch copy of the sparse kernels' activations (padded inputs, layout
+    conversions) is ever held; kept only where slicing gives the whole batch's outputs (checked on
+    two slices: no op mixes samples). The candidates are timed whole in interleaved rounds; the
+    fastest is kept, a sparse one only when at least 3% faster than the fastest dense one. Returns
+    the config. ``release``: afterwards, free the dense weights of layers that no tuned bucket runs
+    dense (sparsify does so once, after all its buckets)."""
     bucket, key = bucket_of(x.shape[0]), device_key(x.device)
-    micro = _MICRO_BATCH if x.device.type == "cpu" and x.dim() == 4 and x.shape[0] > _MICRO_BATCH else None
+    micro = _MICRO_BATCH if x.device.type == "cpu" and x.dim() == 4 and x.shape[0] >= _MICRO_BATCH else None
     layers_x = x if micro is None else x[:micro]
     candidates = {}
     for layout in _layouts(x, channels_last, batch_innermost):
         choices = tune_layers(model, layers_x, layout, repeats)
-        if micro is None:
-            candidates[f"sparse, {layout}"] = make_config(layout, None, choices, "sparse")
-        else:  # whole-batch sparse runs would hold the kernels' activation copies of the whole batch
-            candidates[f"sparse, {layout}, micro-batches of {micro}"] = make_config(layout, micro, choices, "sparse")
+        name = f"sparse, {layout}" + ("" if micro is None else f", micro-batches of {micro}")
+        candidates[name] = make_config(layout, micro, choices, "sparse")
         if layout != "batch_innermost":  # oneDNN has no batch-innermost convolution: it would convert
             all_dense = {name: "dense" for name in choices}
             candidates[f"dense, {layout}"] = make_config(layout, None, all_dense, "dense")
     with torch.no_grad():
-        reference = model.run(x, next(c for c in candidates.values() if c["kind"] == "dense"))
-        # Micro-batches only where they give the whole batch's outputs (no op mixes samples).
-        candidates = {k: c for k, c in candidates.items()
-                      if c["micro_batch"] is None or _same(model.run(x, c), reference)}
+        if micro is not None:  # slices must give the whole batch's outputs (no op mixes samples)
+            two = batch_of(x, 2 * micro)
+            reference = model.run(two, next(c for c in candidates.values() if c["kind"] == "dense"))
+            candidates = {k: c for k, c in candidates.items()
+                          if c["micro_batch"] is None or _same(model.run(two, c), reference)}
         # Whole models after two warm-up runs: the first runs of a config allocate its activations
         # afresh (page faults), which would favour whichever candidate ran last.
         times = interleaved_medians({k: (lambda c=c: model.run(x, c)) for k, c in candidates.items()},
@@ -196,7 +197,7 @@ def sparsify(model: nn.Module, example_input: torch.Tensor | None = None, *,
     (float32; half precision on CUDA) gets CSR weights, and ReLU, pooling and residual additions
     after a sparse conv are fused into its epilogue. Then, with ``example_input`` (samples of the
     input, (N, C, H, W) for a CNN) and ``benchmark`` on, each batch size in ``batch_sizes`` (default
-    1, 4, 16, 128 and 256: one in each bucket 1, 2-7, 8-63, 64-255, 256+) is tuned on the model's
+    1, 4, 16, 64 and 256: one in each bucket 1, 2-7, 8-63, 64-255, 256+) is tuned on the model's
     device (see :func:`tune_bucket`; the example's samples are repeated or cut to each size): the
     model runs each bucket in its fastest layout and per-layer choice, never in a config slower than
     its dense run (a sparse choice must be at least 3% faster, the size of timing noise). Two
