@@ -294,8 +294,8 @@ def _sparse_conv2d_cpu_fake(x, row_ptr, col_idx, values, bias, in_channels, kh, 
 # The transposed, flipped pattern of each conv weight the backward pass has seen: rows are input
 # channels, column (oc * kh + kh - 1 - r) * kw + kw - 1 - s for the non-zero at (oc, (ic, r, s)),
 # and the permutation that takes the values there. The input gradient of a convolution is the
-# convolution of the output gradient with this weight (padding k - 1 - p; a stride S first spreads
-# the gradient S apart), so it runs on the forward's sparse kernels at the forward's sparse cost.
+# convolution of the output gradient with this weight (padding k - 1 - p; strides go by phases,
+# below), so it runs on the forward's sparse kernels at the forward's sparse cost.
 # Keyed by the pattern tensors alone (finetuning changes the values every step, not the pattern);
 # built without host syncs.
 _TRANSPOSED: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
