@@ -1,4 +1,4 @@
-"""Inference with truly sparse layers, in six rooms:
+"""Inference (and finetuning) with truly sparse layers, in seven rooms:
 
 - layers.py  SparseConv2d / SparseLinear (CSR weights only) and SemiStructuredLinear (2:4);
 - passes.py  graph passes: BatchNorm folding, faster pooling, epilogue fusion (ReLU, pooling, residual);
@@ -7,7 +7,8 @@
 - tuner.py   ``sparsify``: builds the SparseModel of a pruned model and times each bucket's choices
              on the actual device;
 - layout.py  wrappers that run any model in a memory layout or in micro-batches;
-- files.py   ``save_sparse`` / ``load_sparse``: plain data (recipe, plan, tensors), no code.
+- files.py   ``save_sparse`` / ``load_sparse``: plain data (recipe, plan, tensors), no code;
+- training.py  masked layers <-> sparse layers with trainable CSR values (finetuning at sparse cost).
 """
 from .files import load_sparse, save_sparse
 from .layers import (SemiStructuredLinear, SparseConv2d, SparseLinear, is_2to4, semi_structured_shape_ok,
