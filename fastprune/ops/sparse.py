@@ -464,21 +464,32 @@ def _grad_wanted(ctx, index: int) -> bool:
 
 # Gradients: w.r.t. the input (attacks on a sparse model) as a sparse transposed convolution, and
 # w.r.t. the CSR values where they require it (finetuning with the pattern frozen) at the non-zeros
-# only. Fused epilogues are not differentiated: SparseConv2d applies them unfused when autograd records.
+# only. A fused ReLU or relu(conv + residual) is differentiated through the saved output (its sign is
+# ReLU's mask; the residual gets the masked gradient too); the fused 2x2 pooling is not: under
+# autograd SparseConv2d fuses the ReLU alone and pools after.
 def _conv_setup_context(ctx, inputs, output):
     x, row_ptr, col_idx, values, bias, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w = inputs[:12]
     epilogue = inputs[-2]
     ctx.n_inputs = len(inputs)
-    ctx.save_for_backward(row_ptr, col_idx, values, x if values.requires_grad else None)
+    # A fused ReLU (or relu(conv + residual)) is differentiated through its output: relu'(z) is
+    # output > 0, so the forward keeps its one pass and the backward needs no pre-activation.
+    relu_mask = epilogue in (EPILOGUES["relu"], EPILOGUES["add_relu"])
+    ctx.save_for_backward(row_ptr, col_idx, values, x if values.requires_grad else None,
+                          output if relu_mask else None)
     ctx.geometry = (x.shape, in_channels, kh, kw, (stride_h, stride_w), (pad_h, pad_w), epilogue)
 
 
 def _conv_backward(ctx, grad):
-    row_ptr, col_idx, values, x = ctx.saved_tensors
+    row_ptr, col_idx, values, x, output = ctx.saved_tensors
     x_shape, in_channels, kh, kw, stride, padding, epilogue = ctx.geometry
-    if epilogue:
-        raise RuntimeError("sparse_conv2d: a fused epilogue has no gradient; call it with epilogue=0 "
-                           "and apply ReLU/pooling/the residual after (SparseConv2d does so under autograd)")
+    if epilogue == EPILOGUES["relu_pool"]:
+        raise RuntimeError("sparse_conv2d: the fused pooling epilogue has no gradient; call it with epilogue 1 "
+                           "(ReLU) and pool after (SparseConv2d does so under autograd)")
+    grad_residual = None
+    if output is not None:  # through the fused ReLU: its mask is the saved output's sign
+        grad = grad * (output > 0).to(grad.dtype)
+        if epilogue == EPILOGUES["add_relu"] and ctx.needs_input_grad[ctx.n_inputs - 1]:
+            grad_residual = grad
     grad_x = grad_values = grad_bias = None
     if ctx.needs_input_grad[0]:
         grad_x = conv_input_grad(grad, row_ptr, col_idx, values, x_shape, in_channels, kh, kw, stride, padding)
@@ -486,7 +497,7 @@ def _conv_backward(ctx, grad):
         grad_values = sparse_conv2d_weight_grad(x, grad, row_ptr, col_idx, in_channels, kh, kw, *stride, *padding)
     if _grad_wanted(ctx, 4):
         grad_bias = grad.sum((0, 2, 3))
-    return (grad_x, None, None, grad_values, grad_bias) + (None,) * (ctx.n_inputs - 5)
+    return (grad_x, None, None, grad_values, grad_bias) + (None,) * (ctx.n_inputs - 6) + (grad_residual,)
 
 
 _sparse_conv2d_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)

@@ -142,17 +142,21 @@ def test_sparse_layers_give_input_gradients_for_attacks(epilogue, choice, device
     layer = SparseConv2d.from_dense(copy.deepcopy(dense).float())
     layer.epilogue, layer.choice = epilogue, "auto" if choice == "batch_innermost" and device.type != "cpu" else choice
     x = torch.randn(3, 4, 8, 8, dtype=torch.float64, device=device, requires_grad=True)
-    residual = torch.randn(3, 6, 8, 8, dtype=torch.float64, device=device) if epilogue == 3 else None
+    residual = (torch.randn(3, 6, 8, 8, dtype=torch.float64, device=device, requires_grad=True)
+                if epilogue == 3 else None)
     want = dense(x)
     want = {0: want, 1: F.relu(want), 2: F.max_pool2d(F.relu(want), 2)}.get(epilogue, F.relu(want + residual)
                                                                           if residual is not None else want)
     g = torch.randn_like(want)
-    want_grad = torch.autograd.grad(want, x, g)[0]
+    inputs = (x,) if residual is None else (x, residual)
+    want_grads = torch.autograd.grad(want, inputs, g)
     xf = x.detach().float().requires_grad_()
-    got = layer(xf, None if residual is None else residual.float())
+    rf = None if residual is None else residual.detach().float().requires_grad_()
+    got = layer(xf, rf)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
-    got_grad = torch.autograd.grad(got, xf, g.float())[0]
-    torch.testing.assert_close(got_grad.double(), want_grad, atol=1e-5, rtol=1e-5)
+    got_grads = torch.autograd.grad(got, (xf,) if rf is None else (xf, rf), g.float())
+    for got_grad, want_grad in zip(got_grads, want_grads):  # the input's, and the residual's
+        torch.testing.assert_close(got_grad.double(), want_grad, atol=1e-5, rtol=1e-5)
     lin = nn.Linear(7, 5).double().to(device)
     sparse_lin = SparseLinear.from_dense(copy.deepcopy(lin).float())
     sparse_lin.choice = "dense" if choice == "dense" else "csr"

@@ -157,7 +157,9 @@ class SparseConv2d(_CSRWeight):
         algo = self.algo if self.algo != ALGORITHMS["direct"] or direct_applicable(x, self.stride) else 0
         recording = torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad
                                                  or (residual is not None and residual.requires_grad))
-        epilogue = 0 if recording else self.epilogue  # under autograd (attacks, finetuning): unfused
+        # Under autograd (attacks, finetuning) ReLU and the residual stay fused (differentiated through
+        # the output's sign); 2x2 pooling runs after the fused ReLU, in PyTorch ops.
+        epilogue = EPILOGUES["relu"] if recording and self.epilogue == EPILOGUES["relu_pool"] else self.epilogue
         y = sparse_conv2d(x, self.row_ptr, self.col_idx, self.values, self.bias, self.in_channels,
                           *self.kernel_size, *self.stride, *self.padding, epilogue,
                           residual if epilogue == EPILOGUES["add_relu"] else None,
