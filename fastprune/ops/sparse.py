@@ -487,7 +487,7 @@ def _conv_backward(ctx, grad):
                            "(ReLU) and pool after (SparseConv2d does so under autograd)")
     grad_residual = None
     if output is not None:  # through the fused ReLU: its mask is the saved output's sign
-        grad = grad * (output > 0).to(grad.dtype)
+        grad = torch.ops.aten.threshold_backward(grad, output, 0)  # ReLU's own backward: one pass
         if epilogue == EPILOGUES["add_relu"] and ctx.needs_input_grad[ctx.n_inputs - 1]:
             grad_residual = grad
     grad_x = grad_values = grad_bias = None
