@@ -335,8 +335,15 @@ def _transpose_pattern(row_ptr, col_idx, in_channels: int, kh: int, kw: int):
     col = col_idx.long()
     ic, rs = col // ksize, col % ksize
     new_col = (oc * kh + (kh - 1 - rs // kw)) * kw + (kw - 1 - rs % kw)
-    order = torch.argsort(ic * (oc_count * ksize) + new_col)
-    per_row = torch.zeros(in_channels, dtype=torch.long, device=col_idx.device).index_add_(0, ic, torch.ones_like(ic))
+    return _csr_by_input_channel(ic, new_col, in_channels, oc_count * ksize)
+
+
+def _csr_by_input_channel(ic: torch.Tensor, new_col: torch.Tensor, in_channels: int, columns: int):
+    """(row_ptr, col_idx, order): the non-zeros regrouped as CSR over input channels (rows ``ic``,
+    columns ``new_col`` < ``columns``), sorted by row then column; ``order`` takes the values there.
+    No host sync."""
+    order = torch.argsort(ic * columns + new_col)
+    per_row = torch.zeros(in_channels, dtype=torch.long, device=ic.device).index_add_(0, ic, torch.ones_like(ic))
     new_ptr = torch.cat([per_row.new_zeros(1), per_row.cumsum(0)]).to(torch.int32)
     return new_ptr, new_col[order].to(torch.int32).contiguous(), order
 
@@ -391,12 +398,8 @@ def _phase_patterns(row_ptr, col_idx, in_channels: int, kh: int, kw: int, sh: in
             idx = (((r % sh) == a) & ((s % sw) == b)).nonzero().squeeze(1)
             t, t2 = r[idx] // sh, s[idx] // sw
             new_col = (oc[idx] * th + (th - 1 - t)) * tw + (tw - 1 - t2)
-            local = torch.argsort(ic[idx] * (oc_count * th * tw) + new_col)
-            rows = ic[idx][local]
-            per_row = torch.zeros(in_channels, dtype=torch.long, device=col_idx.device).index_add_(
-                0, rows, torch.ones_like(rows))
-            ptr = torch.cat([per_row.new_zeros(1), per_row.cumsum(0)]).to(torch.int32)
-            found.append((a, b, th, tw, ptr, new_col[local].to(torch.int32).contiguous(), idx[local]))
+            ptr, cols, local = _csr_by_input_channel(ic[idx], new_col, in_channels, oc_count * th * tw)
+            found.append((a, b, th, tw, ptr, cols, idx[local]))
     _PHASES[key] = found
     weakref.finalize(col_idx, _PHASES.pop, key, None)
     return found
