@@ -7,8 +7,10 @@ momentum 0.75. Checkpoints come every 0.22 * steps iterations at first, the peri
 0.03 * steps down to 0.06 * steps.
 
 Unlike the reference code, every decision is a per-sample tensor operation, so there is no host
-synchronisation in the loop, and all restarts and target classes run as rows of one batch instead
-of one after another on a shrinking batch.
+synchronisation in the loop, and all restarts run as rows of one batch. APGD-T's target classes run
+one after another on the points still robust, as in the reference (one synchronisation per target:
+the selection), or, with ``batch_targets``, all as rows of one batch (one shape for CUDA graphs, but
+every target attacks every point).
 """
 from __future__ import annotations
 
@@ -23,12 +25,19 @@ class APGD(Attack):
     the ``n_target_classes`` most likely wrong classes each attacked as a target).
 
     Returns, per sample, the first-found best adversarial point (highest loss among iterates that
-    fool the model), else the highest-loss iterate, over all restarts and targets.
+    fool the model), else the highest-loss iterate, over all restarts (and, for APGD-T, the first
+    target that fools the model, else the most likely wrong class's run).
+
+    ``batch_targets`` (APGD-T): run every target on every point in one batch (default: only with
+    ``cuda_graph``, whose captured step needs one shape); otherwise targets run in turn on the
+    points no earlier target fooled.
     """
 
     def __init__(self, model, eps: float = 8 / 255, norm: str = "linf", steps: int = 100, restarts: int = 1,
-                 loss: str = "ce", rho: float = 0.75, targeted: bool = False, n_target_classes: int = 9, **kwargs):
+                 loss: str = "ce", rho: float = 0.75, targeted: bool = False, n_target_classes: int = 9,
+                 batch_targets: bool | None = None, **kwargs):
         super().__init__(model, eps=eps, norm=norm, **kwargs)
+        self.batch_targets = self.cuda_graph if batch_targets is None else bool(batch_targets)
         self.steps = check_count("steps", steps)
         self.restarts = check_count("restarts", restarts)
         self.rho = check_positive("rho", rho, allow_zero=False)
@@ -65,8 +74,36 @@ class APGD(Attack):
         return (x_nat + eps.view(shape) * t).clamp(*self.clip)
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self.targeted or self.batch_targets:
+            return self._perturb_rows(x, y)
+        targets, count = self._targets(x, y)
+        targets = targets.view(count, -1)
+        gen = self.generator(x.device)
+        x_adv = self._perturb_rows(x, y, targets[0], gen)  # every point: also the fallback candidates
+        with torch.no_grad():
+            robust = self.logits(x_adv).argmax(dim=1) == y
+        for t in range(1, count):
+            index = robust.nonzero().squeeze(1)  # the points no earlier target fooled (a sync)
+            if index.numel() == 0:
+                break
+            candidate = self._perturb_rows(x[index], y[index], targets[t][index], gen)
+            with torch.no_grad():
+                fooled = self.logits(candidate).argmax(dim=1) != y[index]
+            x_adv[index] = torch.where(fooled.view((-1,) + (1,) * (x.dim() - 1)), candidate, x_adv[index])
+            robust[index] = ~fooled
+        return x_adv
+
+    def _perturb_rows(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None,
+                      gen: torch.Generator | None = None) -> torch.Tensor:
+        """APGD on x (N, ...): untargeted, all targets batched (targeted, ``target`` None), or at one
+        target per point (``target`` (N,))."""
         n = x.shape[0]
-        targets, groups = (self._targets(x, y) if self.targeted else (None, 1))
+        if target is not None:
+            targets, groups = target, 1
+        elif self.targeted:
+            targets, groups = self._targets(x, y)
+        else:
+            targets, groups = None, 1
         groups *= self.restarts
         repeat = (groups,) + (1,) * (x.dim() - 1)
         x_nat = x.repeat(repeat) if groups > 1 else x
@@ -78,7 +115,7 @@ class APGD(Attack):
         eta = 2 * eps
         loss_and_grad = self._loss_and_grad_fn(x_nat, labels, targets)
 
-        x_adv = self._init_point(x_nat, eps, self.generator(x.device))
+        x_adv = self._init_point(x_nat, eps, gen if gen is not None else self.generator(x.device))
         loss, grad, logits = loss_and_grad(x_adv)
         fooled_ever = logits.argmax(dim=1) != labels
         x_best_adv = x_adv.clone()
