@@ -6,6 +6,12 @@
     on) vs torchattacks, with each one's robust accuracy on the same model and images.
     CPU: cnn-small on digits (8x8). GPU: CIFAR ResNet-18 on digits upscaled to 3x32x32, batch 256.
     Both models are trained in this run (seconds), so robust accuracies mean something.
+(c) AutoAttack standard: fastprune's AutoAttack vs torchattacks' at AutoAttack's settings (its
+    AutoAttack class defaults to 10 iterations for APGD, APGD-T and FAB; the reference and fastprune
+    use 100, and Square without the rescaled schedule), on the demo's models (cnn-wide PGD-trained on
+    digits at eps 0.1, and its LWM-pruned copy at 95%) and a PGD-trained LeNet at eps 0.2: robust
+    accuracy after each component and the images/s of the whole suite (one interleaved round: a
+    suite takes minutes here; the timed runs are the compared ones).
 
 Writes bench/results/attacks-<device>.csv and prints markdown tables.
 """
@@ -181,20 +187,138 @@ def bench_attacks(device: torch.device, quick: bool) -> list[dict]:
     return rows
 
 
+# --- (c) AutoAttack ---------------------------------------------------------------------------------
+def autoattack_models(device: torch.device, quick: bool) -> list[tuple[str, torch.nn.Module, float]]:
+    """(name, model, eps): the demo's base and pruned models and a PGD-trained LeNet, trained here."""
+    from fastprune.prune import lwm
+    from fastprune.study import StudySettings
+    from fastprune.train import PGDTraining, fit
+
+    data = get_dataset("digits")
+    s = StudySettings.quick() if quick else StudySettings()
+    models = []
+    torch.manual_seed(0)
+    base = get_model(s.model, data.num_classes, data.in_channels).to(device)
+    fit(base, data.train, objective=PGDTraining(s.eps, s.eps / 4, s.train_steps), epochs=s.base_epochs,
+        lr=s.base_lr, batch_size=s.batch_size, weight_decay=5e-4, seed=0, progress=False)
+    models.append((f"{s.model} PGD-AT (demo base)", base.eval(), s.eps))
+    torch.manual_seed(0)
+    pruned = lwm(copy.deepcopy(base), data.train, sparsity=0.95, objective=PGDTraining(s.eps, s.eps / 4, s.train_steps),
+                 finetune_epochs=s.finetune_epochs, finetune_lr=s.finetune_lr, batch_size=s.batch_size, seed=0,
+                 progress=False)
+    models.append((f"{s.model} LWM 95% (demo)", pruned.eval(), s.eps))
+    if not quick:
+        torch.manual_seed(0)
+        lenet = get_model("lenet", data.num_classes, data.in_channels).to(device)
+        fit(lenet, data.train, objective=PGDTraining(0.2, 0.05, 7), epochs=20, lr=0.05, batch_size=64,
+            weight_decay=5e-4, seed=0, progress=False)
+        models.append(("lenet PGD-AT", lenet.eval(), 0.2))
+    return models
+
+
+def torchattacks_autoattack(torchattacks, model, eps: float, n_queries: int, steps: int):
+    """torchattacks' AutoAttack (standard) set to AutoAttack's settings: its components' iterations
+    (torchattacks defaults to 10) and Square without the rescaled schedule, as the reference runs.
+    It counts the points still robust after each component (MultiAttack's records)."""
+    attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=10, seed=0)
+    multi = attack._autoattack
+    for component in multi.attacks[:3]:
+        component.steps = steps
+    multi.attacks[3].n_queries, multi.attacks[3].rescale_schedule = n_queries, False
+    multi._accumulate_multi_atk_records = True
+    return attack
+
+
+def _robust(model, x_adv, y) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x_adv).argmax(1) == y
+
+
+def bench_autoattack(device: torch.device, quick: bool, images: int | None) -> list[dict]:
+    try:
+        import torchattacks
+    except ImportError:
+        print("torchattacks is not installed: the AutoAttack comparison is skipped", flush=True)
+        return []
+    from fastprune.attacks import AutoAttack
+
+    data = get_dataset("digits")
+    x, y = (t.to(device) for t in data.test.tensors)
+    images = images or (100 if quick else None)
+    if images:
+        x, y = x[:images], y[:images]
+    n_queries, steps = (200, 20) if quick else (5000, 100)
+    variants = [("off", {}), ("amp (bf16)" if device.type == "cpu" else "amp", {"amp": True}),
+                ("channels_last", {"channels_last": True})]
+    rows = []
+    for name, model, eps in autoattack_models(device, quick):
+        print(f"  AutoAttack on {name}, eps {eps}, {x.shape[0]} images", flush=True)
+        with torch.no_grad():
+            clean = _robust(model, x, y)
+        base = {"section": "autoattack", "model": name, "eps": eps, "images": x.shape[0], "steps": steps,
+                "n_queries": n_queries}
+        theirs = torchattacks_autoattack(torchattacks, model, eps, n_queries, steps)
+        contenders = {"torchattacks": (model, theirs)}
+        for label, options in variants:
+            copied = copy.deepcopy(model)
+            contenders[label] = (copied, AutoAttack(copied, eps=eps, steps=steps, n_queries=n_queries, seed=0,
+                                                    **options))
+        # One interleaved round (a whole suite takes minutes here); each run's output is kept for
+        # the accuracy comparison, so the timed runs are the compared runs.
+        final = {}
+        theirs._autoattack._multi_atk_records = [0.0] * 5
+        seconds = interleaved_medians({k: (lambda a=a, k=k: final.__setitem__(k, a[1](x, y)))
+                                       for k, a in contenders.items()}, device, repeats=1, warmup=0)
+        records = theirs._autoattack._multi_atk_records  # robust count before and after each component
+        ours = contenders["off"][1]
+        for i, component in enumerate(ours.components):
+            # torchattacks' records count points correctly classified at the start (clean right).
+            theirs_after = records[i + 1] / x.shape[0] if i + 1 < len(records) and records[i + 1] else 0.0
+            rows.append({**base, "component": component,
+                         "fastprune_after": ours.robust_after[component].float().mean().item(),
+                         "torchattacks_after": theirs_after})
+        for label, (m, _) in contenders.items():
+            rows.append({**base, "component": "AutoAttack", "impl": "torchattacks" if label == "torchattacks"
+                         else "fastprune", "options": "-" if label == "torchattacks" else label,
+                         "seconds": seconds[label], "images/s": x.shape[0] / seconds[label],
+                         "speedup": seconds["torchattacks"] / seconds[label],
+                         "robust_acc": (_robust(m, final[label], y) & clean).float().mean().item()})
+            print(f"    {label}: {x.shape[0] / seconds[label]:.2f} img/s, robust {rows[-1]['robust_acc']:.4f}",
+                  flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and APGD iterations")
+    parser.add_argument("--only", choices=("step", "attacks", "autoattack"), default=None,
+                        help="run one section (default: all; the file then holds only that section's rows)")
+    parser.add_argument("--images", type=int, default=None,
+                        help="AutoAttack on the first N digits test images (default: all 450; --quick: 100)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     meta = {"device": device_label(device), **versions()}
     print(f"# attacks benchmark on {meta['device']} (torch {meta['torch']}, triton {meta['triton']})", flush=True)
-    step_rows = bench_step(device, args.quick)
-    print(markdown_table(step_rows, ["shape", "norm", "impl", "median_ms", "GB/s", "vs_copy", "speedup_vs_eager"]))
-    attack_rows = bench_attacks(device, args.quick)
-    print(markdown_table(attack_rows, ["attack", "impl", "options", "median_ms", "images/s", "speedup", "robust_acc"]))
-    save_results(step_rows + attack_rows, meta, args.out, "attacks", device, args.quick)
+    rows = []
+    if args.only in (None, "step"):
+        rows += bench_step(device, args.quick)
+        print(markdown_table([r for r in rows if r["section"] == "pgd_step"],
+                             ["shape", "norm", "impl", "median_ms", "GB/s", "vs_copy", "speedup_vs_eager"]))
+    if args.only in (None, "attacks"):
+        rows += bench_attacks(device, args.quick)
+        print(markdown_table([r for r in rows if r["section"] == "attack"],
+                             ["attack", "impl", "options", "median_ms", "images/s", "speedup", "robust_acc"]))
+    if args.only in (None, "autoattack"):
+        rows += bench_autoattack(device, args.quick, args.images)
+        aa = [r for r in rows if r["section"] == "autoattack"]
+        print(markdown_table([r for r in aa if r["component"] != "AutoAttack"],
+                             ["model", "eps", "component", "fastprune_after", "torchattacks_after"]))
+        print(markdown_table([r for r in aa if r["component"] == "AutoAttack"],
+                             ["model", "impl", "options", "seconds", "images/s", "speedup", "robust_acc"]))
+    save_results(rows, meta, args.out, "attacks" if args.only is None else f"attacks-{args.only}", device,
+                 args.quick)
     return 0
 
 

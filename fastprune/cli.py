@@ -362,8 +362,14 @@ def _eval(args) -> int:
     device = _device(args.device)
     model = _load_any(args.checkpoint, device)
     data = get_dataset(args.data, root=args.root)
+    settings = {}
+    for name in args.attacks:
+        if name.lower() in ("autoattack", "autoattack-plus"):
+            settings[name] = {"n_queries": args.square_queries, "steps": args.autoattack_steps}
+        elif name.lower() == "square":
+            settings[name] = {"n_queries": args.square_queries}
     result = evaluate(model, data.test.tensors, args.attacks, eps=args.eps, norm=args.norm,
-                      batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
+                      batch_size=args.batch_size, seed=args.seed, progress=not args.quiet, settings=settings,
                       amp=args.amp, channels_last=args.channels_last, cuda_graph=args.cuda_graph)
     print(format_table(result))
     if args.json:
@@ -391,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the robust-pruning study on digits: every method at 90/95/99%% sparsity",
                           description="Adversarially train a CNN on digits, prune it with HYDRA, LWM, PwoA and "
-                                      "naive pruning, evaluate every model under FGSM, PGD-20, CW and APGD, time "
+                                      "naive pruning, evaluate every model under FGSM, PGD-20, CW and AutoAttack, time "
                                       "dense vs sparse inference; results.md/csv and plots go into --out.")
     demo.add_argument("--out", default=None, help="run directory (default: a new folder under ./runs; an existing "
                                                   "one resumes)")
@@ -406,11 +412,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 
-    ev = sub.add_parser("eval", help="robust accuracy of a checkpoint under the attack suite")
+    ev = sub.add_parser("eval", help="robust accuracy of a checkpoint under AutoAttack (or other attacks)",
+                        description="Accuracy clean, under each attack (AutoAttack standard by default, reported "
+                                    "after each of its components), and the worst case per image.")
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--data", default="digits")
     ev.add_argument("--root", default=None, help="folder of the data set's files")
-    ev.add_argument("--attacks", nargs="+", default=["clean", "fgsm", "pgd20", "cw", "apgd-ce", "apgd-t"])
+    ev.add_argument("--attacks", nargs="+", default=["clean", "autoattack"],
+                    help="from: clean fgsm pgdN cw cwN apgd-ce apgd-dlr apgd-t fab fab-t square autoattack "
+                         "autoattack-plus (default: clean autoattack)")
+    ev.add_argument("--square-queries", type=int, default=5000,
+                    help="Square's queries, alone and inside AutoAttack (AutoAttack: 5000)")
+    ev.add_argument("--autoattack-steps", type=int, default=100,
+                    help="iterations of AutoAttack's APGD and FAB components (AutoAttack: 100)")
     ev.add_argument("--eps", type=float, default=8 / 255)
     ev.add_argument("--norm", choices=("linf", "l2"), default="linf")
     ev.add_argument("--batch-size", type=int, default=256)

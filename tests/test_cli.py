@@ -49,6 +49,13 @@ def test_train_prune_finetune_export_eval_pipeline(tmp_path, capsys):
     dense_eval = capsys.readouterr().out
     # the exported file is the finetuned model: the same accuracy, and outputs equal per bucket tuned
     assert json.loads(sparse_eval.splitlines()[-1]) == json.loads(dense_eval.splitlines()[-1])
+    # the default suite is AutoAttack standard, reported per component, here through the sparse kernels
+    assert main(["eval", "--checkpoint", str(sparse), "--eps", "0.1", "--square-queries", "20",
+                 "--autoattack-steps", "3", "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert list(result) == ["clean", "autoattack/apgd-ce", "autoattack/apgd-t", "autoattack/fab-t",
+                            "autoattack/square", "autoattack", "worst", "n"]
+    assert result["worst"] == result["autoattack"] <= result["autoattack/apgd-ce"] <= result["clean"]
     from fastprune.nn import load_sparse
     from fastprune.train import load_model
 

@@ -9,7 +9,8 @@ from fastprune.cli import main
 from fastprune.study import METHODS, StudySettings, findings
 
 SPARSITIES = (0.9, 0.95, 0.99)
-ATTACKS = ("fgsm", "pgd20", "cw", "apgd-ce")
+ATTACKS = ("fgsm", "pgd20", "cw", "autoattack")
+AUTOATTACK = ("autoattack/apgd-ce", "autoattack/apgd-t", "autoattack/fab-t", "autoattack/square")
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,8 @@ def test_quick_demo_writes_every_method_and_sparsity(quick_run):
         assert all(0 <= v <= 1 for v in accuracies.values()), row
         assert all(accuracies[a] <= accuracies["clean"] for a in ATTACKS), row
         assert accuracies["worst"] <= min(accuracies[a] for a in ATTACKS), row
+        chain = [accuracies["clean"]] + [float(row[k]) for k in AUTOATTACK] + [accuracies["autoattack"]]
+        assert all(a >= b for a, b in zip(chain, chain[1:])), row  # AutoAttack per component, cumulative
         assert float(row["wall_s"]) > 0
         # exactly k weights kept per layer: the measured sparsity is the asked one up to rounding
         assert abs(float(row["measured_sparsity"]) - float(row["sparsity"])) < 2e-3, row
@@ -40,6 +43,7 @@ def test_quick_demo_writes_every_method_and_sparsity(quick_run):
     text = (quick_run / "results.md").read_text()
     assert "AMD" in text or "Intel" in text or "cpu" in text.lower() or "threads" in text  # the device is named
     assert len(json.loads((quick_run / "findings.json").read_text())) == 3
+    assert "Square at 100 queries: a reduced budget" in text  # --quick says its AutoAttack budget
 
 
 def test_eval_reads_the_demo_base_model(quick_run, capsys):

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..utils.checks import (check_count, check_eps, check_images_labels, check_positive,  # noqa: F401 - re-exported
                             eval_mode)
-from ..utils.autograd import input_gradients_only
+from ..utils.autograd import frozen_parameters, input_gradients_only
 from .losses import LOSSES, logits_of
 
 NORMS = ("linf", "l2")
@@ -96,7 +96,10 @@ class Attack:
             x = x.contiguous(memory_format=torch.channels_last)
         labels = labels.to(x.device)
         model = self.model if isinstance(self.model, nn.Module) else None
-        with eval_mode(model) if model is not None else contextlib.nullcontext():
+        # frozen_parameters: layers may cache weight-derived values for the call (not with CUDA
+        # graphs: a captured graph would keep reading a cache freed at the end of the call).
+        frozen = frozen_parameters() if not self.cuda_graph else contextlib.nullcontext()
+        with eval_mode(model) if model is not None else contextlib.nullcontext(), frozen:
             x_adv = self.perturb(x, labels)
         return x_adv.to(images.dtype)
 

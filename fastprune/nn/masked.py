@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils.autograd import frozen_cache, parameter_gradients_wanted
+
 MASK_SOURCES = ("scores", "magnitude", "fixed")
 
 
@@ -177,6 +179,16 @@ class _MaskedMixin:
 
     def masked_weight(self) -> torch.Tensor:
         mask = self.refresh_mask()
+        cache = frozen_cache()
+        if cache is not None and (not torch.is_grad_enabled() or not parameter_gradients_wanted()):
+            # Inside an attack (frozen_parameters) nothing differentiates the weight: the product
+            # is computed once per attack call instead of at every step.
+            key = (self.weight._version, self.weight.data_ptr(), mask._version, mask.data_ptr())
+            hit = cache.get(id(self))
+            if hit is None or hit[0] != key:
+                with torch.no_grad():
+                    hit = cache[id(self)] = (key, self.weight * mask)
+            return hit[1]
         if self.source == "scores":
             return _ScoreMaskedWeight.apply(self.weight, self.scores, mask)
         return self.weight * mask
@@ -185,7 +197,10 @@ class _MaskedMixin:
         if not isinstance(x, torch.Tensor) or x.dim() not in dims:
             raise ValueError(f"input must be a {' or '.join(f'{d}D' for d in dims)} tensor, got "
                              f"{'shape ' + str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if x.dtype != self.weight.dtype or x.device != self.weight.device:
+        # Under autocast the op casts input and weight itself (a bf16 activation meets fp32 weights).
+        dtype_ok = x.dtype == self.weight.dtype or (x.is_floating_point() and
+                                                    torch.is_autocast_enabled(x.device.type))
+        if not dtype_ok or x.device != self.weight.device:
             raise ValueError(f"input is {x.dtype} on {x.device}, the layer {self.weight.dtype} on {self.weight.device}")
 
     def _adopt(self, dense: nn.Module, source: str, sparsity: float, mask: torch.Tensor | None, pattern=None):

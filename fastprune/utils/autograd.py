@@ -26,3 +26,23 @@ def input_gradients_only():
 
 def parameter_gradients_wanted() -> bool:
     return _DEPTH == 0
+
+
+_FROZEN: list[dict] = []
+
+
+@contextlib.contextmanager
+def frozen_parameters():
+    """Inside, no parameter or buffer changes (an attack runs the model hundreds of times on fixed
+    weights), so layers may cache what they derive from them (a masked layer's weight * mask).
+    The cache lives as long as the context; nested contexts get their own."""
+    _FROZEN.append({})
+    try:
+        yield
+    finally:
+        _FROZEN.pop()
+
+
+def frozen_cache() -> dict | None:
+    """The innermost frozen_parameters() context's cache, or None outside one."""
+    return _FROZEN[-1] if _FROZEN else None

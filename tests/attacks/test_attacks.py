@@ -232,7 +232,7 @@ def test_evaluate_counts_correctly(model_on, device, test_set):
 def test_cuda_graph_matches_eager_and_never_syncs(digits_model, test_set):
     model = copy.deepcopy(digits_model).cuda()
     x, y = (t.cuda() for t in test_set)
-    for cls, kw in ((PGD, dict(steps=10)), (APGD, dict(steps=20)), (APGDT, dict(steps=10, n_target_classes=3))):
+    for cls, kw in ((PGD, dict(steps=10)), (APGD, dict(steps=20)), (APGDT, dict(steps=10, n_target_classes=3, batch_targets=True))):
         eager = cls(model, eps=EPS, seed=0, **kw)(x, y)
         graphed_atk = cls(model, eps=EPS, seed=0, cuda_graph=True, **kw)
         graphed = graphed_atk(x, y)

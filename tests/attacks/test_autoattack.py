@@ -10,6 +10,8 @@ from fastprune.attacks import APGD, APGDT, FAB, AutoAttack, Square, evaluate, ma
 from fastprune.attacks.fab import project_l2, project_linf
 from fastprune.attacks.square import eta_pattern, p_schedule
 
+from ..conftest import GPU
+
 EPS = 0.1
 
 
@@ -302,3 +304,29 @@ def test_square_needs_images(device):
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).to(device)
     with pytest.raises(ValueError, match="5 pixels"):
         Square(model, eps=0.5, norm="l2", n_queries=5)(torch.rand(4, 3, 4, 4, device=device), y)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA device")
+def test_fab_and_square_steps_never_sync(digits_model, test_set):
+    """A FAB run and Square's iterations between compactions run without host synchronisation."""
+    model = copy.deepcopy(digits_model).cuda()
+    x, y = (t[:64].cuda() for t in test_set)
+    fab = FAB(model, eps=EPS, steps=3, targeted=True, seed=0)
+    square = Square(model, eps=EPS, n_queries=5, seed=0)
+    for norm in ("linf", "l2"):
+        fab.norm = square.norm = norm
+        target = (y + 1) % 10
+        best_norm = torch.full((64,), 1e10, device="cuda")
+        rows = torch.arange(64, device="cuda")
+        fab._run(x, y, target, True, x.clone(), best_norm, fab.generator(x.device))  # warm up
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fab._run(x, y, target, True, x.clone(), best_norm, fab.generator(x.device))
+            gen = square.generator(x.device)
+            x_best = square._init(x, gen)
+            for i in range(3):
+                x_new = square._proposal(x, x_best, p_schedule(i, 5, 0.8, False), gen, rows, 64)
+                square._margin_and_loss(x_new, y)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

@@ -205,3 +205,42 @@ def test_bad_patterns(kwargs, match):
         prune_model(nn.Sequential(nn.Linear(16, 4)), method="magnitude", **kwargs)
     with pytest.raises(ValueError, match="pattern"):
         MaskedLinear.from_dense(nn.Linear(6, 4), source="magnitude", sparsity=0.5, pattern="2:4")
+
+
+def test_masked_layers_under_autocast():
+    """Under autocast a bf16 activation meets fp32 weights: the op casts them (amp attacks on pruned
+    models); outside autocast a dtype mismatch is still refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    prune_model(model, 0.5, method="magnitude")
+    x = torch.rand(5, 2, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), model(x), atol=0.1, rtol=0.05)
+    with pytest.raises(ValueError, match="bfloat16"):
+        model(x.bfloat16())
+
+
+def test_masked_weight_is_cached_only_inside_an_attack():
+    """Inside frozen_parameters (every attack call) the masked weight is computed once and reused,
+    recomputed when the weight or the mask changes; outside, weight gradients flow as usual."""
+    from fastprune.utils.autograd import frozen_parameters, input_gradients_only
+
+    torch.manual_seed(0)
+    layer = MaskedLinear.from_dense(nn.Linear(6, 4), source="scores", sparsity=0.5)
+    x = torch.rand(3, 6, requires_grad=True)
+    with frozen_parameters():
+        with torch.no_grad():
+            first = layer.masked_weight()
+            assert layer.masked_weight() is first  # reused
+            layer.weight.mul_(2)  # a changed weight is seen
+            assert torch.equal(layer.masked_weight(), layer.weight * layer.mask)
+            layer.scores.neg_()  # a changed mask too
+            assert torch.equal(layer.masked_weight(), layer.weight * layer.refresh_mask())
+        with torch.enable_grad(), input_gradients_only():
+            (gx,) = torch.autograd.grad(layer(x).sum(), x)
+    (gx_ref,) = torch.autograd.grad(layer(x).sum(), x)
+    torch.testing.assert_close(gx, gx_ref)
+    layer(x).sum().backward()
+    assert layer.scores.grad is not None and layer.weight.grad is not None  # outside: trained as usual
