@@ -239,7 +239,8 @@ def _finish(out: str, model, data, args, started: float, save_args: tuple, save_
 def _objective(args):
     from fastprune.train import make_objective
 
-    return make_objective(args.objective, eps=args.eps, alpha=args.alpha, steps=args.steps, beta=args.beta)
+    return make_objective(args.objective, eps=args.eps, alpha=args.alpha, steps=args.steps, beta=args.beta,
+                          bn_forwards=args.bn_forwards)
 
 
 def _report(out: str, model, data, args, started: float, **extra) -> dict:
@@ -256,15 +257,24 @@ def _report(out: str, model, data, args, started: float, **extra) -> dict:
     return report
 
 
-def _fit_options(args) -> dict:
+def _fit_options(args, data) -> dict:
     """Options every training command passes to fit(): batching, seed, progress, augmentation
-    ("auto": CIFAR's crop+flip on cifar10/cifar100, none elsewhere), AMP, channels_last."""
+    ("auto": CIFAR's crop+flip on cifar10/cifar100, none elsewhere), AMP, channels_last, optimiser and
+    schedule, and which epoch to keep ("best_robust", the papers' scripts: PGD-10 on the test split
+    after every epoch, at --eps with step --alpha)."""
+    from fastprune.attacks import PGD
     from fastprune.data.augment import random_crop_flip
 
     augment = args.augment if args.augment != "auto" else ("crop-flip" if args.data.startswith("cifar") else "none")
-    return dict(batch_size=args.batch_size, seed=args.seed, progress=not args.quiet, amp=args.amp,
-                channels_last=args.channels_last, augment=random_crop_flip if augment == "crop-flip" else None,
-                sync_bn=args.sync_bn)
+    options = dict(batch_size=args.batch_size, seed=args.seed, progress=not args.quiet, amp=args.amp,
+                   channels_last=args.channels_last, augment=random_crop_flip if augment == "crop-flip" else None,
+                   sync_bn=args.sync_bn, optimizer=args.optimizer, schedule=args.schedule,
+                   milestones=tuple(args.milestones or ()), gamma=args.gamma, keep=args.keep)
+    if args.keep == "best_robust":
+        eps, alpha, seed = args.eps, args.alpha, args.seed
+        options.update(val=data.test.tensors,
+                       val_attack=lambda model: PGD(model, eps=eps, alpha=alpha, steps=10, seed=seed))
+    return options
 
 
 def _train(args) -> int:
@@ -280,7 +290,7 @@ def _train(args) -> int:
     _check_model_fits(model, data, args.model, args.data)  # before the run directory is made
     out = _run_dir(args, "train")
     fit(model, data.train, objective=_objective(args), epochs=args.epochs, lr=args.lr, run_dir=out,
-        **_fit_options(args))
+        **_fit_options(args, data))
     _finish(out, model, data, args, started, (args.model, data.num_classes, data.in_channels), {"data": args.data})
     return 0
 
@@ -288,6 +298,7 @@ def _train(args) -> int:
 def _prune(args) -> int:
     from fastprune.data import get_dataset
     from fastprune.nn import check_sparsity
+    from fastprune.attacks import PGD
     from fastprune.prune import hydra, lwm, pwoa
     from fastprune.train import load_model
 
@@ -301,18 +312,22 @@ def _prune(args) -> int:
     data = get_dataset(args.data, root=args.root)
     _check_model_fits(model, data, ckpt["model"], args.data)
     out = _run_dir(args, f"prune-{args.method}")
-    common = dict(run_dir=out, sparse_kernels=args.sparse_kernels, **_fit_options(args))
+    common = dict(run_dir=out, sparse_kernels=args.sparse_kernels, **_fit_options(args, data))
     if args.method == "hydra":
         hydra(model, data.train, sparsity=args.sparsity, objective=_objective(args), prune_epochs=args.prune_epochs,
-              finetune_epochs=args.finetune_epochs, prune_lr=args.prune_lr, finetune_lr=args.finetune_lr, **common)
+              finetune_epochs=args.finetune_epochs, prune_lr=args.prune_lr, finetune_lr=args.finetune_lr,
+              freeze_bn=args.freeze_bn, **common)
     elif args.method == "lwm":
         lwm(model, data.train, sparsity=args.sparsity, objective=_objective(args),
             finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, **common)
     else:
         teacher, _ = load_model(args.teacher, device)
         pwoa(model, teacher, data.train, sparsity=args.sparsity, admm_epochs=args.admm_epochs,
-             retrain_epochs=args.retrain_epochs, temperature=args.temperature, alpha=args.kd_alpha,
-             lambda_x=args.lambda_x, lambda_y=args.lambda_y, num_classes=data.num_classes, **common)
+             retrain_epochs=args.retrain_epochs, admm_lr=args.admm_lr, retrain_lr=args.retrain_lr, temperature=args.temperature, alpha=args.kd_alpha,
+             lambda_x=args.lambda_x, lambda_y=args.lambda_y, num_classes=data.num_classes,
+             prune_layers=args.prune_layers, admm_schedule=args.admm_schedule, reproject_z=args.reproject_z,
+             mix_ratio=args.mix_ratio, mix_attack=PGD(model, eps=args.eps, alpha=args.alpha, steps=args.steps)
+             if args.mix_ratio > 0 else None, **common)
     _finish(out, model, data, args, started, (ckpt["model"], ckpt["num_classes"], ckpt["in_channels"]),
             {"method": args.method, "sparsity": args.sparsity}, method=args.method)
     return 0
@@ -331,7 +346,7 @@ def _finetune(args) -> int:
     _check_model_fits(model, data, ckpt["model"], args.data)
     out = _run_dir(args, "finetune")
     finetune_phase(model, data.train, objective=_objective(args), epochs=args.epochs, lr=args.lr, run_dir=out,
-                   sparse_kernels=args.sparse_kernels, **_fit_options(args))
+                   sparse_kernels=args.sparse_kernels, **_fit_options(args, data))
     _finish(out, model, data, args, started, (ckpt["model"], ckpt["num_classes"], ckpt["in_channels"]), {})
     return 0
 
@@ -454,10 +469,23 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
                            help="under torchrun, BatchNorm uses the whole global batch's statistics (default on)")
             p.add_argument("--objective", choices=("natural", "pgd", "trades"), default="trades")
-            p.add_argument("--eps", type=float, default=8 / 255)
-            p.add_argument("--alpha", type=float, default=2 / 255)
+            p.add_argument("--eps", type=float, default=0.031, help="Linf radius (HYDRA's configs: 0.031)")
+            p.add_argument("--alpha", type=float, default=0.0078, help="attack step (HYDRA's configs: 0.0078)")
             p.add_argument("--steps", type=int, default=10)
             p.add_argument("--beta", type=float, default=6.0)
+            p.add_argument("--bn-forwards", choices=("hydra", "once"), default="hydra",
+                           help="TRADES: BatchNorm statistics from HYDRA's four train-mode passes per batch (three "
+                                "clean, one adversarial) or from the loss's two")
+            p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
+                           help="sgd (momentum 0.9; the papers' CIFAR runs) or adam (PwoA's MNIST runs)")
+            p.add_argument("--schedule", choices=("cosine", "multistep", "cyclic", "constant"), default="cosine",
+                           help="learning rate: cosine to zero; multistep (x --gamma at each --milestones epoch); "
+                                "cyclic (lr, lr/10, lr/100 by epoch); constant")
+            p.add_argument("--milestones", type=int, nargs="+", default=None, help="epochs, for --schedule multistep")
+            p.add_argument("--gamma", type=float, default=0.1, help="factor at each milestone")
+            p.add_argument("--keep", choices=("best_robust", "last"), default="best_robust",
+                           help="the epoch whose weights the run ends with: best PGD-10 accuracy on the test split "
+                                "after each epoch (the papers' scripts), or the last")
 
     tr = sub.add_parser("train", help="train a model (natural, PGD-AT or TRADES)")
     tr.add_argument("--model", default="cnn-small")
@@ -475,14 +503,30 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--finetune-epochs", type=int, default=100)
     pr.add_argument("--prune-lr", type=float, default=0.1)
     pr.add_argument("--finetune-lr", type=float, default=0.01)
+    pr.add_argument("--freeze-bn", action="store_true",
+                    help="HYDRA: keep BatchNorm's scale and shift fixed in the prune phase (HYDRA's scripts train "
+                         "them with the scores)")
     pr.add_argument("--sparse-kernels", action="store_true",
                     help="the finetune (HYDRA, LWM) or masked retrain (PwoA) on the sparse kernels, trainable CSR values")
     pr.add_argument("--admm-epochs", type=int, default=50)
     pr.add_argument("--retrain-epochs", type=int, default=100)
+    pr.add_argument("--admm-lr", type=float, default=0.01, help="PwoA's ADMM stage (MNIST: 5e-4 with --optimizer adam)")
+    pr.add_argument("--retrain-lr", type=float, default=0.005, help="PwoA's masked retrain (MNIST: 1e-3)")
     pr.add_argument("--temperature", type=float, default=30.0)
     pr.add_argument("--kd-alpha", type=float, default=10.0)
     pr.add_argument("--lambda-x", type=float, default=2e-5)
     pr.add_argument("--lambda-y", type=float, default=1e-4)
+    pr.add_argument("--admm-schedule", choices=("cyclic", "cosine", "constant"), default="cyclic",
+                    help="PwoA's ADMM-stage learning rate: cyclic (lr, lr/10, lr/100 over each 3-epoch ADMM period, "
+                         "PwoA's code), cosine or constant")
+    pr.add_argument("--reproject-z", action=argparse.BooleanOptionalAction, default=True,
+                    help="PwoA: Z = proj(W) at the start of every ADMM epoch (PwoA's code); off: only at dual updates")
+    pr.add_argument("--mix-ratio", type=float, default=0.0,
+                    help="PwoA: probability that a batch (both stages) is replaced by PGD examples of it (--eps, "
+                         "--alpha, --steps), the usual loss computed on them")
+    pr.add_argument("--prune-layers", choices=("pwoa", "all"), default="pwoa",
+                    help="PwoA: which layers to prune: convs and layers named 'fc' (PwoA's code) or every conv "
+                         "and linear layer")
     common(pr)
     pr.set_defaults(func=_prune)
 

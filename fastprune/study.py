@@ -103,8 +103,10 @@ def _prune(method: str, model: nn.Module, teacher: nn.Module, train, sparsity: f
         return lwm(model, train, sparsity=sparsity, objective=robust, finetune_epochs=s.finetune_epochs,
                    finetune_lr=s.finetune_lr, **options)
     if method == "pwoa":
+        # every layer, as the other methods prune (PwoA's own rule would leave cnn-wide's linear layers
+        # dense: they are not named "fc"), so all methods compare at the same sparsity
         return pwoa(model, teacher, train, sparsity=sparsity, admm_epochs=s.pwoa_admm_epochs,
-                    retrain_epochs=s.pwoa_retrain_epochs, num_classes=num_classes, **options)
+                    retrain_epochs=s.pwoa_retrain_epochs, num_classes=num_classes, prune_layers="all", **options)
     # naive: no adversarial example anywhere, no teacher: magnitude mask, clean finetune
     prune_model(model, sparsity, method="magnitude")
     finetune_phase(model, train, objective=natural_loss, epochs=s.finetune_epochs, lr=s.finetune_lr, **options)

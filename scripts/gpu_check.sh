@@ -112,7 +112,7 @@ step tests-cuda 150 collect "$PY" -m pytest -q -x --maxfail=20 -k "cuda or gpu" 
   -p no:cacheprovider --junitxml="$WORK/results/tests-cuda.xml" tests
 
 # --- 4. benchmarks, GPU mode, bounded sizes --------------------------------------------------------
-step bench-attacks 80 help "$PY" bench/attacks.py --device cuda --quick --out "$WORK/results"
+step bench-attacks 120 help "$PY" bench/attacks.py --device cuda --quick --out "$WORK/results"
 step bench-hsic 60 help "$PY" bench/hsic.py --device cuda --quick --out "$WORK/results"
 step bench-sparse 90 help "$PY" -m fastprune.cli bench sparse --device cuda --model resnet18 vgg16 \
   --sparsity 0.9 0.99 --batch 1 64 256 --repeats 5 --out "$WORK/results"

@@ -29,7 +29,8 @@ def test_train_prune_finetune_export_eval_pipeline(tmp_path, capsys):
     for method, extra in (("hydra", ["--prune-epochs", "1", "--finetune-epochs", "1"]),
                           ("lwm", ["--finetune-epochs", "1"]),
                           ("pwoa", ["--teacher", str(base / "model.pt"), "--admm-epochs", "1",
-                                    "--retrain-epochs", "1", "--temperature", "4", "--kd-alpha", "1"])):
+                                    "--retrain-epochs", "1", "--temperature", "4", "--kd-alpha", "1",
+                                    "--prune-layers", "all"])):
         out = tmp_path / method
         assert main(["prune", "--method", method, "--checkpoint", str(base / "model.pt"), "--sparsity", "0.9",
                      "--out", str(out)] + short + extra) == 0

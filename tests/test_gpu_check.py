@@ -68,7 +68,14 @@ def results(tmp_path):
         {"section": "attack", "attack": "PGD-10", "impl": "fastprune", "options": "amp+channels_last+cuda_graph",
          "speedup": 2.5, "robust_acc": 0.503},
         {"section": "attack", "attack": "PGD-10", "impl": "fastprune", "options": "off", "speedup": 1.1,
-         "robust_acc": 0.5}])
+         "robust_acc": 0.5},
+        *[{"section": "autoattack", "component": "AutoAttack", "model": model, "impl": impl, "options": options,
+           "speedup": speedup, "robust_acc": acc}
+          for model, impl, options, speedup, acc in [
+              ("base", "torchattacks", "-", 1.0, 0.800), ("base", "fastprune", "off", 2.0, 0.800),
+              ("base", "fastprune", "amp", 3.5, 0.802), ("pruned", "torchattacks", "-", 1.0, 0.500),
+              ("pruned", "fastprune", "amp", 3.2, 0.500)]],
+        {"section": "autoattack", "component": "square", "model": "base", "fastprune_after": 0.8}])
     write(tmp_path / f"hsic-{dev}-quick.csv", [
         {"section": "single", "estimator": "biased", "m": 128, "d": 16384, "impl": "fastprune", "vs_floor": 1.2,
          "fwd+bwd_ms": 0.1},
@@ -102,6 +109,8 @@ def test_targets_are_read_off_the_benchmark_files(results):
     assert got["pgd_step Linf float32 256x3x32x32: bandwidth vs a device copy"] == (0.9, True)  # best backend
     assert got["pgd_step Linf float32 1024x3x224x224: bandwidth vs a device copy"] == (0.75, False)
     assert got["PGD-10 ResNet-18 batch 256, amp + cuda_graph vs torchattacks"][1] is True
+    # the slowest model's best option; every option's accuracy gap counts (0.2 pt here)
+    assert got["AutoAttack standard vs torchattacks' (same settings), every model"] == (3.2, True)
     assert got["gaussian_gram fwd+bwd m=128 d=16384: time vs the cuBLAS products"] == (1.2, True)
     assert got["gaussian_gram fwd+bwd m=128 d=65536: time vs the cuBLAS products"] == (1.9, False)
     assert got["hsic_bottleneck ResNet-18 m=128 vs paper-style"] == (80, True)

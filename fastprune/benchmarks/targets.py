@@ -60,6 +60,29 @@ def _pgd10(results: str) -> list[tuple]:
              speedup >= 2 and gap <= 0.5, f"{best['options']}; robust accuracy gap {gap:.2f} points")]
 
 
+def _autoattack(results: str) -> list[tuple]:
+    """bench/attacks.py's AutoAttack section: the best fastprune option against torchattacks' suite
+    (at AutoAttack's settings) on each model, and the largest robust-accuracy gap."""
+    rows = [r for r in _rows(results, "attacks") if r.get("section") == "autoattack"
+            and r.get("component") == "AutoAttack"]
+    name, target = "AutoAttack standard vs torchattacks' (same settings), every model", ">= 3x, acc within 0.3 pt"
+    models = sorted({r.get("model") for r in rows})
+    speedups, gaps = [], []
+    for model in models:
+        base = next((r for r in rows if r.get("model") == model and r.get("impl") == "torchattacks"), None)
+        ours = [r for r in rows if r.get("model") == model and r.get("impl") == "fastprune"]
+        if not (base and ours):
+            continue
+        best = max(ours, key=lambda r: _num(r.get("speedup")) or 0)
+        speedups.append(_num(best["speedup"]))
+        gaps.append(max(abs(_num(r["robust_acc"]) - _num(base["robust_acc"])) * 100 for r in ours))
+    if not speedups:
+        return [(name, target, None, None, None)]
+    low, gap = min(speedups), max(gaps)
+    return [(name, target, low, low >= 3 and gap <= 0.3,
+             f"{len(speedups)} models; largest robust-accuracy gap {gap:.2f} points")]
+
+
 def _gram(results: str) -> list[tuple]:
     out = []
     rows = _rows(results, "hsic")
@@ -124,7 +147,7 @@ def _train(results: str) -> list[tuple]:
              None if pwoa is None else pwoa >= 5, None)]
 
 
-CHECKS: list[Callable[[str], list[tuple]]] = [_pgd_step, _pgd10, _gram, _bottleneck, _sparse, _train]
+CHECKS: list[Callable[[str], list[tuple]]] = [_pgd_step, _pgd10, _autoattack, _gram, _bottleneck, _sparse, _train]
 
 
 def evaluate(results: str) -> list[dict]:

@@ -1,11 +1,11 @@
-"""Models whose inputs are images in [0, 1]; normalisation lives inside the model, so eps is in
-pixel units everywhere."""
+"""Models whose inputs are images in [0, 1]; normalisation lives inside the model (LeNet3, PwoA's,
+takes the raw [0, 1] images as PwoA does), so eps is in pixel units everywhere."""
 from __future__ import annotations
 
 from torch import nn
 
 from .resnet import resnet18
-from .small import cnn_small, lenet
+from .small import LeNet3, cnn_small, lenet
 from .vgg import vgg16
 from .wide_resnet import WideResNet
 
@@ -13,6 +13,7 @@ _MODELS = {
     "cnn-small": cnn_small,
     "cnn-wide": lambda num_classes, in_channels: cnn_small(num_classes, in_channels, width=64),
     "lenet": lenet,
+    "lenet3": LeNet3,
     "resnet18": resnet18,
     "vgg16": vgg16,
     "wrn-28-4": lambda num_classes, in_channels: WideResNet(28, 4, num_classes, in_channels),

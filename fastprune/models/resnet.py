@@ -37,6 +37,8 @@ class ResNet(nn.Module):
         self.normalize = Normalize(mean, std)
         self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
+        self.stem_relu = nn.ReLU()  # modules (no parameters), so the stem's and the pooled outputs
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())  # can be tapped by name
         layers, in_planes = [], 64
         for i, (planes, count) in enumerate(zip((64, 128, 256, 512), blocks)):
             stage = []
@@ -48,15 +50,16 @@ class ResNet(nn.Module):
         self.linear = nn.Linear(512, num_classes)
 
     def hidden_outputs(self) -> list[str]:
-        """Names of the modules whose outputs are the network's hidden representations (every
-        residual block): PwoA's HSIC layers."""
-        return [n for n, m in self.named_modules() if isinstance(m, BasicBlock)]
+        """Names of the modules whose outputs are the network's hidden representations, the ones
+        PwoA's ResNet returns and regularises with HSIC: the stem, every residual block and the
+        pooled feature (10 for ResNet-18)."""
+        return ["stem_relu", *(n for n, m in self.named_modules() if isinstance(m, BasicBlock)), "pool"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, C, H, W) in [0, 1] -> logits (N, classes)."""
-        out = F.relu(self.bn1(self.conv1(self.normalize(x))))
+        out = self.stem_relu(self.bn1(self.conv1(self.normalize(x))))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+        return self.linear(self.pool(out))
 
 
 def resnet18(num_classes: int = 10, in_channels: int = 3) -> ResNet:

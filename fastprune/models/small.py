@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .common import Normalize
@@ -33,3 +34,35 @@ def lenet(num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
         nn.Linear(64 * 7 * 7, 1024), nn.ReLU(inplace=True),
         nn.Linear(1024, num_classes),
     )
+
+
+class LeNet3(nn.Module):
+    """PwoA's MNIST model (LeNet3 in neu-spiral/PwoA, after "Adversarial Robustness vs. Model
+    Compression, or Both?"): conv 5x5 32 - ReLU - pool 2 - conv 5x5 64 - ReLU - pool 2 - fc 1024 -
+    ReLU - fc. (N, C, 28, 28) raw [0, 1] inputs (no normalisation, as there) -> logits (N, classes).
+    Its layer names are PwoA's (conv1, conv2, fc1, fc2), so PwoA's checkpoints' tensors fit, and its
+    hidden outputs are the three ReLUs PwoA's forward returns. (PwoA's forward ends in log_softmax,
+    a shift of the logits that changes no prediction, cross-entropy or softened softmax.)"""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 32, 5, 1, 2)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(32, 64, 5, 1, 2)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.MaxPool2d(2, 2)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(7 * 7 * 64, 1024)
+        self.relu3 = nn.ReLU()
+        self.fc2 = nn.Linear(1024, num_classes)
+
+    def hidden_outputs(self) -> list[str]:
+        """PwoA's HSIC layers for LeNet3: the outputs of the three ReLUs."""
+        return ["relu1", "relu2", "relu3"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or tuple(x.shape[-2:]) != (28, 28):
+            raise ValueError(f"lenet3 takes (N, C, 28, 28) images (PwoA's MNIST LeNet3), got {tuple(x.shape)}")
+        x = self.pool(self.relu1(self.conv1(x)))
+        x = self.pool(self.relu2(self.conv2(x)))
+        return self.fc2(self.relu3(self.fc1(self.flatten(x))))

@@ -48,15 +48,17 @@ class WideResNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.block1, self.block2, self.block3 = stages
         self.bn = nn.BatchNorm2d(in_planes)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())  # a module: tappable by name
         self.linear = nn.Linear(in_planes, num_classes)
 
     def hidden_outputs(self) -> list[str]:
-        """Names of the modules whose outputs are the network's hidden representations (every
-        residual block): PwoA's HSIC layers."""
-        return [n for n, m in self.named_modules() if isinstance(m, WideBlock)]
+        """Names of the modules whose outputs are the network's hidden representations, the ones
+        PwoA's WideResNet returns and regularises with HSIC: conv1, every block and the pooled
+        feature (17 for WRN-34-10)."""
+        return ["conv1", *(n for n, m in self.named_modules() if isinstance(m, WideBlock)), "pool"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, C, 32, 32) in [0, 1] -> logits (N, classes)."""
         out = self.block3(self.block2(self.block1(self.conv1(self.normalize(x)))))
         out = F.relu(self.bn(out))
-        return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+        return self.linear(self.pool(out))

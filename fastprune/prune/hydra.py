@@ -1,9 +1,11 @@
 """HYDRA (Sehwag et al., NeurIPS 2020) and its LWM baseline, as phases over a (pre)trained model.
 
 HYDRA: every conv and linear layer gets importance scores initialised from its weights (so the first
-mask is the magnitude mask); the prune phase trains the scores only, weights and BatchNorm frozen,
-under the robust objective; the finetune phase freezes the mask and trains the weights. LWM skips the
-prune phase: magnitude mask, then the same finetune.
+mask is the magnitude mask); the prune phase trains the scores under the robust objective, with the
+conv and linear weights frozen and BatchNorm's scale and shift training alongside the scores (as the
+released scripts do: they never pass --freeze-bn; ``freeze_bn=True`` freezes them); the finetune
+phase freezes the mask and trains the weights. LWM skips the prune phase: magnitude mask, then the
+same finetune.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import os
 from typing import Callable
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import TensorDataset
 
 from ..nn.masked import MASKED_TYPES, check_sparsity, prune_model
@@ -26,15 +29,23 @@ def _phase_dir(run_dir: str | None, phase: str) -> str | None:
     return os.path.join(run_dir, phase) if run_dir else None
 
 
+def batchnorm_affine(model: nn.Module) -> list[nn.Parameter]:
+    """BatchNorm layers' scale and shift parameters."""
+    return [p for m in model.modules() if isinstance(m, _BatchNorm) for p in (m.weight, m.bias) if p is not None]
+
+
 def prune_phase(model: nn.Module, train: TensorDataset, *, objective: Callable, epochs: int, lr: float = 0.1,
-                run_dir: str | None = None, **fit_options) -> list[dict]:
-    """Train only the scores of ``model``'s score-masked layers (everything else frozen)."""
+                freeze_bn: bool = False, run_dir: str | None = None, **fit_options) -> list[dict]:
+    """Train the scores of ``model``'s score-masked layers, and BatchNorm's scale and shift unless
+    ``freeze_bn`` (HYDRA's scripts train them); every conv and linear weight and bias stays frozen."""
     scores = [m.scores for m in _masked_layers(model) if m.source == "scores"]
     if not scores:
         raise ValueError("model has no score-masked layers: call prune_model(model, sparsity, 'scores') first")
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.endswith("scores"))
-    return fit(model, train, objective=objective, epochs=epochs, lr=lr, params=scores,
+    trained = scores + ([] if freeze_bn else batchnorm_affine(model))
+    chosen = {id(p) for p in trained}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
+    return fit(model, train, objective=objective, epochs=epochs, lr=lr, params=trained,
                run_dir=_phase_dir(run_dir, "prune"), **fit_options)
 
 
@@ -56,13 +67,15 @@ def finetune_phase(model: nn.Module, train: TensorDataset, *, objective: Callabl
 
 
 def hydra(model: nn.Module, train: TensorDataset, *, sparsity: float, objective: Callable, prune_epochs: int = 20,
-          finetune_epochs: int = 100, prune_lr: float = 0.1, finetune_lr: float = 0.01, skip=(),
-          run_dir: str | None = None, sparse_kernels: bool = False, **fit_options) -> nn.Module:
+          finetune_epochs: int = 100, prune_lr: float = 0.1, finetune_lr: float = 0.01, freeze_bn: bool = False,
+          skip=(), run_dir: str | None = None, sparse_kernels: bool = False, **fit_options) -> nn.Module:
     """Prune ``model`` (in place) to ``sparsity`` in every layer with HYDRA; returns it, masks frozen.
-    Defaults follow the paper: 20 prune epochs at lr 0.1, 100 finetune epochs at lr 0.01."""
+    Defaults follow the released code: 20 prune epochs at lr 0.1 (scores and BatchNorm's affine
+    parameters; ``freeze_bn=True`` keeps BatchNorm fixed), 100 finetune epochs at lr 0.01."""
     check_sparsity(sparsity)
     prune_model(model, sparsity, method="scores", skip=skip)
-    prune_phase(model, train, objective=objective, epochs=prune_epochs, lr=prune_lr, run_dir=run_dir, **fit_options)
+    prune_phase(model, train, objective=objective, epochs=prune_epochs, lr=prune_lr, freeze_bn=freeze_bn,
+                run_dir=run_dir, **fit_options)
     finetune_phase(model, train, objective=objective, epochs=finetune_epochs, lr=finetune_lr, run_dir=run_dir,
                    sparse_kernels=sparse_kernels, **fit_options)
     return model

@@ -5,8 +5,10 @@ Stage 1, ADMM pruning with distillation: loss = alpha T^2 KL(teacher || student 
 sparsity constraint and U the scaled dual, updated every ``admm_every`` epochs while rho grows by
 ``rho_growth`` up to ``rho_max``. Stage 2: hard magnitude prune to the target per layer. Stage 3:
 masked retrain with distillation plus the HSIC bottleneck (fastprune.hsic_bottleneck) over the
-student's block outputs. No adversarial example is computed unless ``mix_ratio`` > 0, which swaps a
-batch for PGD examples with that probability, as in the paper's optional mix.
+student's hidden outputs (``block_outputs``: for the zoo's ResNet-18 and WRNs the same ones PwoA's
+models return). No adversarial example is computed unless ``mix_ratio`` > 0: then, as in PwoA's code,
+each batch of both stages is replaced by PGD examples of it with that probability, and the stage's
+usual loss (distillation, + HSIC in the retrain, + the ADMM penalty) is computed on them.
 
 The KL term is averaged over the batch and the classes, as PyTorch's elementwise "mean" in the papers'
 code does: alpha = 10 and T = 30 mean what they mean there (the per-sample KL would be 10x larger on
@@ -29,7 +31,7 @@ from ..nn.hsic import HSICBottleneck
 from ..nn.masked import MASKED_TYPES, check_sparsity, kept_count, prune_model, topk_mask
 from ..nn.sparse.training import sparse_training
 from ..train.loops import fit
-from ..train.objectives import PGDTraining
+from ..attacks.pgd import PGD
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
@@ -50,15 +52,42 @@ def block_outputs(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
 
 
-def _prunable(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if type(m) in (nn.Conv2d, nn.Linear)]
+PRUNE_LAYERS = ("pwoa", "all")
+
+
+def pruned_layer_names(model: nn.Module, prune_layers: str = "pwoa", skip=()) -> list[str]:
+    """The layers PwoA prunes. "pwoa": every nn.Conv2d and the nn.Linear layers named ``fc`` (PwoA's
+    code prunes 4-D weights and parameters named ``fc.weight``: ResNet-18's ``linear`` and LeNet3's
+    ``fc1``/``fc2`` stay dense); "all": every conv and linear layer. Minus the names in ``skip``."""
+    if prune_layers not in PRUNE_LAYERS:
+        raise ValueError(f"prune_layers must be one of {PRUNE_LAYERS}, got {prune_layers!r}")
+    names = {n for n, _ in model.named_modules()}
+    unknown = [n for n in skip if n not in names]
+    if unknown:
+        raise ValueError(f"skip names {unknown} are not modules of the model")
+    chosen = []
+    for name, module in model.named_modules():
+        if type(module) not in (nn.Conv2d, nn.Linear) or name in skip:
+            continue
+        if prune_layers == "all" or type(module) is nn.Conv2d or name.split(".")[-1] == "fc":
+            chosen.append(name)
+    if not chosen:
+        raise ValueError(f"prune_layers={prune_layers!r} selects no layer of this model (PwoA's rule prunes convs "
+                         f"and layers named 'fc'); pass prune_layers='all'")
+    return chosen
+
+
+def _prunable(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
+    modules = dict(model.named_modules())
+    return [modules[n] for n in names]
 
 
 class _ADMM:
     """Z, U and rho of the ADMM penalty for every prunable layer of ``model``."""
 
-    def __init__(self, model: nn.Module, sparsity: float, rho: float, growth: float, rho_max: float):
-        self.layers = _prunable(model)
+    def __init__(self, model: nn.Module, names: Sequence[str], sparsity: float, rho: float, growth: float,
+                 rho_max: float):
+        self.layers = _prunable(model, names)
         self.k = [kept_count(m.weight.numel(), sparsity) for m in self.layers]
         self.rho, self.growth, self.rho_max = rho, growth, rho_max
         self.u = [torch.zeros_like(m.weight) for m in self.layers]
@@ -70,6 +99,12 @@ class _ADMM:
 
     def penalty(self) -> torch.Tensor:
         return sum((m.weight - z + u).square().sum() for m, z, u in zip(self.layers, self.z, self.u)) * (self.rho / 2)
+
+    @torch.no_grad()
+    def reproject(self) -> None:
+        """Z = proj(W): what PwoA's code does at the start of every ADMM epoch (before the dual
+        update of the epochs that have one)."""
+        self.z = [self._project(m.weight.detach(), k) for m, k in zip(self.layers, self.k)]
 
     @torch.no_grad()
     def update(self) -> None:
@@ -96,8 +131,24 @@ class _ADMM:
             return float(num / sum(m.weight.square().sum() for m in self.layers))
 
 
+class _States:
+    """Several objects' states as one extra_state for fit() (the ADMM stage: ADMM and the coin)."""
+
+    def __init__(self, *parts):
+        self.parts = parts
+
+    def state_dict(self) -> dict:
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state.get("parts", ())) != len(self.parts):
+            raise ValueError("the run checkpoint's state is for another PwoA version")
+        for part, part_state in zip(self.parts, state["parts"]):
+            part.load_state_dict(part_state)
+
+
 class _Coin(random.Random):
-    """The retrain stage's batch-mixing coin, whose state goes into the run checkpoints."""
+    """The batch-mixing coin of both stages, whose state goes into the run checkpoints."""
 
     def state_dict(self) -> dict:
         version, internal, gauss = self.getstate()
@@ -112,13 +163,22 @@ def pwoa(student: nn.Module, teacher: nn.Module | None, train: TensorDataset, *,
          temperature: float = 30.0, alpha: float = 10.0, rho: float = 0.01, rho_growth: float = 1.35,
          rho_max: float = 1.0, admm_every: int = 3, lambda_x: float = 2e-5, lambda_y: float = 1e-4,
          sigma: float = 5.0, hsic_layers: Sequence[str] | None = None, num_classes: int | None = None,
-         mix_ratio: float = 0.0, mix_attack: Callable | None = None, run_dir: str | None = None,
+         mix_ratio: float = 0.0, mix_attack: Callable | None = None, prune_layers: str = "pwoa", skip=(),
+         admm_schedule: str = "cyclic", reproject_z: bool = True, run_dir: str | None = None,
          sparse_kernels: bool = False, **fit_options) -> nn.Module:
     """Prune ``student`` (in place; usually a copy of the robust ``teacher``) to ``sparsity`` per
-    layer with PwoA's three stages; returns it with frozen masks. Defaults follow the paper's CIFAR-10
-    settings. ``mix_attack``: the attack objective for mixed batches (default PGD, eps 8/255).
-    ``sparse_kernels``: the masked retrain runs on sparse layers with trainable values (see
-    fastprune.prune.finetune_phase)."""
+    layer with PwoA's three stages; returns it with frozen masks. Epochs, learning rates, temperature,
+    alpha, rho and the HSIC weights are the paper's CIFAR-10 settings; the schedule, the pruned
+    layers and Z's re-projection follow its code (docs/REPRODUCING.md). ``mix_attack``:
+    (images, labels) -> adversarial images for mixed batches (default PGD on the student: eps 8/255,
+    step 2/255, 10 steps, random start, as PwoA's scripts).
+    ``prune_layers``: "pwoa" (default: convs and layers named ``fc``, as PwoA's code) or "all"; ``skip``:
+    layer names left dense besides (see :func:`pruned_layer_names`). ``admm_schedule``: the ADMM
+    stage's learning rate, "cyclic" (PwoA's: admm_lr, /10, /100 over each ``admm_every``-epoch period)
+    or any other fit() schedule; the retrain stage takes ``schedule`` from ``fit_options`` (cosine by
+    default). ``reproject_z``: Z = proj(W) at the start of every ADMM epoch, as PwoA's code does
+    (False: Z changes only at the dual updates). ``sparse_kernels``: the masked retrain runs on sparse
+    layers with trainable values (see fastprune.prune.finetune_phase)."""
     if teacher is None:
         raise ValueError("teacher: PwoA distils from the pre-trained robust model; pass it")
     check_sparsity(sparsity)
@@ -136,36 +196,51 @@ def pwoa(student: nn.Module, teacher: nn.Module | None, train: TensorDataset, *,
             target = logits_of(teacher(x))
         return distillation_loss(logits_of(model(x)), target, temperature, alpha)
 
+    names = pruned_layer_names(student, prune_layers, skip)
+
+    # Batches replaced by adversarial examples of them with probability mix_ratio, in both stages.
+    attack = mix_attack or (PGD(student, eps=8 / 255, alpha=2 / 255, steps=10) if mix_ratio > 0 else None)
+    coin = _Coin(0)
+
+    def mixed(x, y):
+        if attack is not None and coin.random() < mix_ratio:
+            return attack(x, y)
+        return x
+
     # Stage 1: ADMM with distillation.
-    admm = _ADMM(student, sparsity, rho, rho_growth, rho_max)
+    admm = _ADMM(student, names, sparsity, rho, rho_growth, rho_max)
 
     def admm_objective(model, x, y):
-        return distill(model, x) + admm.penalty()
+        return distill(model, mixed(x, y)) + admm.penalty()
 
     def admm_epoch_end(epoch, row):
+        # PwoA's code, at the start of the next epoch: Z = proj(W), then on ADMM epochs the dual update.
         row["admm_distance"] = admm.distance()
+        if reproject_z:
+            admm.reproject()
         if (epoch + 1) % admm_every == 0:
             admm.update()
 
-    fit(student, train, objective=admm_objective, epochs=admm_epochs, lr=admm_lr,
-        run_dir=f"{run_dir}/admm" if run_dir else None, on_epoch_end=admm_epoch_end, extra_state=admm,
-        **fit_options)
+    # The best-robust-epoch choice (keep, val) applies to the retrain only, as in PwoA's code: the
+    # ADMM stage's epochs are not pruned models.
+    admm_options = {k: v for k, v in fit_options.items()
+                    if k not in ("keep", "val", "val_attack", "schedule", "milestones", "gamma", "cycle_epochs")}
+    fit(student, train, objective=admm_objective, epochs=admm_epochs, lr=admm_lr, schedule=admm_schedule,
+        cycle_epochs=admm_every, run_dir=f"{run_dir}/admm" if run_dir else None, on_epoch_end=admm_epoch_end,
+        extra_state=_States(admm, coin), **admm_options)
 
     # Stage 2: hard prune, the masks frozen from here on.
-    prune_model(student, sparsity, method="magnitude")
+    dense = [n for n, m in student.named_modules() if type(m) in (nn.Conv2d, nn.Linear) and n not in names]
+    prune_model(student, sparsity, method="magnitude", skip=dense)
     for layer in (m for m in student.modules() if isinstance(m, MASKED_TYPES)):
         layer.freeze_mask()
 
     # Stage 3: masked retrain, distillation + HSIC bottleneck; adversarial batches only if mixed in.
     bottleneck = HSICBottleneck(student, list(hsic_layers or block_outputs(student)), lambda_x=lambda_x,
                                 lambda_y=lambda_y, sigma=sigma, num_classes=num_classes)
-    mixer = mix_attack or (PGDTraining(8 / 255, 2 / 255, 10) if mix_ratio > 0 else None)
-    coin = _Coin(0)
 
     def retrain_objective(model, x, y):
-        if mixer is not None and coin.random() < mix_ratio:
-            bottleneck.taps.clear()
-            return mixer(model, x, y)
+        x = mixed(x, y)  # the HSIC terms then measure the adversarial batch, as PwoA's code does
         return distill(model, x) + bottleneck(x, y)
 
     try:

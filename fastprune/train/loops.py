@@ -1,5 +1,7 @@
-"""The training loop: SGD with momentum 0.9 and a cosine learning rate (as in HYDRA and PwoA), any
-objective, optional run directory with per-epoch atomic checkpoints, metrics and resume."""
+"""The training loop: SGD with momentum 0.9 and a cosine learning rate (as in HYDRA and PwoA's CIFAR
+runs) or Adam and step schedules (PwoA's MNIST runs), any objective, keeping the last epoch or the
+one with the best robust accuracy (both papers' scripts), an optional run directory with per-epoch
+atomic checkpoints, metrics and resume."""
 from __future__ import annotations
 
 import csv
@@ -15,7 +17,7 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from ..attacks.base import Attack
-from ..utils.checks import check_count, check_positive
+from ..utils.checks import check_count, check_positive, eval_mode
 from ..attacks.losses import logits_of
 from . import distributed as dist
 from ..utils.checks import check_images_labels
@@ -24,13 +26,36 @@ from .objectives import natural_loss
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "multistep", "cyclic", "constant")
+KEEP = ("last", "best_robust")
+
+
+def lr_factor(schedule: str, step: int, steps_per_epoch: int, total_steps: int, milestones=(), gamma: float = 0.1,
+              cycle_epochs: int = 3) -> float:
+    """The learning rate at optimiser step ``step`` as a fraction of the initial one.
+
+    cosine: 0.5 (1 + cos(pi step / total)), per step. multistep: ``gamma`` per epoch milestone
+    passed. cyclic: restarts every ``cycle_epochs`` epochs and falls tenfold every third of a cycle
+    (PwoA's ADMM stage: 0.01, 0.001, 0.0001 over each 3-epoch ADMM period). constant: 1.
+    """
+    epoch = step // steps_per_epoch
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    if schedule == "multistep":
+        return gamma ** sum(epoch >= m for m in milestones)
+    if schedule == "cyclic":
+        return 0.1 ** int((epoch % cycle_epochs) // (cycle_epochs / 3))
+    return 1.0
 
 
 def fit(model: nn.Module, train: TensorDataset, *, objective: Callable = natural_loss, epochs: int, lr: float = 0.1,
         batch_size: int = 128, weight_decay: float = 1e-4, params: Iterable[nn.Parameter] | None = None,
         run_dir: str | None = None, seed: int = 0, progress: bool = True,
         on_epoch_end: Callable[[int, dict], None] | None = None, augment: Callable | None = None,
-        amp: bool = False, channels_last: bool = False, extra_state=None, sync_bn: bool = True) -> list[dict]:
+        amp: bool = False, channels_last: bool = False, extra_state=None, sync_bn: bool = True,
+        optimizer: str = "sgd", schedule: str = "cosine", milestones: tuple[int, ...] = (), gamma: float = 0.1,
+        cycle_epochs: int = 3, keep: str | None = None, val=None, val_attack: Callable | None = None) -> list[dict]:
     """Train ``model`` on ``train`` (images (M, ...) in [0, 1], labels (M,), moved to the model's device).
 
     objective: (model, x, y) -> loss (see fastprune.train.objectives). params: what the optimiser
@@ -46,6 +71,16 @@ def fit(model: nn.Module, train: TensorDataset, *, objective: Callable = natural
     objective's own state, e.g. PwoA's ADMM variables), so a resumed run is exact. sync_bn: under
     torchrun, BatchNorm layers normalise with the statistics of the global batch (all ranks), so
     the run matches one process on the whole batch; off, each rank uses its own slice's.
+    optimizer: "sgd" (momentum 0.9) or "adam"; weight_decay applies to either. schedule: "cosine"
+    (per step, to zero), "multistep" (times ``gamma`` at each epoch in ``milestones``), "cyclic"
+    (lr, lr/10, lr/100 over each ``cycle_epochs`` epochs, repeating) or "constant" (see
+    :func:`lr_factor`).
+    keep: "last" epoch, or "best_robust" (the default when ``val`` is given, else "last"): after every
+    epoch the model is attacked on ``val``
+    ((images, labels) tensors) with ``val_attack(model) -> Attack`` (default PGD-10 at the
+    objective's eps, step eps/4), the accuracy goes into the metrics ("val_robust"), and the model
+    ends with the weights of the best epoch (the first of equals), as HYDRA's and PwoA's scripts
+    keep model_best; the best weights are in every checkpoint, so resuming keeps them.
     Under ``torchrun`` (a process group initialised; see fastprune.train.distributed) each rank
     trains on its share of every batch, gradients are averaged across ranks, and rank 0 writes the
     run directory; the result matches one process on the whole batch up to float rounding.
@@ -65,9 +100,28 @@ def fit(model: nn.Module, train: TensorDataset, *, objective: Callable = natural
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     if not params:
         raise ValueError("params: nothing to train (no parameter requires grad)")
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "multistep" and (not milestones or any(isinstance(m, bool) or not isinstance(m, int) or m < 1
+                                                          for m in milestones)):
+        raise ValueError(f"milestones must be epochs >= 1 for schedule='multistep', got {milestones!r}")
+    check_positive("gamma", gamma, allow_zero=False)
+    check_count("cycle_epochs", cycle_epochs)
+    val_check = _validation(keep, val, val_attack, objective, model, device)
+    opt = (torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay) if optimizer == "sgd" else
+           torch.optim.Adam(params, lr=lr, weight_decay=weight_decay))
+    optimizer = opt
     steps_per_epoch = -(-images.shape[0] // batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    total_steps = epochs * steps_per_epoch
+    if schedule == "cosine":  # PyTorch's own (its recursive form; the runs before the other schedules)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    else:
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step, name=schedule: lr_factor(name, step, steps_per_epoch, total_steps, milestones,
+                                                              gamma, cycle_epochs))
+    best = None  # (robust accuracy, epoch, state_dict on the CPU) with keep="best_robust"
     order_gen = torch.Generator().manual_seed(seed)  # batch order; the global RNG (attacks) is the caller's
     history, start_epoch = [], 0
     ckpt_path = os.path.join(run_dir, CHECKPOINT) if run_dir else None
@@ -86,6 +140,7 @@ def fit(model: nn.Module, train: TensorDataset, *, objective: Callable = natural
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         order_gen.set_state(state["order_rng"])
+        best = state.get("best")
         torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
@@ -130,6 +185,11 @@ def fit(model: nn.Module, train: TensorDataset, *, objective: Callable = natural
                 raise FloatingPointError(f"the training loss became {row['loss']} in epoch {epoch}: the run "
                                          f"diverged (the data were checked finite); lower lr (was {lr}) or the "
                                          f"loss weights")
+            if val_check is not None:
+                row["val_robust"] = val_check(trained)
+                if best is None or row["val_robust"] > best[0]:
+                    best = (row["val_robust"], epoch, {k: v.detach().to("cpu", copy=True)
+                                                       for k, v in model.state_dict().items()})
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             dist.broadcast_buffers(model)  # every rank holds rank 0's BatchNorm statistics from here
@@ -137,9 +197,46 @@ def fit(model: nn.Module, train: TensorDataset, *, objective: Callable = natural
                 on_epoch_end(epoch, row)
             if run_dir and dist.is_main():
                 extra = extra_state.state_dict() if extra_state is not None else None
-                _write_epoch(run_dir, model, optimizer, schedule, order_gen, history, epoch, device, extra)
+                _write_epoch(run_dir, model, optimizer, schedule, order_gen, history, epoch, device, extra, best)
             dist.barrier()  # no rank runs ahead of the checkpoint
+    if best is not None:
+        model.load_state_dict(best[2])
     return history
+
+
+def _validation(keep: str, val, val_attack, objective, model, device):
+    """keep="best_robust": a function trained_model -> robust accuracy on ``val``; else None."""
+    if keep is None:
+        keep = "best_robust" if val is not None else "last"
+    if keep not in KEEP:
+        raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
+    if keep == "last":
+        return None
+    if not (isinstance(val, (tuple, list)) and len(val) == 2 and all(isinstance(t, torch.Tensor) for t in val)):
+        raise ValueError("keep='best_robust' needs val=(images, labels) tensors: the robust accuracy decides")
+    images, labels = (t.to(device) for t in val)
+    check_images_labels(images, labels, model=model, what="val images")
+    if val_attack is None:
+        eps = getattr(objective, "eps", None)
+        if eps is None:
+            raise ValueError("keep='best_robust' with an objective that has no eps needs val_attack(model) -> attack")
+        from ..attacks.pgd import PGD
+
+        def val_attack(m):
+            return PGD(m, eps=eps, alpha=eps / 4, steps=10, seed=0)
+
+    def robust_accuracy(trained: nn.Module) -> float:
+        model_ = trained.module if hasattr(trained, "module") else trained
+        attack = val_attack(model_)
+        correct = 0
+        for start in range(0, images.shape[0], 256):
+            x, y = images[start:start + 256], labels[start:start + 256]
+            x_adv = attack(x, y)
+            with torch.no_grad(), eval_mode(model_):
+                correct += int((logits_of(model_(x_adv)).argmax(1) == y).sum())
+        return correct / images.shape[0]
+
+    return robust_accuracy
 
 
 def remove_stale_temporaries(run_dir: str) -> None:
@@ -154,7 +251,8 @@ def remove_stale_temporaries(run_dir: str) -> None:
                 pass
 
 
-def _write_epoch(run_dir, model, optimizer, schedule, order_gen, history, epoch, device, extra=None) -> None:
+def _write_epoch(run_dir, model, optimizer, schedule, order_gen, history, epoch, device, extra=None,
+                 best=None) -> None:
     os.makedirs(run_dir, exist_ok=True)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
              "order_rng": order_gen.get_state(), "torch_rng": torch.get_rng_state(),
@@ -162,6 +260,8 @@ def _write_epoch(run_dir, model, optimizer, schedule, order_gen, history, epoch,
              "history": history, "epoch": epoch}
     if extra is not None:
         state["extra"] = extra
+    if best is not None:
+        state["best"] = best
     atomic_save(state, os.path.join(run_dir, CHECKPOINT))
     with open(os.path.join(run_dir, METRICS), "w", newline="") as f:  # rewritten whole: stays consistent on resume
         writer = csv.DictWriter(f, fieldnames=list(history[0]))

@@ -39,13 +39,29 @@ class PGDTraining:
         return F.cross_entropy(logits_of(model(attack(x, y))), y)
 
 
+BN_FORWARDS = ("hydra", "once")
+
+
 class TRADES:
     """CE(f(x), y) + beta * KL(f(x_adv) || f(x)), x_adv maximising that KL within the Linf ball
-    (start x + 0.001 N(0, 1), ``steps`` sign steps of ``alpha``); beta 6 in HYDRA's configs."""
+    (start x + 0.001 N(0, 1), ``steps`` sign steps of ``alpha``); beta 6 in HYDRA's configs.
 
-    def __init__(self, eps: float, alpha: float, steps: int, beta: float = 6.0):
+    ``bn_forwards``: what BatchNorm's running statistics see. "hydra" (default): HYDRA's TRADES
+    trainer runs the model in train mode four times per batch (clean for its accuracy meter, clean
+    for the loss, adversarial, clean again inside the KL term), so the statistics weigh clean data
+    about 74%, and the eval-mode attack of the next batch sees those; here the two extra clean
+    passes run without autograd, only for the statistics, and only when the model has BatchNorm
+    (given x_adv, the loss is the same either way: in train mode BatchNorm's output does not depend
+    on its running statistics). "once": one clean and one adversarial pass (about 47% clean), the
+    minimum the loss needs.
+    """
+
+    def __init__(self, eps: float, alpha: float, steps: int, beta: float = 6.0, bn_forwards: str = "hydra"):
         self.eps, self.alpha = check_eps(eps), check_positive("alpha", alpha)
         self.steps, self.beta = check_count("steps", steps), check_positive("beta", beta)
+        if bn_forwards not in BN_FORWARDS:
+            raise ValueError(f"bn_forwards must be one of {BN_FORWARDS}, got {bn_forwards!r}")
+        self.bn_forwards = bn_forwards
 
     def adversarial(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -64,20 +80,32 @@ class TRADES:
         return x_adv
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        statistics_only = self.bn_forwards == "hydra" and model.training and _has_batchnorm(model)
+        if statistics_only:  # HYDRA's accuracy-meter pass, before the attack
+            with torch.no_grad():
+                model(x)
         x_adv = self.adversarial(model, x)
         logits = logits_of(model(x))
-        robust = F.kl_div(F.log_softmax(logits_of(model(x_adv)), dim=1), F.softmax(logits, dim=1),
-                          reduction="batchmean")
+        adv_logits = logits_of(model(x_adv))
+        if statistics_only:  # HYDRA's second clean pass inside the KL term
+            with torch.no_grad():
+                model(x)
+        robust = F.kl_div(F.log_softmax(adv_logits, dim=1), F.softmax(logits, dim=1), reduction="batchmean")
         return F.cross_entropy(logits, y) + self.beta * robust
 
 
-def make_objective(name: str, *, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
-                   beta: float = 6.0):
-    """"natural", "pgd" or "trades" as a callable (model, x, y) -> loss."""
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def make_objective(name: str, *, eps: float = 0.031, alpha: float = 0.0078, steps: int = 10,
+                   beta: float = 6.0, bn_forwards: str = "hydra"):
+    """"natural", "pgd" or "trades" as a callable (model, x, y) -> loss. The defaults are HYDRA's
+    CIFAR configs (eps 0.031, step 0.0078, 10 steps, beta 6); 8/255 and 2/255 differ by under 1.2%."""
     if name == "natural":
         return natural_loss
     if name == "pgd":
         return PGDTraining(eps, alpha, steps)
     if name == "trades":
-        return TRADES(eps, alpha, steps, beta)
+        return TRADES(eps, alpha, steps, beta, bn_forwards)
     raise ValueError(f"objective must be one of {OBJECTIVES}, got {name!r}")

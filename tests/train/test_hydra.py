@@ -34,6 +34,24 @@ def test_prune_phase_changes_only_scores_and_finetune_keeps_the_mask(digits, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["finetune", "prune"]
 
 
+def test_prune_phase_trains_batchnorm_unless_frozen(digits):
+    """HYDRA's scripts train BatchNorm's scale and shift with the scores; --freeze-bn keeps them.
+    Conv and linear weights and biases stay fixed either way."""
+    from torch import nn
+
+    for freeze_bn in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(8 * 64, 10))
+        prune_model(model, 0.5, method="scores")
+        before = {n: t.clone() for n, t in model.named_parameters()}
+        prune_phase(model, digits.train, objective=make_objective("natural"), epochs=1, lr=0.1, batch_size=256,
+                    freeze_bn=freeze_bn, progress=False)
+        changed = {n for n, t in model.named_parameters() if not torch.equal(t, before[n])}
+        expected = {"0.scores", "4.scores"} | (set() if freeze_bn else {"1.weight", "1.bias"})
+        assert changed == expected, (freeze_bn, changed)
+
+
 def test_hydra_and_lwm_end_to_end(digits):
     objective = make_objective("natural")
     for method in (hydra, lwm):

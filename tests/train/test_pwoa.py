@@ -7,7 +7,7 @@ import fastprune.ops.pgd as pgd_ops
 from fastprune.models import get_model
 from fastprune.nn import sparsity_report
 from fastprune.prune import block_outputs, pwoa
-from fastprune.prune.pwoa import _ADMM
+from fastprune.prune.pwoa import _ADMM, pruned_layer_names
 from fastprune.train import fit
 
 
@@ -30,7 +30,7 @@ def test_pwoa_computes_no_adversarial_example_and_prunes(digits, monkeypatch):
     monkeypatch.setattr(pgd_ops, "_run_backend", forbidden)
     pwoa(student, teacher, digits.train, sparsity=0.8, admm_epochs=3, retrain_epochs=2, admm_lr=0.01,
          retrain_lr=0.01, temperature=4.0, alpha=1.0, rho=0.1, admm_every=1, num_classes=10, batch_size=64,
-         progress=False)
+         progress=False, prune_layers="all")
     assert abs(sparsity_report(student)["sparsity"] - 0.8) < 0.01
     x, y = digits.test.tensors
     with torch.no_grad():
@@ -40,7 +40,7 @@ def test_pwoa_computes_no_adversarial_example_and_prunes(digits, monkeypatch):
 
 def test_admm_pulls_the_weights_towards_the_sparse_set(digits):
     model = teacher_model(digits)
-    admm = _ADMM(model, 0.9, rho=1.0, growth=1.35, rho_max=1.0)
+    admm = _ADMM(model, pruned_layer_names(model, "all"), 0.9, rho=1.0, growth=1.35, rho_max=1.0)
     before = admm.distance()
     for p in model.parameters():
         p.requires_grad_(True)
@@ -53,7 +53,11 @@ def test_admm_pulls_the_weights_towards_the_sparse_set(digits):
 
 
 def test_block_outputs_and_errors(digits):
-    assert block_outputs(get_model("resnet18"))[:2] == ["layer1.0", "layer1.1"]
+    # PwoA's models return the stem (ResNet) or conv1 (WRN), every block and the pooled feature
+    resnet = block_outputs(get_model("resnet18"))
+    assert resnet[:3] == ["stem_relu", "layer1.0", "layer1.1"] and resnet[-1] == "pool" and len(resnet) == 10
+    wrn = block_outputs(get_model("wrn-34-10"))
+    assert wrn[:2] == ["conv1", "block1.0"] and wrn[-1] == "pool" and len(wrn) == 17
     assert block_outputs(get_model("cnn-small", 10, 1)) == ["2", "4", "8"]
     with pytest.raises(ValueError, match="teacher"):
         pwoa(get_model("cnn-small", 10, 1), None, digits.train, sparsity=0.5)
@@ -61,6 +65,34 @@ def test_block_outputs_and_errors(digits):
         pwoa(get_model("cnn-small", 10, 1), get_model("cnn-small", 10, 1), digits.train, sparsity=1.2)
     with pytest.raises(ValueError, match="mix_ratio"):
         pwoa(get_model("cnn-small", 10, 1), get_model("cnn-small", 10, 1), digits.train, sparsity=0.5, mix_ratio=2)
+
+
+def test_pwoa_prunes_convs_and_fc_layers_as_its_code_does(digits):
+    """PwoA's code prunes 4-D conv weights and parameters named fc.weight: ResNet-18's `linear` and a
+    Sequential's unnamed linears stay dense unless prune_layers="all"."""
+    from torch import nn
+
+    resnet = pruned_layer_names(get_model("resnet18"))
+    assert "linear" not in resnet and "conv1" in resnet and "layer2.0.shortcut.0" in resnet and len(resnet) == 20
+    assert "linear" in pruned_layer_names(get_model("resnet18"), "all")
+    lenet3 = nn.Sequential()
+    lenet3.add_module("conv1", nn.Conv2d(1, 4, 5))
+    lenet3.add_module("fc1", nn.Linear(4, 8))
+    lenet3.add_module("fc", nn.Linear(8, 10))
+    assert pruned_layer_names(lenet3) == ["conv1", "fc"]
+    assert pruned_layer_names(lenet3, skip=("conv1",)) == ["fc"]
+    teacher = teacher_model(digits)
+    student = get_model("cnn-small", 10, 1)
+    student.load_state_dict(teacher.state_dict())
+    small = torch.utils.data.TensorDataset(*(t[:128] for t in digits.train.tensors))
+    pwoa(student, teacher, small, sparsity=0.9, admm_epochs=1, retrain_epochs=1, num_classes=10, batch_size=64,
+         progress=False)
+    layers = sparsity_report(student)["layers"]
+    assert {n for n, r in layers.items() if r["sparsity"] > 0.8} == {"1", "3"}  # the two convs only
+    with pytest.raises(ValueError, match="prune_layers"):
+        pruned_layer_names(student, "some")
+    with pytest.raises(ValueError, match="skip"):
+        pruned_layer_names(get_model("resnet18"), skip=("nope",))
 
 
 def test_mix_ratio_mixes_in_pgd_batches(digits, monkeypatch):
@@ -73,7 +105,7 @@ def test_mix_ratio_mixes_in_pgd_batches(digits, monkeypatch):
     small = torch.utils.data.TensorDataset(*(t[:128] for t in digits.train.tensors))
     pwoa(student, teacher, small, sparsity=0.5, admm_epochs=1, retrain_epochs=1, mix_ratio=1.0, num_classes=10,
          batch_size=64, progress=False)
-    assert len(calls) == 2, "with mix_ratio=1 every retrain batch is adversarial"
+    assert len(calls) == 4, "with mix_ratio=1 every batch of both stages (2 + 2 here) is adversarial"
 
 
 def test_distillation_loss_matches_the_papers_elementwise_mean():
@@ -89,3 +121,50 @@ def test_distillation_loss_matches_the_papers_elementwise_mean():
         warnings.simplefilter("ignore")
         paper = F.kl_div(F.log_softmax(student / 30, 1), F.softmax(teacher / 30, 1), reduction="mean") * 10 * 30 ** 2
     assert distillation_loss(student, teacher, 30.0, 10.0).item() == pytest.approx(paper.item(), rel=1e-12)
+
+
+def test_admm_reprojects_z_each_epoch_and_updates_the_dual_on_schedule(digits, monkeypatch):
+    """PwoA's code at the start of every ADMM epoch: Z = proj(W); on update epochs then Z = proj(W + U),
+    U += W - Z. The ADMM stage's learning rate is cyclic over each admm_every-epoch period."""
+    import importlib
+
+    pwoa_module = importlib.import_module("fastprune.prune.pwoa")  # the package re-exports the function
+
+    events = []
+    real_reproject, real_update = pwoa_module._ADMM.reproject, pwoa_module._ADMM.update
+    monkeypatch.setattr(pwoa_module._ADMM, "reproject", lambda self: events.append("z") or real_reproject(self))
+    monkeypatch.setattr(pwoa_module._ADMM, "update", lambda self: events.append("u") or real_update(self))
+    lrs = []
+    real_fit = pwoa_module.fit
+
+    def fit_spy(model, train, **kwargs):
+        if kwargs.get("run_dir") is None and kwargs.get("extra_state") is not None and "on_epoch_end" in kwargs:
+            user_end = kwargs["on_epoch_end"]
+            kwargs["on_epoch_end"] = lambda epoch, row: lrs.append(row["lr"]) or user_end(epoch, row)
+        return real_fit(model, train, **kwargs)
+
+    monkeypatch.setattr(pwoa_module, "fit", fit_spy)
+    teacher = teacher_model(digits)
+    student = get_model("cnn-small", 10, 1)
+    student.load_state_dict(teacher.state_dict())
+    small = torch.utils.data.TensorDataset(*(t[:64] for t in digits.train.tensors))
+    pwoa(student, teacher, small, sparsity=0.5, admm_epochs=6, retrain_epochs=1, admm_every=3, num_classes=10,
+         batch_size=64, progress=False, prune_layers="all")
+    assert events == ["z", "z", "z", "u", "z", "z", "z", "u"]
+    # one step per epoch here: the rate after each epoch's step is the next epoch's (restart every 3)
+    assert lrs == pytest.approx([0.001, 0.0001, 0.01, 0.001, 0.0001, 0.01])
+
+    model = teacher_model(digits)
+    admm = _ADMM(model, pruned_layer_names(model, "all"), 0.5, rho=1.0, growth=1.35, rho_max=1.0)
+    with torch.no_grad():
+        for m in admm.layers:
+            m.weight.mul_(-2)
+    admm.u = [torch.full_like(u, 0.01) for u in admm.u]
+    admm.reproject()
+    for m, z, k in zip(admm.layers, admm.z, admm.k):
+        assert torch.equal(z, _ADMM._project(m.weight.detach(), k))
+    u_before = [u.clone() for u in admm.u]
+    admm.update()
+    for m, z, u, u0, k in zip(admm.layers, admm.z, admm.u, u_before, admm.k):
+        assert torch.equal(z, _ADMM._project(m.weight.detach() + u0, k))
+        torch.testing.assert_close(u, u0 + m.weight.detach() - z)

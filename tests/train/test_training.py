@@ -142,3 +142,34 @@ def test_a_diverged_run_stops_with_a_clear_error_and_keeps_the_last_checkpoint(t
             progress=False)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.parametrize("bn_forwards", ["hydra", "once"])
+def test_trades_batchnorm_statistics_follow_the_chosen_passes(bn_forwards):
+    """HYDRA's trainer runs clean (its accuracy meter), then the attack in eval mode, then clean,
+    adversarial and clean again in train mode; "once" runs the attack, clean and adversarial. The
+    running statistics (which the eval-mode attack sees) follow exactly those passes."""
+    import copy
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 10))
+    expected = copy.deepcopy(model).train()
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    trades = TRADES(0.1, 0.025, 3, bn_forwards=bn_forwards)
+    model.train()
+    torch.manual_seed(1)
+    trades(model, x, y)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        if bn_forwards == "hydra":
+            expected(x)
+        x_adv = trades.adversarial(expected, x)
+        for batch in ((x, x_adv, x) if bn_forwards == "hydra" else (x, x_adv)):
+            expected(batch)
+    assert int(model[1].num_batches_tracked) == (4 if bn_forwards == "hydra" else 2)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(model[1], name), getattr(expected[1], name), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="bn_forwards"):
+        TRADES(0.1, 0.025, 3, bn_forwards="twice")
