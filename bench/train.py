@@ -42,7 +42,7 @@ from fastprune.models import get_model  # noqa: E402
 from fastprune.nn import HSICBottleneck, prune_model  # noqa: E402
 from fastprune.nn.hsic import FeatureTaps  # noqa: E402
 from fastprune.prune import block_outputs, distillation_loss  # noqa: E402
-from fastprune.prune.pwoa import _ADMM  # noqa: E402
+from fastprune.prune.pwoa import _ADMM, pruned_layer_names  # noqa: E402
 from fastprune.train import TRADES, fit  # noqa: E402
 
 EPS, ALPHA, STEPS, BETA = 8 / 255, 2 / 255, 10, 6.0
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     paper_student = copy.deepcopy(student)
     paper_student_layers = block_outputs(paper_student)
     admm_student = copy.deepcopy(teacher).train()
-    admm = _ADMM(admm_student, SPARSITY, 0.01, 1.35, 1.0)
+    admm = _ADMM(admm_student, pruned_layer_names(admm_student, "all"), SPARSITY, 0.01, 1.35, 1.0)
 
     def admm_objective(model, x, y):
         with torch.no_grad():

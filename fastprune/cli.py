@@ -107,16 +107,35 @@ def _demo(args) -> int:
     return 0
 
 
-def _load_any(path: str, device):
-    """A checkpoint of save_model (dense or masked), or a sparse model of save_sparse."""
-    from fastprune.nn import load_sparse
+def _load_checkpoint(path: str, device, arch: str | None, data):
+    """(model, {"model", "num_classes", "in_channels"}): a checkpoint of save_model, or with --model
+    ARCH a plain state_dict in the papers' or RobustBench's format (fastprune.models.load_pretrained)."""
+    from fastprune.models import available_models, load_pretrained
     from fastprune.train import load_model
+    from fastprune.train.checkpoint import safe_load
+
+    obj = safe_load(path, "checkpoint")  # tensors and plain data only: no file runs code here
+    if isinstance(obj, dict) and {"model", "num_classes", "in_channels", "state_dict"} <= set(obj):
+        return load_model(path, device)
+    if isinstance(obj, dict) and obj.get("format") == "fastprune-sparse":
+        return load_model(path, device)  # refused there with its own message
+    if arch is None:
+        raise ValueError(f"{path!r} is not a fastprune checkpoint; for a plain state_dict (the papers' or "
+                         f"RobustBench's format) name its architecture with --model (one of {available_models()})")
+    model = load_pretrained(arch, path, data.num_classes, data.in_channels, map_location="cpu").to(device)
+    return model, {"model": arch, "num_classes": data.num_classes, "in_channels": data.in_channels}
+
+
+def _load_any(path: str, device, arch: str | None = None, data=None):
+    """A checkpoint of save_model (dense or masked), a sparse model of save_sparse, or with --model a
+    plain state_dict (see _load_checkpoint)."""
+    from fastprune.nn import load_sparse
     from fastprune.train.checkpoint import safe_load
 
     obj = safe_load(path, "checkpoint")  # tensors and plain data only: no file runs code here
     if isinstance(obj, dict) and obj.get("format") == "fastprune-sparse":
         return load_sparse(path, map_location=device).eval()
-    return load_model(path, device)[0]
+    return _load_checkpoint(path, device, arch, data)[0]
 
 
 def _training_device(args) -> torch.device:
@@ -300,7 +319,6 @@ def _prune(args) -> int:
     from fastprune.nn import check_sparsity
     from fastprune.attacks import PGD
     from fastprune.prune import hydra, lwm, pwoa
-    from fastprune.train import load_model
 
     check_sparsity(args.sparsity)
     if args.method == "pwoa" and not args.teacher:
@@ -308,8 +326,8 @@ def _prune(args) -> int:
     started = time.perf_counter()
     device = _training_device(args)
     torch.manual_seed(args.seed)  # attacks' random starts, HSIC's and ADMM's draws: the same every run
-    model, ckpt = load_model(args.checkpoint, device)
     data = get_dataset(args.data, root=args.root)
+    model, ckpt = _load_checkpoint(args.checkpoint, device, args.model, data)
     _check_model_fits(model, data, ckpt["model"], args.data)
     out = _run_dir(args, f"prune-{args.method}")
     common = dict(run_dir=out, sparse_kernels=args.sparse_kernels, **_fit_options(args, data))
@@ -321,7 +339,7 @@ def _prune(args) -> int:
         lwm(model, data.train, sparsity=args.sparsity, objective=_objective(args),
             finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, **common)
     else:
-        teacher, _ = load_model(args.teacher, device)
+        teacher, _ = _load_checkpoint(args.teacher, device, args.model, data)
         pwoa(model, teacher, data.train, sparsity=args.sparsity, admm_epochs=args.admm_epochs,
              retrain_epochs=args.retrain_epochs, admm_lr=args.admm_lr, retrain_lr=args.retrain_lr, temperature=args.temperature, alpha=args.kd_alpha,
              lambda_x=args.lambda_x, lambda_y=args.lambda_y, num_classes=data.num_classes,
@@ -336,13 +354,12 @@ def _prune(args) -> int:
 def _finetune(args) -> int:
     from fastprune.data import get_dataset
     from fastprune.prune import finetune_phase
-    from fastprune.train import load_model
 
     started = time.perf_counter()
     device = _training_device(args)
     torch.manual_seed(args.seed)
-    model, ckpt = load_model(args.checkpoint, device)
     data = get_dataset(args.data, root=args.root)
+    model, ckpt = _load_checkpoint(args.checkpoint, device, args.model, data)
     _check_model_fits(model, data, ckpt["model"], args.data)
     out = _run_dir(args, "finetune")
     finetune_phase(model, data.train, objective=_objective(args), epochs=args.epochs, lr=args.lr, run_dir=out,
@@ -354,15 +371,15 @@ def _finetune(args) -> int:
 def _export(args) -> int:
     from fastprune.data import get_dataset
     from fastprune.nn import save_sparse, sparsify
-    from fastprune.train import load_model
 
     if not args.out:
         raise ValueError("export needs --out FILE: where to write the sparse model")
     if os.path.isdir(args.out):
         raise ValueError(f"--out {args.out!r} is a folder; give a file name (e.g. model.sparse.pt)")
     device = _device(args.device)
-    model, _ = load_model(args.checkpoint, device)
-    example = get_dataset(args.data, root=args.root).test.tensors[0][: args.batch_size].to(device)
+    data = get_dataset(args.data, root=args.root)
+    model, _ = _load_checkpoint(args.checkpoint, device, args.model, data)
+    example = data.test.tensors[0][: args.batch_size].to(device)
     print("timing dense and sparse layers for batch sizes 1 to 256 (a minute or more on a CPU)", flush=True)
     sparse = sparsify(model, example)
     save_sparse(sparse, args.out)
@@ -375,8 +392,8 @@ def _eval(args) -> int:
     from fastprune.data import get_dataset
 
     device = _device(args.device)
-    model = _load_any(args.checkpoint, device)
     data = get_dataset(args.data, root=args.root)
+    model = _load_any(args.checkpoint, device, args.model, data)
     settings = {}
     for name in args.attacks:
         if name.lower() in ("autoattack", "autoattack-plus"):
@@ -431,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Accuracy clean, under each attack (AutoAttack standard by default, reported "
                                     "after each of its components), and the worst case per image.")
     ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--model", default=None,
+                    help="the zoo architecture of a plain state_dict --checkpoint (the papers' or RobustBench's "
+                         "format, loaded by fastprune.models.load_pretrained)")
     ev.add_argument("--data", default="digits")
     ev.add_argument("--root", default=None, help="folder of the data set's files")
     ev.add_argument("--attacks", nargs="+", default=["clean", "autoattack"],
@@ -497,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prune", help="prune a checkpoint with HYDRA, LWM or PwoA")
     pr.add_argument("--method", choices=("hydra", "lwm", "pwoa"), required=True)
     pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("--model", default=None,
+                    help="the zoo architecture of a plain state_dict --checkpoint (the papers' or RobustBench's "
+                         "format, loaded by fastprune.models.load_pretrained)")
     pr.add_argument("--sparsity", type=float, required=True)
     pr.add_argument("--teacher", default=None, help="PwoA: the robust model to distil from")
     pr.add_argument("--prune-epochs", type=int, default=20)
@@ -532,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ft = sub.add_parser("finetune", help="robust finetune of a pruned checkpoint, masks fixed")
     ft.add_argument("--checkpoint", required=True)
+    ft.add_argument("--model", default=None,
+                    help="the zoo architecture of a plain state_dict --checkpoint (the papers' or RobustBench's "
+                         "format, loaded by fastprune.models.load_pretrained)")
     ft.add_argument("--epochs", type=int, default=100)
     ft.add_argument("--lr", type=float, default=0.01)
     ft.add_argument("--sparse-kernels", action="store_true",
@@ -542,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write the sparse inference model of a pruned checkpoint")
     ex.add_argument("--checkpoint", required=True)
+    ex.add_argument("--model", default=None,
+                    help="the zoo architecture of a plain state_dict --checkpoint (the papers' or RobustBench's "
+                         "format, loaded by fastprune.models.load_pretrained)")
     common(ex, objective=False)
     ex.set_defaults(func=_export)
 

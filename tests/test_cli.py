@@ -86,13 +86,45 @@ def test_bad_configs_are_reported(tmp_path, capsys):
 
 def test_training_options_reach_fit():
     from fastprune.cli import _fit_options, build_parser
+    from fastprune.data import get_dataset
     from fastprune.data.augment import random_crop_flip
 
     parser = build_parser()
-    cifar = _fit_options(parser.parse_args(["train", "--data", "cifar10", "--amp", "--channels-last"]))
+    data = get_dataset("digits")
+    cifar = _fit_options(parser.parse_args(["train", "--data", "cifar10", "--amp", "--channels-last"]), data)
     assert cifar["augment"] is random_crop_flip and cifar["amp"] and cifar["channels_last"]
-    digits = _fit_options(parser.parse_args(["train", "--data", "digits"]))
+    digits = _fit_options(parser.parse_args(["train", "--data", "digits"]), data)
     assert digits["augment"] is None and not digits["amp"]
     forced = _fit_options(parser.parse_args(["prune", "--method", "lwm", "--checkpoint", "x", "--sparsity", "0.9",
-                                             "--augment", "crop-flip"]))
+                                             "--augment", "crop-flip"]), data)
     assert forced["augment"] is random_crop_flip
+    # the papers' scripts keep the best robust epoch: the test split decides, by default
+    assert digits["keep"] == "best_robust" and digits["val"][0] is data.test.tensors[0]
+    last = _fit_options(parser.parse_args(["train", "--keep", "last", "--optimizer", "adam", "--schedule",
+                                           "multistep", "--milestones", "75", "90"]), data)
+    assert last["keep"] == "last" and "val" not in last
+    assert (last["optimizer"], last["schedule"], last["milestones"]) == ("adam", "multistep", (75, 90))
+
+
+def test_plain_state_dicts_need_and_take_model(tmp_path, capsys):
+    """A plain state_dict (the papers', RobustBench's, or a model's own) loads with --model ARCH; without
+    it the command says so in one line."""
+    import json
+
+    from fastprune.data import get_dataset
+    from fastprune.models import get_model
+
+    torch.manual_seed(0)
+    model = get_model("cnn-small", 10, 1).eval()
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "plain.pt")
+    assert main(["eval", "--checkpoint", str(tmp_path / "plain.pt"), "--attacks", "clean", "--quiet"]) == 2
+    assert "--model" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "plain.pt"), "--model", "cnn-small", "--attacks", "clean",
+                 "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    x, y = get_dataset("digits").test.tensors
+    with torch.no_grad():
+        assert result["clean"] * result["n"] == pytest.approx(int((model(x).argmax(1) == y).sum()))
+    assert main(["eval", "--checkpoint", str(tmp_path / "plain.pt"), "--model", "lenet3", "--attacks", "clean",
+                 "--quiet"]) == 2
+    assert "does not fit --model lenet3" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .common import Normalize
 from .resnet import resnet18
 from .small import LeNet3, cnn_small, lenet
 from .vgg import vgg16
@@ -26,15 +27,24 @@ def available_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def get_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+def get_model(name: str, num_classes: int = 10, in_channels: int = 3, normalize: str | None = "default") -> nn.Module:
     """A fresh model by name: ``available_models()`` lists them. The model remembers how it was
     built (``model.fastprune_recipe``), so that files holding only its tensors (save_sparse) can
-    rebuild it without unpickling code."""
+    rebuild it without unpickling code. ``normalize=None``: the model takes raw [0, 1] inputs, as the
+    papers' and RobustBench's models do (its normalisation becomes the identity; the mean and std
+    are buffers of the state_dict, so a saved model keeps this)."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; available: {available_models()}")
     if num_classes < 2 or in_channels < 1:
         raise ValueError(f"num_classes must be >= 2 and in_channels >= 1, got {num_classes}, {in_channels}")
+    if normalize not in ("default", None):
+        raise ValueError(f"normalize must be 'default' or None (raw [0, 1] inputs), got {normalize!r}")
     model = _MODELS[name](num_classes=num_classes, in_channels=in_channels)
+    if normalize is None:
+        for module in model.modules():
+            if isinstance(module, Normalize):
+                module.mean.zero_()
+                module.std.fill_(1.0)
     model.fastprune_recipe = recipe(name, num_classes, in_channels)
     return model
 
@@ -53,3 +63,6 @@ def from_recipe(spec) -> nn.Module:
 
 __all__ = ["WideResNet", "available_models", "from_recipe", "get_model", "cnn_small", "lenet", "recipe", "resnet18",
            "vgg16"]
+
+
+from .pretrained import load_pretrained  # noqa: E402 - needs get_model above

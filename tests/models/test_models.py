@@ -49,3 +49,19 @@ def test_lenet3_is_pwoas():
     assert block_outputs(model) == ["relu1", "relu2", "relu3"]
     with pytest.raises(ValueError, match="28, 28"):
         model(torch.rand(2, 1, 8, 8))
+
+
+def test_raw_input_models():
+    """normalize=None: the model takes raw [0, 1] inputs (its Normalize is the identity)."""
+    torch.manual_seed(0)
+    plain = get_model("resnet18", normalize=None).eval()
+    x = torch.rand(2, 3, 32, 32)
+    norm = next(m for m in plain.modules() if isinstance(m, Normalize))
+    assert torch.equal(norm(x), x)
+    default = get_model("resnet18").eval()
+    default.load_state_dict({k: v for k, v in plain.state_dict().items() if not k.startswith("normalize.")},
+                            strict=False)
+    with torch.no_grad():
+        assert not torch.allclose(default(x), plain(x))
+    with pytest.raises(ValueError, match="normalize"):
+        get_model("resnet18", normalize="imagenet")

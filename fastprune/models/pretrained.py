@@ -1,0 +1,98 @@
+"""The papers' and RobustBench's public checkpoints in the zoo's architectures.
+
+Those checkpoints are plain state_dicts (often inside {"state_dict": ...} or {"model": ...}, with
+DataParallel's "module." prefixes) of models that take raw [0, 1] images and name their layers their
+own way. :func:`load_pretrained` reads one with ``weights_only=True`` (tensors and plain data only),
+maps the names onto the zoo's model, and sets the model's input normalisation to what the file's
+model does: none (raw inputs), or the file's own mean and std where it has them (RobustBench's
+``mu``/``sigma``).
+
+Name maps (checked on state_dicts built from the original layer names, tests/models/test_pretrained.py):
+- TRADES-style WideResNets (TRADES' and LBGAT's WRN-34-10 that PwoA distils from, RobustBench's
+  WRN-28-10/34-10): ``block{k}.layer.{i}.*`` -> ``block{k}.{i}.*``, ``convShortcut`` -> ``shortcut``,
+  the last ``bn1``/``fc`` -> ``bn``/``linear``; their unused ``sub_block1`` is dropped.
+- PwoA's (HBaR's) ResNet-18 and LeNet3: the zoo's ``resnet18`` and ``lenet3`` use the same names.
+- fastprune's own state_dicts load as they are.
+HYDRA's score checkpoints (``popup_scores``) are refused: their masks depend on a per-layer ratio
+the file does not hold.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from ..utils.io import safe_load
+from . import get_model
+
+_WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "state")
+
+
+def _unwrap(obj, path: str) -> dict[str, torch.Tensor]:
+    """The state_dict inside a checkpoint object, "module." prefixes removed."""
+    for _ in range(3):  # {"state_dict": {...}} or {"model": {"state_dict": ...}}
+        if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
+            if inner is None:
+                break
+            obj = inner
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path!r} holds no state_dict (a dict of tensors, possibly under one of {_WRAPPERS})")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def _map_wide_resnet(key: str) -> str | None:
+    """A TRADES-style WideResNet name -> the zoo's (None: a tensor the zoo's model does not have)."""
+    if key.startswith("sub_block1."):
+        return None
+    key = re.sub(r"^(block\d)\.layer\.(\d+)\.", r"\1.\2.", key)
+    key = key.replace(".convShortcut.", ".shortcut.")
+    key = re.sub(r"^bn1\.", "bn.", key)
+    return re.sub(r"^fc\.", "linear.", key)
+
+
+def map_keys(arch: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of ``state`` under the zoo model ``arch``'s names (see the module docstring)."""
+    if any(k.endswith("popup_scores") for k in state):
+        raise ValueError("this is a HYDRA score checkpoint (popup_scores): its masks need the pruning ratio the "
+                         "file does not hold; load HYDRA's dense pretrained model or a fastprune checkpoint")
+    mapped = {}
+    for key, value in state.items():
+        if key in ("mu", "sigma"):  # RobustBench's models that normalise inside
+            mapped["normalize.mean" if key == "mu" else "normalize.std"] = value
+            continue
+        # (the map leaves fastprune's own WRN names unchanged: they never match it)
+        new = _map_wide_resnet(key) if arch.startswith("wrn-") else key
+        if new is not None:
+            mapped[new] = value
+    return mapped
+
+
+def load_pretrained(arch: str, path: str, num_classes: int = 10, in_channels: int = 3,
+                    map_location="cpu") -> nn.Module:
+    """The zoo model ``arch`` with the weights of the state_dict in ``path`` (the papers' or
+    RobustBench's format, or fastprune's), in eval mode. Inputs stay [0, 1] images: the model
+    normalises as the file's model did (not at all, for the papers' and most RobustBench models).
+    A file whose tensors do not fit ``arch`` raises ValueError naming the keys that differ."""
+    state = _unwrap(safe_load(path, "pretrained checkpoint", map_location=map_location), path)
+    mapped = map_keys(arch, state)
+    raw_inputs = not any(k.startswith("normalize.") for k in mapped)
+    # The file's model took raw [0, 1] inputs (no mu/sigma): the zoo model's normalisation is the identity.
+    model = get_model(arch, num_classes, in_channels, normalize=None if raw_inputs else "default")
+    expected = model.state_dict()
+    if raw_inputs:
+        mapped.update({k: v for k, v in expected.items() if k.startswith("normalize.")})
+    missing = sorted(set(expected) - set(mapped))
+    unexpected = sorted(set(mapped) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path!r} does not fit --model {arch}: missing {missing[:6]}"
+                         f"{' ...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
+                         f"{' ...' if len(unexpected) > 6 else ''}")
+    wrong = [f"{k} {tuple(mapped[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if tuple(mapped[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise ValueError(f"{path!r} does not fit --model {arch} (num_classes={num_classes}, "
+                         f"in_channels={in_channels}): shapes differ for {wrong[:4]}")
+    model.load_state_dict({k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in mapped.items()})
+    return model.eval()

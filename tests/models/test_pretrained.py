@@ -1,0 +1,148 @@
+"""Public checkpoints in the papers' formats: state_dicts built from the papers' own layer names and
+forward passes (TRADES/LBGAT/RobustBench WideResNet, PwoA's ResNet-18 and LeNet3), loaded into the
+zoo's models, must compute the same logits on raw [0, 1] inputs."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastprune.models import get_model, load_pretrained
+
+
+class TradesBlock(nn.Module):
+    """TRADES' WideResNet BasicBlock, with its names and its forward."""
+
+    def __init__(self, in_planes, out_planes, stride):
+        super().__init__()
+        self.bn1, self.relu1 = nn.BatchNorm2d(in_planes), nn.ReLU()
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
+        self.bn2, self.relu2 = nn.BatchNorm2d(out_planes), nn.ReLU()
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
+        self.equal = in_planes == out_planes
+        self.convShortcut = None if self.equal else nn.Conv2d(in_planes, out_planes, 1, stride, 0, bias=False)
+
+    def forward(self, x):
+        if not self.equal:
+            x = self.relu1(self.bn1(x))
+            out = x
+        else:
+            out = self.relu1(self.bn1(x))
+        out = self.conv2(self.relu2(self.bn2(self.conv1(out))))
+        return (x if self.equal else self.convShortcut(x)) + out
+
+
+class TradesNetworkBlock(nn.Module):
+    def __init__(self, n, in_planes, out_planes, stride):
+        super().__init__()
+        self.layer = nn.Sequential(*[TradesBlock(in_planes if i == 0 else out_planes, out_planes,
+                                                 stride if i == 0 else 1) for i in range(n)])
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class TradesWideResNet(nn.Module):
+    """TRADES' WideResNet (raw [0, 1] inputs), including its unused sub_block1."""
+
+    def __init__(self, depth=28, widen=4, num_classes=10):
+        super().__init__()
+        n, c = (depth - 4) // 6, [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(3, c[0], 3, 1, 1, bias=False)
+        self.block1 = TradesNetworkBlock(n, c[0], c[1], 1)
+        self.sub_block1 = TradesNetworkBlock(n, c[0], c[1], 1)
+        self.block2 = TradesNetworkBlock(n, c[1], c[2], 2)
+        self.block3 = TradesNetworkBlock(n, c[2], c[3], 2)
+        self.bn1, self.relu = nn.BatchNorm2d(c[3]), nn.ReLU()
+        self.fc = nn.Linear(c[3], num_classes)
+
+    def forward(self, x):
+        out = self.block3(self.block2(self.block1(self.conv1(x))))
+        out = F.avg_pool2d(self.relu(self.bn1(out)), 8)
+        return self.fc(out.flatten(1))
+
+
+def randomise_batchnorm(model):
+    """Non-trivial running statistics and affine parameters, so a wrong mapping shows."""
+    gen = torch.Generator().manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    return model.eval()
+
+
+def test_trades_wide_resnet_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    theirs = randomise_batchnorm(TradesWideResNet(28, 4))
+    path = tmp_path / "trades.pt"
+    # DataParallel prefixes inside {"state_dict": ...}, as such files are distributed
+    torch.save({"state_dict": {f"module.{k}": v for k, v in theirs.state_dict().items()}, "epoch": 76}, path)
+    ours = load_pretrained("wrn-28-4", str(path))
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
+    # RobustBench models that normalise inside carry mu and sigma: the zoo model then normalises alike
+    mu, sigma = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1), torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    torch.save({**theirs.state_dict(), "mu": mu, "sigma": sigma}, path)
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained("wrn-28-4", str(path))(x), theirs((x - mu) / sigma),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def pwoa_resnet18_forward(model, x):
+    """PwoA's (HBaR's) ResNet-18 forward with its names: raw inputs, average pool 4."""
+    out = F.relu(model.bn1(model.conv1(x)))
+    for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in stage:
+            y = F.relu(block.bn1(block.conv1(out)))
+            y = block.bn2(block.conv2(y))
+            out = F.relu(y + block.shortcut(out))
+    return model.linear(F.avg_pool2d(out, 4).flatten(1))
+
+
+def test_pwoa_resnet18_and_lenet3_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    theirs = randomise_batchnorm(get_model("resnet18"))
+    state = {k: v for k, v in theirs.state_dict().items() if not k.startswith("normalize.")}  # PwoA has none
+    torch.save(state, tmp_path / "hbar.pt")
+    ours = load_pretrained("resnet18", str(tmp_path / "hbar.pt"))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), pwoa_resnet18_forward(theirs, x), rtol=1e-4, atol=1e-4)
+
+    lenet = get_model("lenet3", 10, 1)
+    torch.save({"model": lenet.state_dict()}, tmp_path / "lenet3.pt")
+    loaded = load_pretrained("lenet3", str(tmp_path / "lenet3.pt"), in_channels=1)
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        h = F.max_pool2d(F.relu(lenet.conv1(x)), 2, 2)
+        h = F.max_pool2d(F.relu(lenet.conv2(h)), 2, 2)
+        reference = F.log_softmax(lenet.fc2(F.relu(lenet.fc1(h.flatten(1)))), dim=1)  # PwoA's output
+        torch.testing.assert_close(F.log_softmax(loaded(x), dim=1), reference)
+
+
+def test_fastprune_state_dicts_load_as_they_are(tmp_path):
+    torch.manual_seed(0)
+    model = randomise_batchnorm(get_model("wrn-28-4"))
+    torch.save(model.state_dict(), tmp_path / "own.pt")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained("wrn-28-4", str(tmp_path / "own.pt"))(x), model(x))
+
+
+def test_mismatches_are_named(tmp_path):
+    torch.save(TradesWideResNet(28, 4).state_dict(), tmp_path / "wrn.pt")
+    with pytest.raises(ValueError, match="does not fit --model resnet18: missing"):
+        load_pretrained("resnet18", str(tmp_path / "wrn.pt"))
+    with pytest.raises(ValueError, match="shapes differ for .*linear.weight"):
+        load_pretrained("wrn-28-4", str(tmp_path / "wrn.pt"), num_classes=100)
+    torch.save({"features.0.weight": torch.zeros(2), "features.0.popup_scores": torch.zeros(2)}, tmp_path / "h.pt")
+    with pytest.raises(ValueError, match="HYDRA score checkpoint"):
+        load_pretrained("vgg16", str(tmp_path / "h.pt"))
+    torch.save({"epoch": 3, "acc": 0.5}, tmp_path / "meta.pt")
+    with pytest.raises(ValueError, match="holds no state_dict"):
+        load_pretrained("vgg16", str(tmp_path / "meta.pt"))
+    with pytest.raises(FileNotFoundError):
+        load_pretrained("vgg16", str(tmp_path / "absent.pt"))
