@@ -107,10 +107,12 @@ def _demo(args) -> int:
     return 0
 
 
-def _load_checkpoint(path: str, device, arch: str | None, data):
+def _load_checkpoint(path: str, device, arch: str | None, data, sparsity: float | None = None):
     """(model, {"model", "num_classes", "in_channels"}): a checkpoint of save_model, or with --model
-    ARCH a plain state_dict in the papers' or RobustBench's format (fastprune.models.load_pretrained)."""
+    ARCH a plain state_dict in the papers' or RobustBench's format (fastprune.models.load_pretrained;
+    a HYDRA score checkpoint needs ``sparsity`` and comes back with fixed-mask layers)."""
     from fastprune.models import available_models, load_pretrained
+    from fastprune.nn import apply_masks
     from fastprune.train import load_model
     from fastprune.train.checkpoint import safe_load
 
@@ -122,11 +124,13 @@ def _load_checkpoint(path: str, device, arch: str | None, data):
     if arch is None:
         raise ValueError(f"{path!r} is not a fastprune checkpoint; for a plain state_dict (the papers' or "
                          f"RobustBench's format) name its architecture with --model (one of {available_models()})")
-    model = load_pretrained(arch, path, data.num_classes, data.in_channels, map_location="cpu").to(device)
-    return model, {"model": arch, "num_classes": data.num_classes, "in_channels": data.in_channels}
+    model = load_pretrained(arch, path, data.num_classes, data.in_channels, map_location="cpu", sparsity=sparsity)
+    if getattr(model, "hydra_masks", None):
+        apply_masks(model, model.hydra_masks)
+    return model.to(device), {"model": arch, "num_classes": data.num_classes, "in_channels": data.in_channels}
 
 
-def _load_any(path: str, device, arch: str | None = None, data=None):
+def _load_any(path: str, device, arch: str | None = None, data=None, sparsity: float | None = None):
     """A checkpoint of save_model (dense or masked), a sparse model of save_sparse, or with --model a
     plain state_dict (see _load_checkpoint)."""
     from fastprune.nn import load_sparse
@@ -135,7 +139,7 @@ def _load_any(path: str, device, arch: str | None = None, data=None):
     obj = safe_load(path, "checkpoint")  # tensors and plain data only: no file runs code here
     if isinstance(obj, dict) and obj.get("format") == "fastprune-sparse":
         return load_sparse(path, map_location=device).eval()
-    return _load_checkpoint(path, device, arch, data)[0]
+    return _load_checkpoint(path, device, arch, data, sparsity)[0]
 
 
 def _training_device(args) -> torch.device:
@@ -259,7 +263,7 @@ def _objective(args):
     from fastprune.train import make_objective
 
     return make_objective(args.objective, eps=args.eps, alpha=args.alpha, steps=args.steps, beta=args.beta,
-                          bn_forwards=args.bn_forwards)
+                          bn_forwards=args.bn_forwards, norm=args.norm)
 
 
 def _report(out: str, model, data, args, started: float, **extra) -> dict:
@@ -290,9 +294,9 @@ def _fit_options(args, data) -> dict:
                    sync_bn=args.sync_bn, optimizer=args.optimizer, schedule=args.schedule,
                    milestones=tuple(args.milestones or ()), gamma=args.gamma, keep=args.keep)
     if args.keep == "best_robust":
-        eps, alpha, seed = args.eps, args.alpha, args.seed
+        eps, alpha, seed, norm = args.eps, args.alpha, args.seed, args.norm
         options.update(val=data.test.tensors,
-                       val_attack=lambda model: PGD(model, eps=eps, alpha=alpha, steps=10, seed=seed))
+                       val_attack=lambda model: PGD(model, eps=eps, alpha=alpha, steps=10, norm=norm, seed=seed))
     return options
 
 
@@ -327,14 +331,14 @@ def _prune(args) -> int:
     device = _training_device(args)
     torch.manual_seed(args.seed)  # attacks' random starts, HSIC's and ADMM's draws: the same every run
     data = get_dataset(args.data, root=args.root)
-    model, ckpt = _load_checkpoint(args.checkpoint, device, args.model, data)
+    model, ckpt = _load_checkpoint(args.checkpoint, device, args.model, data, args.checkpoint_sparsity)
     _check_model_fits(model, data, ckpt["model"], args.data)
     out = _run_dir(args, f"prune-{args.method}")
     common = dict(run_dir=out, sparse_kernels=args.sparse_kernels, **_fit_options(args, data))
     if args.method == "hydra":
         hydra(model, data.train, sparsity=args.sparsity, objective=_objective(args), prune_epochs=args.prune_epochs,
               finetune_epochs=args.finetune_epochs, prune_lr=args.prune_lr, finetune_lr=args.finetune_lr,
-              freeze_bn=args.freeze_bn, **common)
+              freeze_bn=args.freeze_bn, score_init=args.score_init, **common)
     elif args.method == "lwm":
         lwm(model, data.train, sparsity=args.sparsity, objective=_objective(args),
             finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, **common)
@@ -359,7 +363,7 @@ def _finetune(args) -> int:
     device = _training_device(args)
     torch.manual_seed(args.seed)
     data = get_dataset(args.data, root=args.root)
-    model, ckpt = _load_checkpoint(args.checkpoint, device, args.model, data)
+    model, ckpt = _load_checkpoint(args.checkpoint, device, args.model, data, args.checkpoint_sparsity)
     _check_model_fits(model, data, ckpt["model"], args.data)
     out = _run_dir(args, "finetune")
     finetune_phase(model, data.train, objective=_objective(args), epochs=args.epochs, lr=args.lr, run_dir=out,
@@ -378,7 +382,7 @@ def _export(args) -> int:
         raise ValueError(f"--out {args.out!r} is a folder; give a file name (e.g. model.sparse.pt)")
     device = _device(args.device)
     data = get_dataset(args.data, root=args.root)
-    model, _ = _load_checkpoint(args.checkpoint, device, args.model, data)
+    model, _ = _load_checkpoint(args.checkpoint, device, args.model, data, args.checkpoint_sparsity)
     example = data.test.tensors[0][: args.batch_size].to(device)
     print("timing dense and sparse layers for batch sizes 1 to 256 (a minute or more on a CPU)", flush=True)
     sparse = sparsify(model, example)
@@ -393,7 +397,7 @@ def _eval(args) -> int:
 
     device = _device(args.device)
     data = get_dataset(args.data, root=args.root)
-    model = _load_any(args.checkpoint, device, args.model, data)
+    model = _load_any(args.checkpoint, device, args.model, data, args.checkpoint_sparsity)
     settings = {}
     for name in args.attacks:
         if name.lower() in ("autoattack", "autoattack-plus"):
@@ -451,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default=None,
                     help="the zoo architecture of a plain state_dict --checkpoint (the papers' or RobustBench's "
                          "format, loaded by fastprune.models.load_pretrained)")
+    ev.add_argument("--checkpoint-sparsity", type=float, default=None,
+                    help="a HYDRA score checkpoint (popup_scores): the sparsity it was pruned to (HYDRA's k = 1 - it)")
     ev.add_argument("--data", default="digits")
     ev.add_argument("--root", default=None, help="folder of the data set's files")
     ev.add_argument("--attacks", nargs="+", default=["clean", "autoattack"],
@@ -493,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--alpha", type=float, default=0.0078, help="attack step (HYDRA's configs: 0.0078)")
             p.add_argument("--steps", type=int, default=10)
             p.add_argument("--beta", type=float, default=6.0)
+            p.add_argument("--norm", choices=("linf", "l2"), default="linf",
+                           help="threat model of the objective and of --keep's validation attack (l2: TRADES only)")
             p.add_argument("--bn-forwards", choices=("hydra", "once"), default="hydra",
                            help="TRADES: BatchNorm statistics from HYDRA's four train-mode passes per batch (three "
                                 "clean, one adversarial) or from the loss's two")
@@ -520,12 +528,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", default=None,
                     help="the zoo architecture of a plain state_dict --checkpoint (the papers' or RobustBench's "
                          "format, loaded by fastprune.models.load_pretrained)")
+    pr.add_argument("--checkpoint-sparsity", type=float, default=None,
+                    help="a HYDRA score checkpoint (popup_scores): the sparsity it was pruned to (HYDRA's k = 1 - it)")
     pr.add_argument("--sparsity", type=float, required=True)
     pr.add_argument("--teacher", default=None, help="PwoA: the robust model to distil from")
     pr.add_argument("--prune-epochs", type=int, default=20)
     pr.add_argument("--finetune-epochs", type=int, default=100)
     pr.add_argument("--prune-lr", type=float, default=0.1)
     pr.add_argument("--finetune-lr", type=float, default=0.01)
+    pr.add_argument("--score-init", choices=("scaled", "kaiming_uniform", "kaiming_normal"), default="scaled",
+                    help="HYDRA's score initialisation (its scripts: scaled, the magnitude mask first)")
     pr.add_argument("--freeze-bn", action="store_true",
                     help="HYDRA: keep BatchNorm's scale and shift fixed in the prune phase (HYDRA's scripts train "
                          "them with the scores)")
@@ -558,6 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--model", default=None,
                     help="the zoo architecture of a plain state_dict --checkpoint (the papers' or RobustBench's "
                          "format, loaded by fastprune.models.load_pretrained)")
+    ft.add_argument("--checkpoint-sparsity", type=float, default=None,
+                    help="a HYDRA score checkpoint (popup_scores): the sparsity it was pruned to (HYDRA's k = 1 - it)")
     ft.add_argument("--epochs", type=int, default=100)
     ft.add_argument("--lr", type=float, default=0.01)
     ft.add_argument("--sparse-kernels", action="store_true",
@@ -571,6 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", default=None,
                     help="the zoo architecture of a plain state_dict --checkpoint (the papers' or RobustBench's "
                          "format, loaded by fastprune.models.load_pretrained)")
+    ex.add_argument("--checkpoint-sparsity", type=float, default=None,
+                    help="a HYDRA score checkpoint (popup_scores): the sparsity it was pruned to (HYDRA's k = 1 - it)")
     common(ex, objective=False)
     ex.set_defaults(func=_export)
 

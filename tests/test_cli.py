@@ -128,3 +128,14 @@ def test_plain_state_dicts_need_and_take_model(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "plain.pt"), "--model", "lenet3", "--attacks", "clean",
                  "--quiet"]) == 2
     assert "does not fit --model lenet3" in capsys.readouterr().err
+    # a HYDRA score checkpoint: --checkpoint-sparsity gives its masks; the model evaluates pruned
+    state = dict(model.state_dict())
+    for name in ("1", "3", "7", "9"):
+        state[f"{name}.popup_scores"] = torch.randn_like(state[f"{name}.weight"])
+    torch.save(state, tmp_path / "hydra.pt")
+    assert main(["eval", "--checkpoint", str(tmp_path / "hydra.pt"), "--model", "cnn-small", "--attacks", "clean",
+                 "--quiet"]) == 2
+    assert "sparsity" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "hydra.pt"), "--model", "cnn-small", "--checkpoint-sparsity",
+                 "0.5", "--attacks", "clean", "--quiet", "--json"]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out.splitlines()[-1])["clean"] <= 1

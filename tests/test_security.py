@@ -60,6 +60,18 @@ def test_load_sparse_refuses_a_planted_file(tmp_path, marker):
         fastprune.load_sparse(str(tmp_path / "old.pt"))
 
 
+def test_load_pretrained_refuses_a_planted_state_dict(tmp_path, marker, capsys):
+    from fastprune.models import load_pretrained
+
+    path = tmp_path / "trades.pt"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "payload": Payload(marker)}, path)
+    with pytest.raises(ValueError, match="refused"):
+        load_pretrained("wrn-28-4", str(path))
+    assert main(["eval", "--checkpoint", str(path), "--model", "wrn-28-4", "--data", "digits", "--attacks",
+                 "clean"]) == 2
+    assert "refused" in one_line(capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("command", ["eval", "prune"])
 def test_cli_refuses_a_planted_checkpoint_in_one_line(tmp_path, marker, capsys, command):
     path = tmp_path / "model.pt"

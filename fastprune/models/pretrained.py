@@ -12,9 +12,11 @@ Name maps (checked on state_dicts built from the original layer names, tests/mod
   WRN-28-10/34-10): ``block{k}.layer.{i}.*`` -> ``block{k}.{i}.*``, ``convShortcut`` -> ``shortcut``,
   the last ``bn1``/``fc`` -> ``bn``/``linear``; their unused ``sub_block1`` is dropped.
 - PwoA's (HBaR's) ResNet-18 and LeNet3: the zoo's ``resnet18`` and ``lenet3`` use the same names.
+- HYDRA's VGG16 (``features``/``classifier``, as the zoo's ``vgg16``) and its score checkpoints: each
+  layer's ``popup_scores`` give its mask as HYDRA's GetSubnet computes it (the largest |score|s, the
+  lowest int((1 - k) n) dropped, k = 1 - sparsity); the file does not hold k, so ``sparsity`` must be
+  given.
 - fastprune's own state_dicts load as they are.
-HYDRA's score checkpoints (``popup_scores``) are refused: their masks depend on a per-layer ratio
-the file does not hold.
 """
 from __future__ import annotations
 
@@ -52,11 +54,26 @@ def _map_wide_resnet(key: str) -> str | None:
     return re.sub(r"^fc\.", "linear.", key)
 
 
-def map_keys(arch: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors of ``state`` under the zoo model ``arch``'s names (see the module docstring)."""
-    if any(k.endswith("popup_scores") for k in state):
-        raise ValueError("this is a HYDRA score checkpoint (popup_scores): its masks need the pruning ratio the "
-                         "file does not hold; load HYDRA's dense pretrained model or a fastprune checkpoint")
+def hydra_mask(scores: torch.Tensor, k: float) -> torch.Tensor:
+    """HYDRA's GetSubnet: ones at the weights whose |score| is not among the lowest int((1 - k) n)."""
+    flat = scores.detach().abs().flatten()
+    order = flat.argsort()
+    mask = torch.ones_like(flat)
+    mask[order[: int((1 - k) * flat.numel())]] = 0
+    return mask.view_as(scores)
+
+
+def map_keys(arch: str, state: dict[str, torch.Tensor], sparsity: float | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of ``state`` under the zoo model ``arch``'s names (see the module docstring);
+    HYDRA's ``popup_scores`` become ``mask`` buffers (``sparsity`` needed)."""
+    scores = [k for k in state if k.endswith(".popup_scores")]
+    if scores:
+        if sparsity is None:
+            raise ValueError("this is a HYDRA score checkpoint (popup_scores): pass the sparsity it was pruned to "
+                             "(sparsity=..., --checkpoint-sparsity; HYDRA's k is 1 - sparsity)")
+        state = dict(state)
+        for key in scores:
+            state[key[: -len("popup_scores")] + "mask"] = hydra_mask(state.pop(key), 1 - sparsity)
     mapped = {}
     for key, value in state.items():
         if key in ("mu", "sigma"):  # RobustBench's models that normalise inside
@@ -70,16 +87,22 @@ def map_keys(arch: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def load_pretrained(arch: str, path: str, num_classes: int = 10, in_channels: int = 3,
-                    map_location="cpu") -> nn.Module:
+                    map_location="cpu", sparsity: float | None = None) -> nn.Module:
     """The zoo model ``arch`` with the weights of the state_dict in ``path`` (the papers' or
     RobustBench's format, or fastprune's), in eval mode. Inputs stay [0, 1] images: the model
     normalises as the file's model did (not at all, for the papers' and most RobustBench models).
-    A file whose tensors do not fit ``arch`` raises ValueError naming the keys that differ."""
+    A file whose tensors do not fit ``arch`` raises ValueError naming the keys that differ. HYDRA's
+    score checkpoints need ``sparsity``: their masks are folded into the weights and kept in
+    ``model.hydra_masks`` ({layer: mask}); ``fastprune.nn.apply_masks(model, model.hydra_masks)``
+    makes those layers fixed-mask layers (the command line does)."""
     state = _unwrap(safe_load(path, "pretrained checkpoint", map_location=map_location), path)
-    mapped = map_keys(arch, state)
+    mapped = map_keys(arch, state, sparsity)
     raw_inputs = not any(k.startswith("normalize.") for k in mapped)
     # The file's model took raw [0, 1] inputs (no mu/sigma): the zoo model's normalisation is the identity.
     model = get_model(arch, num_classes, in_channels, normalize=None if raw_inputs else "default")
+    # HYDRA's pruned layers: the masks are folded into the weights (their zeros) and kept in
+    # ``model.hydra_masks`` for fastprune.nn.apply_masks (fixed-mask layers; the CLI applies them).
+    masks = {k[: -len(".mask")]: mapped.pop(k) for k in [k for k in mapped if k.endswith(".mask")]}
     expected = model.state_dict()
     if raw_inputs:
         mapped.update({k: v for k, v in expected.items() if k.startswith("normalize.")})
@@ -94,5 +117,12 @@ def load_pretrained(arch: str, path: str, num_classes: int = 10, in_channels: in
     if wrong:
         raise ValueError(f"{path!r} does not fit --model {arch} (num_classes={num_classes}, "
                          f"in_channels={in_channels}): shapes differ for {wrong[:4]}")
+    unknown = sorted(n for n in masks if f"{n}.weight" not in expected)
+    if unknown:
+        raise ValueError(f"{path!r} does not fit --model {arch}: scores for {unknown[:4]}, which it does not have")
+    for name, mask in masks.items():
+        mapped[f"{name}.weight"] = mapped[f"{name}.weight"] * mask.to(mapped[f"{name}.weight"].dtype)
     model.load_state_dict({k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in mapped.items()})
+    if masks:
+        model.hydra_masks = masks
     return model.eval()

@@ -1,6 +1,7 @@
 """Modules built on fastprune's ops: masked training layers, sparse inference layers, the HSIC bottleneck."""
 from .hsic import FeatureTaps, HSICBottleneck
 from .masked import (
+    apply_masks,
     MaskedConv2d,
     MaskedLinear,
     check_sparsity,
@@ -33,7 +34,7 @@ from .sparse import (
 __all__ = [
     "AdaptiveMaxPool2x2", "BatchInnermostInput", "ChannelsLastInput", "FeatureTaps", "HSICBottleneck",
     "MaskedConv2d", "MaskedLinear", "MaxPool2x2", "MicroBatched", "SemiStructuredLinear", "SparseConv2d", "SparseLinear", "SparseModel",
-    "check_sparsity", "dense_twin",
+    "apply_masks", "check_sparsity", "dense_twin",
     "fold_batchnorm", "fold_masks", "is_2to4", "kept_count", "load_sparse", "nm_mask", "prune_model", "save_sparse",
     "semi_structured_supported", "sparsify", "sparsity_report", "topk_mask",
 ]

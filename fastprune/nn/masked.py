@@ -17,6 +17,7 @@ from torch import nn
 from ..utils.autograd import frozen_cache, parameter_gradients_wanted
 
 MASK_SOURCES = ("scores", "magnitude", "fixed")
+SCORE_INITS = ("scaled", "kaiming_uniform", "kaiming_normal")
 
 
 def check_sparsity(sparsity, name: str = "sparsity") -> float:
@@ -109,7 +110,8 @@ class _MaskedMixin:
         super().__init__(*args, **kwargs)
         self._init_mask(source, sparsity, mask, pattern)
 
-    def _init_mask(self, source: str, sparsity: float, mask: torch.Tensor | None, pattern=None) -> None:
+    def _init_mask(self, source: str, sparsity: float, mask: torch.Tensor | None, pattern=None,
+                   score_init: str = "scaled") -> None:
         if source not in MASK_SOURCES:
             raise ValueError(f"source must be one of {MASK_SOURCES}, got {source!r}")
         self.source = source
@@ -137,10 +139,23 @@ class _MaskedMixin:
                 raise ValueError(f"mask is only used with source='fixed', not {source!r}")
             self.register_buffer("mask", torch.ones_like(self.weight))
         if source == "scores":
-            # HYDRA's scaled score initialisation: the first mask equals the magnitude mask.
+            if score_init not in SCORE_INITS:
+                raise ValueError(f"score_init must be one of {SCORE_INITS}, got {score_init!r}")
             fan_in = self.weight[0].numel()
             w = self.weight.detach()
-            self.scores = nn.Parameter(math.sqrt(6.0 / fan_in) * w / w.abs().max().clamp_min(1e-12))
+            if score_init == "scaled":
+                # HYDRA's scaled score initialisation (its scripts' --scaled-score-init): the first
+                # mask equals the magnitude mask.
+                self.scores = nn.Parameter(math.sqrt(6.0 / fan_in) * w / w.abs().max().clamp_min(1e-12))
+            else:
+                # HYDRA's SubnetConv default: the scores drawn as nn.Conv2d draws weights (the first
+                # mask is then random, not the magnitude mask).
+                scores = torch.empty_like(w)
+                if score_init == "kaiming_uniform":
+                    nn.init.kaiming_uniform_(scores, a=math.sqrt(5))
+                else:
+                    nn.init.kaiming_normal_(scores)
+                self.scores = nn.Parameter(scores)
         self._mask_key = None
 
     def _source_tensor(self) -> torch.Tensor:
@@ -203,7 +218,8 @@ class _MaskedMixin:
         if not dtype_ok or x.device != self.weight.device:
             raise ValueError(f"input is {x.dtype} on {x.device}, the layer {self.weight.dtype} on {self.weight.device}")
 
-    def _adopt(self, dense: nn.Module, source: str, sparsity: float, mask: torch.Tensor | None, pattern=None):
+    def _adopt(self, dense: nn.Module, source: str, sparsity: float, mask: torch.Tensor | None, pattern=None,
+               score_init: str = "scaled"):
         """Take ``dense``'s weights, then set up the mask. The layer was built as a magnitude layer
         because scores must be initialised from the copied weights, not the random ones."""
         with torch.no_grad():
@@ -211,7 +227,7 @@ class _MaskedMixin:
             if dense.bias is not None:
                 self.bias.copy_(dense.bias)
         del self.mask
-        self._init_mask(source, sparsity, mask, pattern)
+        self._init_mask(source, sparsity, mask, pattern, score_init)
         return self
 
     def extra_repr(self) -> str:
@@ -224,14 +240,15 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, source: str = "scores", sparsity: float = 0.0,
-                   mask: torch.Tensor | None = None, pattern: str | None = None) -> "MaskedConv2d":
+                   mask: torch.Tensor | None = None, pattern: str | None = None,
+                   score_init: str = "scaled") -> "MaskedConv2d":
         """A masked copy of ``conv`` (same weights, device and dtype). pattern "N:M" (with sparsity
         1 - N/M): keep N of every M consecutive weights of each output channel (2:4: semi-structured)."""
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                     dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
                     padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
                     source="magnitude")
-        return layer._adopt(conv, source, sparsity, mask, pattern)
+        return layer._adopt(conv, source, sparsity, mask, pattern, score_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, (4,))
@@ -243,11 +260,12 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, source: str = "scores", sparsity: float = 0.0,
-                   mask: torch.Tensor | None = None, pattern: str | None = None) -> "MaskedLinear":
+                   mask: torch.Tensor | None = None, pattern: str | None = None,
+                   score_init: str = "scaled") -> "MaskedLinear":
         """A masked copy of ``linear`` (same weights, device and dtype); pattern as for MaskedConv2d."""
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                     device=linear.weight.device, dtype=linear.weight.dtype, source="magnitude")
-        return layer._adopt(linear, source, sparsity, mask, pattern)
+        return layer._adopt(linear, source, sparsity, mask, pattern, score_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, tuple(range(1, 9)))
@@ -263,17 +281,23 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def prune_model(model: nn.Module, sparsity: float, method: str = "scores", skip=(), pattern: str | None = None) -> nn.Module:
+def prune_model(model: nn.Module, sparsity: float, method: str = "scores", skip=(), pattern: str | None = None,
+                score_init: str = "scaled") -> nn.Module:
     """Swap every nn.Conv2d and nn.Linear of ``model`` (first and last included, unless named in
     ``skip``) for a masked layer keeping a (1 - sparsity) fraction of its weights, per layer.
     method: "scores" (HYDRA) or "magnitude". pattern: "N:M" (e.g. "2:4", with sparsity 1 - N/M)
     keeps N of every M consecutive weights along each layer's reduction dimension, the form GPUs
     with semi-structured sparsity accelerate; layers whose reduction size is not a multiple of M
-    get an unstructured mask of the same sparsity. Modifies ``model`` in place and returns it. A
-    model that already has masked layers is refused (ValueError), not silently left as it is."""
+    get an unstructured mask of the same sparsity. score_init (method "scores"): "scaled" (HYDRA's
+    scripts: scores proportional to the weights, so the first mask is the magnitude mask),
+    "kaiming_uniform" (HYDRA's layers' own default) or "kaiming_normal". Modifies ``model`` in place
+    and returns it. A model that already has masked layers is refused (ValueError), not silently
+    left as it is."""
     check_sparsity(sparsity)
     if method not in ("scores", "magnitude"):
         raise ValueError(f"method must be 'scores' or 'magnitude', got {method!r}")
+    if score_init not in SCORE_INITS:
+        raise ValueError(f"score_init must be one of {SCORE_INITS}, got {score_init!r}")
     nm = parse_pattern(pattern)
     if nm is not None and not math.isclose(sparsity, 1 - nm[0] / nm[1]):
         raise ValueError(f"pattern {pattern!r} prunes {1 - nm[0] / nm[1]:g} of the weights; sparsity is {sparsity!r}")
@@ -290,7 +314,22 @@ def prune_model(model: nn.Module, sparsity: float, method: str = "scores", skip=
     for name, module in targets:
         cls = MaskedConv2d if isinstance(module, nn.Conv2d) else MaskedLinear
         layer_pattern = pattern if nm is not None and nm_applicable(module.weight.shape, nm[1]) else None
-        _replace(model, name, cls.from_dense(module, source=method, sparsity=sparsity, pattern=layer_pattern))
+        _replace(model, name, cls.from_dense(module, source=method, sparsity=sparsity, pattern=layer_pattern,
+                                             score_init=score_init))
+    return model
+
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """Make the named conv and linear layers fixed-mask layers with the given masks ({layer name:
+    mask of its weight's shape}); e.g. a HYDRA checkpoint's (fastprune.models.load_pretrained's
+    ``model.hydra_masks``). Modifies ``model`` in place and returns it."""
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        module = modules.get(name)
+        if type(module) not in (nn.Conv2d, nn.Linear):
+            raise ValueError(f"masks names {name!r}, which is not a conv or linear layer of the model")
+        cls = MaskedConv2d if isinstance(module, nn.Conv2d) else MaskedLinear
+        _replace(model, name, cls.from_dense(module, source="fixed", mask=mask.to(module.weight.device)))
     return model
 
 

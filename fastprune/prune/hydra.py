@@ -68,12 +68,14 @@ def finetune_phase(model: nn.Module, train: TensorDataset, *, objective: Callabl
 
 def hydra(model: nn.Module, train: TensorDataset, *, sparsity: float, objective: Callable, prune_epochs: int = 20,
           finetune_epochs: int = 100, prune_lr: float = 0.1, finetune_lr: float = 0.01, freeze_bn: bool = False,
-          skip=(), run_dir: str | None = None, sparse_kernels: bool = False, **fit_options) -> nn.Module:
+          score_init: str = "scaled", skip=(), run_dir: str | None = None, sparse_kernels: bool = False,
+          **fit_options) -> nn.Module:
     """Prune ``model`` (in place) to ``sparsity`` in every layer with HYDRA; returns it, masks frozen.
     Defaults follow the released code: 20 prune epochs at lr 0.1 (scores and BatchNorm's affine
-    parameters; ``freeze_bn=True`` keeps BatchNorm fixed), 100 finetune epochs at lr 0.01."""
+    parameters; ``freeze_bn=True`` keeps BatchNorm fixed), 100 finetune epochs at lr 0.01, scaled
+    score initialisation (``score_init``: see fastprune.nn.prune_model)."""
     check_sparsity(sparsity)
-    prune_model(model, sparsity, method="scores", skip=skip)
+    prune_model(model, sparsity, method="scores", skip=skip, score_init=score_init)
     prune_phase(model, train, objective=objective, epochs=prune_epochs, lr=prune_lr, freeze_bn=freeze_bn,
                 run_dir=run_dir, **fit_options)
     finetune_phase(model, train, objective=objective, epochs=finetune_epochs, lr=finetune_lr, run_dir=run_dir,

@@ -54,10 +54,16 @@ class TRADES:
     (given x_adv, the loss is the same either way: in train mode BatchNorm's output does not depend
     on its running statistics). "once": one clean and one adversarial pass (about 47% clean), the
     minimum the loss needs.
+
+    ``norm="l2"``: TRADES' L2 inner maximisation (normalised-gradient steps of ``alpha``, clip to the
+    image box, then rescale to the eps-ball; TRADES' code uses alpha = 2 eps / steps).
     """
 
-    def __init__(self, eps: float, alpha: float, steps: int, beta: float = 6.0, bn_forwards: str = "hydra"):
-        self.eps, self.alpha = check_eps(eps), check_positive("alpha", alpha)
+    def __init__(self, eps: float, alpha: float, steps: int, beta: float = 6.0, bn_forwards: str = "hydra",
+                 norm: str = "linf"):
+        if norm not in ("linf", "l2"):
+            raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+        self.eps, self.alpha, self.norm = check_eps(eps, norm=norm), check_positive("alpha", alpha), norm
         self.steps, self.beta = check_count("steps", steps), check_positive("beta", beta)
         if bn_forwards not in BN_FORWARDS:
             raise ValueError(f"bn_forwards must be one of {BN_FORWARDS}, got {bn_forwards!r}")
@@ -76,8 +82,23 @@ class TRADES:
                 kl = F.kl_div(F.log_softmax(logits_of(model(xg)), dim=1), p_clean, reduction="sum")
                 (grad,) = torch.autograd.grad(kl, xg)
                 x_adv = xg.detach()
-                pgd_step_(x_adv, grad, x, alpha=alpha, eps=eps, check_values=False)
+                if self.norm == "linf":
+                    pgd_step_(x_adv, grad, x, alpha=alpha, eps=eps, check_values=False)
+                else:
+                    x_adv = self._l2_step(x_adv, grad, x)
         return x_adv
+
+    def _l2_step(self, x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """TRADES' L2 step as its code takes it: a normalised-gradient step of ``alpha`` (a zero
+        gradient replaced by Gaussian noise), then the image clipped to [0, 1], then the
+        perturbation rescaled to norm at most eps (renorm_ with maxnorm)."""
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        gnorm = grad.flatten(1).norm(dim=1).view(shape)
+        direction = torch.where(gnorm > 0, grad / gnorm.clamp_min(1e-30), torch.randn_like(grad))
+        delta = (x_adv + self.alpha * direction).clamp(0.0, 1.0) - x
+        dnorm = delta.flatten(1).norm(dim=1).view(shape)
+        scale = torch.where(dnorm > self.eps, self.eps / (dnorm + 1e-7), torch.ones_like(dnorm))
+        return x + delta * scale
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         statistics_only = self.bn_forwards == "hydra" and model.training and _has_batchnorm(model)
@@ -99,13 +120,15 @@ def _has_batchnorm(model: nn.Module) -> bool:
 
 
 def make_objective(name: str, *, eps: float = 0.031, alpha: float = 0.0078, steps: int = 10,
-                   beta: float = 6.0, bn_forwards: str = "hydra"):
+                   beta: float = 6.0, bn_forwards: str = "hydra", norm: str = "linf"):
     """"natural", "pgd" or "trades" as a callable (model, x, y) -> loss. The defaults are HYDRA's
     CIFAR configs (eps 0.031, step 0.0078, 10 steps, beta 6); 8/255 and 2/255 differ by under 1.2%."""
     if name == "natural":
         return natural_loss
     if name == "pgd":
+        if norm != "linf":
+            raise ValueError("norm='l2' applies to the TRADES objective (HYDRA's trainers); PGD-AT here is Linf")
         return PGDTraining(eps, alpha, steps)
     if name == "trades":
-        return TRADES(eps, alpha, steps, beta, bn_forwards)
+        return TRADES(eps, alpha, steps, beta, bn_forwards, norm)
     raise ValueError(f"objective must be one of {OBJECTIVES}, got {name!r}")

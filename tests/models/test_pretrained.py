@@ -146,3 +146,46 @@ def test_mismatches_are_named(tmp_path):
         load_pretrained("vgg16", str(tmp_path / "meta.pt"))
     with pytest.raises(FileNotFoundError):
         load_pretrained("vgg16", str(tmp_path / "absent.pt"))
+
+
+def getsubnet_mask(scores, k):
+    """HYDRA's GetSubnet, as its code writes it: sort |scores|, zero the lowest int((1 - k) n)."""
+    out = scores.abs().clone()
+    _, idx = out.flatten().sort()
+    j = int((1 - k) * out.numel())
+    flat = out.flatten()
+    flat[idx[:j]] = 0
+    flat[idx[j:]] = 1
+    return flat.view_as(scores)
+
+
+def test_hydra_score_checkpoint(tmp_path):
+    """HYDRA's VGG16 with popup_scores: the masks are GetSubnet's at k = 1 - sparsity, folded into the
+    weights, and apply_masks turns the layers into fixed-mask layers computing the same function."""
+    from fastprune.nn import MaskedConv2d, apply_masks, sparsity_report
+
+    torch.manual_seed(0)
+    theirs = randomise_batchnorm(get_model("vgg16", normalize=None))
+    state = {k: v for k, v in theirs.state_dict().items() if not k.startswith("normalize.")}
+    layers = [n for n, m in theirs.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    for name in layers:
+        state[f"{name}.popup_scores"] = torch.randn_like(state[f"{name}.weight"])
+    torch.save({"state_dict": state, "epoch": 20}, tmp_path / "hydra.pt")
+    with pytest.raises(ValueError, match="sparsity"):
+        load_pretrained("vgg16", str(tmp_path / "hydra.pt"))
+    ours = load_pretrained("vgg16", str(tmp_path / "hydra.pt"), sparsity=0.9)
+    expected = {n: getsubnet_mask(state[f"{n}.popup_scores"], 0.1) for n in layers}
+    assert set(ours.hydra_masks) == set(layers)
+    for name in layers:
+        assert torch.equal(ours.hydra_masks[name], expected[name]), name
+    with torch.no_grad():
+        modules = dict(theirs.named_modules())
+        for name in layers:
+            modules[name].weight.mul_(expected[name])
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
+        apply_masks(ours, ours.hydra_masks)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
+    assert isinstance(ours.features[0], MaskedConv2d) and ours.features[0].source == "fixed"
+    assert abs(sparsity_report(ours)["sparsity"] - 0.9) < 1e-3

@@ -244,3 +244,24 @@ def test_masked_weight_is_cached_only_inside_an_attack():
     torch.testing.assert_close(gx, gx_ref)
     layer(x).sum().backward()
     assert layer.scores.grad is not None and layer.weight.grad is not None  # outside: trained as usual
+
+
+def test_score_initialisations():
+    """scaled: the first mask is the magnitude mask (HYDRA's scripts); kaiming_*: HYDRA's layers' own
+    random draws, whose first mask is not."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3)
+    scaled = MaskedConv2d.from_dense(conv, source="scores", sparsity=0.9)
+    magnitude = MaskedConv2d.from_dense(conv, source="magnitude", sparsity=0.9)
+    assert torch.equal(scaled.refresh_mask(), magnitude.refresh_mask())
+    bound = 1 / (8 * 9) ** 0.5  # kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    for init in ("kaiming_uniform", "kaiming_normal"):
+        layer = MaskedConv2d.from_dense(conv, source="scores", sparsity=0.9, score_init=init)
+        assert not torch.equal(layer.refresh_mask(), magnitude.refresh_mask())
+        assert torch.equal(layer.weight, conv.weight)
+        if init == "kaiming_uniform":
+            assert layer.scores.abs().max() <= bound and layer.scores.abs().max() > 0.9 * bound
+    model = prune_model(nn.Sequential(nn.Linear(4, 4)), 0.5, score_init="kaiming_normal")
+    assert model[0].scores.std() > 0
+    with pytest.raises(ValueError, match="score_init"):
+        prune_model(nn.Sequential(nn.Linear(4, 4)), 0.5, score_init="snip")

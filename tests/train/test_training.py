@@ -173,3 +173,36 @@ def test_trades_batchnorm_statistics_follow_the_chosen_passes(bn_forwards):
         torch.testing.assert_close(getattr(model[1], name), getattr(expected[1], name), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="bn_forwards"):
         TRADES(0.1, 0.025, 3, bn_forwards="twice")
+
+
+def test_trades_l2_follows_trades_code():
+    """TRADES' L2 inner loop as its code writes it (an SGD step on delta with the gradient renormed,
+    clip to the box, renorm_ to the ball), against fastprune's TRADES(norm="l2")."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    x = torch.rand(12, 1, 8, 8)
+    eps, steps = 0.5, 5
+    trades = TRADES(eps, 2 * eps / steps, steps, norm="l2")
+    torch.manual_seed(1)
+    ours = trades.adversarial(model, x)
+
+    torch.manual_seed(1)
+    delta = (0.001 * torch.randn_like(x)).requires_grad_(True)
+    opt = torch.optim.SGD([delta], lr=eps / steps * 2)
+    with torch.no_grad():
+        p_clean = F.softmax(model(x), dim=1)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = -F.kl_div(F.log_softmax(model(x + delta), dim=1), p_clean, reduction="sum")
+        loss.backward()
+        norms = delta.grad.view(12, -1).norm(p=2, dim=1)
+        delta.grad.div_(norms.view(-1, 1, 1, 1))
+        opt.step()
+        delta.data.add_(x).clamp_(0, 1).sub_(x)
+        delta.data.renorm_(p=2, dim=0, maxnorm=eps)
+    torch.testing.assert_close(ours, x + delta.detach(), rtol=1e-5, atol=1e-6)
+    assert ((ours - x).flatten(1).norm(dim=1) <= eps * (1 + 1e-5)).all()
+    with pytest.raises(ValueError, match="l2"):
+        make_objective("pgd", eps=0.5, norm="l2")
