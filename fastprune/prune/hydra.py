@@ -14,7 +14,6 @@ from typing import Callable
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.data import TensorDataset
 
 from ..nn.masked import MASKED_TYPES, check_sparsity, prune_model
 from ..nn.sparse.training import sparse_training
@@ -34,7 +33,7 @@ def batchnorm_affine(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in model.modules() if isinstance(m, _BatchNorm) for p in (m.weight, m.bias) if p is not None]
 
 
-def prune_phase(model: nn.Module, train: TensorDataset, *, objective: Callable, epochs: int, lr: float = 0.1,
+def prune_phase(model: nn.Module, train, *, objective: Callable, epochs: int, lr: float = 0.1,
                 freeze_bn: bool = False, run_dir: str | None = None, **fit_options) -> list[dict]:
     """Train the scores of ``model``'s score-masked layers, and BatchNorm's scale and shift unless
     ``freeze_bn`` (HYDRA's scripts train them); every conv and linear weight and bias stays frozen."""
@@ -49,7 +48,7 @@ def prune_phase(model: nn.Module, train: TensorDataset, *, objective: Callable, 
                run_dir=_phase_dir(run_dir, "prune"), **fit_options)
 
 
-def finetune_phase(model: nn.Module, train: TensorDataset, *, objective: Callable, epochs: int, lr: float = 0.01,
+def finetune_phase(model: nn.Module, train, *, objective: Callable, epochs: int, lr: float = 0.01,
                    run_dir: str | None = None, sparse_kernels: bool = False, **fit_options) -> list[dict]:
     """Freeze every mask as it is, then train the weights (HYDRA's and LWM's last phase).
 
@@ -66,7 +65,7 @@ def finetune_phase(model: nn.Module, train: TensorDataset, *, objective: Callabl
                    **fit_options)
 
 
-def hydra(model: nn.Module, train: TensorDataset, *, sparsity: float, objective: Callable, prune_epochs: int = 20,
+def hydra(model: nn.Module, train, *, sparsity: float, objective: Callable, prune_epochs: int = 20,
           finetune_epochs: int = 100, prune_lr: float = 0.1, finetune_lr: float = 0.01, freeze_bn: bool = False,
           score_init: str = "scaled", skip=(), run_dir: str | None = None, sparse_kernels: bool = False,
           **fit_options) -> nn.Module:
@@ -83,7 +82,7 @@ def hydra(model: nn.Module, train: TensorDataset, *, sparsity: float, objective:
     return model
 
 
-def lwm(model: nn.Module, train: TensorDataset, *, sparsity: float, objective: Callable, finetune_epochs: int = 100,
+def lwm(model: nn.Module, train, *, sparsity: float, objective: Callable, finetune_epochs: int = 100,
         finetune_lr: float = 0.01, skip=(), run_dir: str | None = None, sparse_kernels: bool = False,
         **fit_options) -> nn.Module:
     """Least-weight-magnitude pruning: magnitude mask per layer, then the robust finetune."""

@@ -23,7 +23,6 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from ..utils.checks import check_count, check_positive
 from ..attacks.losses import logits_of
@@ -158,7 +157,7 @@ class _Coin(random.Random):
         self.setstate((state["version"], tuple(state["internal"]), state["gauss"]))
 
 
-def pwoa(student: nn.Module, teacher: nn.Module | None, train: TensorDataset, *, sparsity: float,
+def pwoa(student: nn.Module, teacher: nn.Module | None, train, *, sparsity: float,
          admm_epochs: int = 50, retrain_epochs: int = 100, admm_lr: float = 0.01, retrain_lr: float = 0.005,
          temperature: float = 30.0, alpha: float = 10.0, rho: float = 0.01, rho_growth: float = 1.35,
          rho_max: float = 1.0, admm_every: int = 3, lambda_x: float = 2e-5, lambda_y: float = 1e-4,

@@ -49,14 +49,43 @@ def lr_factor(schedule: str, step: int, steps_per_epoch: int, total_steps: int, 
     return 1.0
 
 
-def fit(model: nn.Module, train: TensorDataset, *, objective: Callable = natural_loss, epochs: int, lr: float = 0.1,
+def training_tensors(data, what: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (M, ...), labels (M,)) from a TensorDataset, an (images, labels) pair, any Dataset of
+    (image, label) items, or a DataLoader / iterable of (images, labels) batches: fit() keeps the
+    whole training set as two tensors on the device."""
+    if isinstance(data, TensorDataset):
+        if len(data.tensors) != 2:
+            raise ValueError(f"{what}: a TensorDataset of (images, labels), got {len(data.tensors)} tensors")
+        return data.tensors
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        if data[0].shape[0] != data[1].shape[0]:
+            raise ValueError(f"{what}: {data[0].shape[0]} images but {data[1].shape[0]} labels")
+        return data[0], data[1]
+    if isinstance(data, torch.utils.data.Dataset):
+        data = torch.utils.data.DataLoader(data, batch_size=512, shuffle=False)
+    if not hasattr(data, "__iter__"):
+        raise ValueError(f"{what} must be a Dataset, a DataLoader or an (images, labels) pair, got "
+                         f"{type(data).__name__}")
+    images, labels = [], []
+    for batch in data:
+        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+            raise ValueError(f"{what}: each batch must be (images, labels), got {type(batch).__name__}")
+        images.append(torch.as_tensor(batch[0]))
+        labels.append(torch.as_tensor(batch[1]))
+    if not images:
+        raise ValueError(f"{what} holds no samples")
+    return torch.cat(images), torch.cat(labels)
+
+
+def fit(model: nn.Module, train, *, objective: Callable = natural_loss, epochs: int, lr: float = 0.1,
         batch_size: int = 128, weight_decay: float = 1e-4, params: Iterable[nn.Parameter] | None = None,
         run_dir: str | None = None, seed: int = 0, progress: bool = True,
         on_epoch_end: Callable[[int, dict], None] | None = None, augment: Callable | None = None,
         amp: bool = False, channels_last: bool = False, extra_state=None, sync_bn: bool = True,
         optimizer: str = "sgd", schedule: str = "cosine", milestones: tuple[int, ...] = (), gamma: float = 0.1,
         cycle_epochs: int = 3, keep: str | None = None, val=None, val_attack: Callable | None = None) -> list[dict]:
-    """Train ``model`` on ``train`` (images (M, ...) in [0, 1], labels (M,), moved to the model's device).
+    """Train ``model`` on ``train`` (images (M, ...) in [0, 1], labels (M,), moved to the model's device):
+    a TensorDataset, an (images, labels) pair, a Dataset or a DataLoader (see :func:`training_tensors`).
 
     objective: (model, x, y) -> loss (see fastprune.train.objectives). params: what the optimiser
     updates (default every parameter that requires grad; HYDRA's prune phase passes the scores).
@@ -90,9 +119,7 @@ def fit(model: nn.Module, train: TensorDataset, *, objective: Callable = natural
     check_positive("lr", lr, allow_zero=False)
     check_count("batch_size", batch_size)
     device = next(model.parameters()).device
-    if not isinstance(train, TensorDataset) or len(train.tensors) != 2:
-        raise ValueError(f"train must be a TensorDataset of (images, labels), got {type(train).__name__}")
-    images, labels = (t.to(device) for t in train.tensors)
+    images, labels = (t.to(device) for t in training_tensors(train))
     if images.shape[0] == 0:
         raise ValueError("train holds no samples")
     # Bad data stops here, with its own message, rather than as a "diverged" loss later.
@@ -271,7 +298,7 @@ def _write_epoch(run_dir, model, optimizer, schedule, order_gen, history, epoch,
         json.dump(history, f, indent=1)
 
 
-def train_classifier(model: nn.Module, train: TensorDataset, *, epochs: int, lr: float = 0.05,
+def train_classifier(model: nn.Module, train, *, epochs: int, lr: float = 0.05,
                      batch_size: int = 64, weight_decay: float = 5e-4, attack: Attack | None = None,
                      seed: int = 0, progress: bool = True) -> nn.Module:
     """Cross-entropy training on clean images, or on ``attack``'s adversarial examples (PGD

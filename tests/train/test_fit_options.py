@@ -114,3 +114,26 @@ def test_bad_options(small_train, options, match):
     model = get_model("cnn-small", 10, 1)
     with pytest.raises(ValueError, match=match):
         fit(model, small_train, epochs=1, progress=False, **options)
+
+
+def test_fit_takes_a_pair_a_dataset_and_a_dataloader(small_train):
+    """The same training set as a TensorDataset, an (images, labels) pair, a plain Dataset of items and
+    a DataLoader of batches trains the same model."""
+    images, labels = small_train.tensors
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(labels)
+
+        def __getitem__(self, i):
+            return images[i], int(labels[i])
+
+    results = []
+    for data in (small_train, (images, labels), Items(), torch.utils.data.DataLoader(small_train, batch_size=50)):
+        torch.manual_seed(0)
+        model = get_model("cnn-small", 10, 1)
+        fit(model, data, epochs=1, lr=0.05, batch_size=64, progress=False)
+        results.append(model.state_dict())
+    for other in results[1:]:  # (a concatenated copy may round differently in the convolutions: 1e-8)
+        for name, tensor in results[0].items():
+            torch.testing.assert_close(tensor, other[name], rtol=1e-5, atol=1e-6)
