@@ -12,10 +12,11 @@ Name maps (checked on state_dicts built from the original layer names, tests/mod
   WRN-28-10/34-10): ``block{k}.layer.{i}.*`` -> ``block{k}.{i}.*``, ``convShortcut`` -> ``shortcut``,
   the last ``bn1``/``fc`` -> ``bn``/``linear``; their unused ``sub_block1`` is dropped.
 - PwoA's (HBaR's) ResNet-18 and LeNet3: the zoo's ``resnet18`` and ``lenet3`` use the same names.
-- HYDRA's VGG16 (``features``/``classifier``, as the zoo's ``vgg16``) and its score checkpoints: each
-  layer's ``popup_scores`` give its mask as HYDRA's GetSubnet computes it (the largest |score|s, the
-  lowest int((1 - k) n) dropped, k = 1 - sparsity); the file does not hold k, so ``sparsity`` must be
-  given.
+- HYDRA's score checkpoints (SubnetConv/SubnetLinear layers: ``weight``, ``bias``, ``popup_scores``)
+  of an architecture whose names match the zoo's (e.g. a VGG16 named ``features``/``classifier``, as
+  the zoo's ``vgg16`` is): each layer's ``popup_scores`` give its mask as HYDRA's GetSubnet computes
+  it (the lowest int((1 - k) n) |score|s dropped, k = 1 - sparsity); the file does not hold k, so
+  ``sparsity`` must be given. Other name layouts fail with the keys that differ.
 - fastprune's own state_dicts load as they are.
 """
 from __future__ import annotations
