@@ -179,3 +179,26 @@ def test_micro_batched_equals_the_whole_batch():
             torch.testing.assert_close(MicroBatched(model, size)(x), model(x), atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="micro_batch"):
         MicroBatched(model, 0)
+
+
+def test_sparse_linear_takes_any_leading_dimensions():
+    """As nn.Linear: (..., in) -> (..., out), a transformer's (batch, tokens, features) included, on
+    the sparse kernel and on the dense choice; and sparsify runs a model that applies it to tokens."""
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 7)
+    with torch.no_grad():
+        lin.weight.mul_((torch.rand_like(lin.weight) > 0.7).float())
+    sparse = SparseLinear.from_dense(copy.deepcopy(lin))
+    for shape in ((2, 5, 12), (3, 2, 4, 12), (12,), (6, 12)):
+        x = torch.randn(*shape)
+        for choice in ("csr", "dense"):
+            sparse.choice = choice
+            out = sparse(x)
+            assert out.shape == shape[:-1] + (7,)
+            torch.testing.assert_close(out, lin(x), rtol=1e-5, atol=1e-5)
+    tokens = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 7))
+    prune_model(tokens, 0.8, method="magnitude")
+    x = torch.rand(4, 9, 12)
+    model = sparsify(tokens, x, batch_sizes=(4,), repeats=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), tokens(x), rtol=1e-5, atol=1e-5)

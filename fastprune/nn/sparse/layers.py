@@ -205,6 +205,13 @@ class SparseLinear(_CSRWeight):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in_features) -> (..., out_features), as nn.Linear: leading dimensions (a
+        transformer's tokens) are flattened into rows for the kernels and restored after."""
+        if isinstance(x, torch.Tensor) and x.dim() > 2:
+            lead = x.shape[:-1]
+            return self.forward(x.reshape(-1, x.shape[-1])).reshape(*lead, self.out_features)
+        if isinstance(x, torch.Tensor) and x.dim() == 1:
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         self._check_input(x, 2, "SparseLinear")
         if x.shape[1] != self.in_features:
             raise ValueError(f"input has {x.shape[1]} features, the layer expects {self.in_features}")
