@@ -131,3 +131,13 @@ def test_corrupt_files_give_one_clear_line(tmp_path, content, capsys):
     assert "model.pt" in one_line(capsys.readouterr().err)
     assert main(["eval", "--checkpoint", str(tmp_path)]) == 2  # a folder
     assert "folder" in one_line(capsys.readouterr().err)
+
+
+def test_a_whole_pickled_model_is_refused_with_the_way_out(tmp_path, capsys):
+    """torch.save(model) files are refused (they would run code) and the one line says what to do."""
+    from torch import nn
+
+    torch.save(nn.Sequential(nn.Linear(2, 2)), tmp_path / "whole.pt")
+    assert main(["eval", "--checkpoint", str(tmp_path / "whole.pt"), "--attacks", "clean"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "refused" in line and "Sequential" in line and "state_dict()" in line and "--model" in line

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import re
 import tempfile
 
 import torch
@@ -40,9 +41,14 @@ def safe_load(path: str, what: str = "checkpoint", map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{what} {path!r} holds objects other than tensors and plain data; refused, since "
-                         f"loading it could run code ({first[:160]})") from None
+        # torch names the first class it refused ("Unsupported global: GLOBAL torch.nn...Sequential").
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        culprit = found.group(1) if found else (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        hint = (": a whole pickled model (torch.save(model)); save its state_dict() instead (the command line "
+                "takes one with --model ARCH)" if found and (".nn.modules." in culprit or culprit.startswith(
+                    ("fastprune.models", "torchvision.models", "timm."))) else "")
+        raise ValueError(f"{what} {path!r} holds objects other than tensors and plain data ({culprit}); refused, "
+                         f"since loading it could run code{hint}") from None
     except (RuntimeError, EOFError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{what} {path!r} is not a readable torch file (truncated or corrupt?): {first[:160]}") from None
