@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data.batches import iter_batches, length
 from .apgd import APGD, APGDT
 from ..utils.checks import check_eps, check_images_labels
 from .autoattack import AutoAttack
@@ -54,30 +55,6 @@ def make_attack(name: str, model: nn.Module, *, eps: float, norm: str = "linf", 
     raise ValueError(f"unknown attack {name!r}: use one of {', '.join(ATTACK_NAMES)}")
 
 
-def _batches(data, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) tensors, a Dataset of pairs, or an iterable of (images, labels) batches."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        images, labels = data
-        if images.shape[0] != labels.shape[0]:
-            raise ValueError(f"data: {images.shape[0]} images but {labels.shape[0]} labels")
-        for start in range(0, images.shape[0], batch_size):
-            yield images[start:start + batch_size], labels[start:start + batch_size]
-        return
-    if isinstance(data, torch.utils.data.Dataset):
-        data = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
-    for batch in data:
-        yield batch[0], batch[1]
-
-
-def _length(data) -> int | None:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        return data[0].shape[0]
-    try:
-        return len(data.dataset) if hasattr(data, "dataset") else len(data)
-    except TypeError:
-        return None
-
-
 def evaluate(model: nn.Module, data, attacks: Sequence[str] = DEFAULT_ATTACKS, *, eps: float = 8 / 255,
              norm: str = "linf", batch_size: int = 256, device: str | torch.device | None = None,
              progress: bool = True, settings: dict[str, dict] | None = None, **options) -> dict[str, float]:
@@ -121,9 +98,9 @@ def evaluate(model: nn.Module, data, attacks: Sequence[str] = DEFAULT_ATTACKS, *
         correct[name] = torch.zeros((), dtype=torch.long, device=device)
     worst = torch.zeros((), dtype=torch.long, device=device)
     total = 0
-    bar = tqdm(total=_length(data), desc="evaluate", unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=length(data), desc="evaluate", unit="img", disable=not progress, leave=False)
     clip, classes = options.get("clip", (0.0, 1.0)), None
-    for images, labels in _batches(data, batch_size):
+    for images, labels in iter_batches(data, batch_size):
         images, labels = images.to(device), labels.to(device)
         # "clean" too: NaN, 0-255, bad labels (the model's class count read once)
         classes = check_images_labels(images, labels, clip=clip, model=model, num_classes=classes)

@@ -13,7 +13,6 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from ..attacks.base import Attack
@@ -21,6 +20,7 @@ from ..utils.checks import check_count, check_positive, eval_mode
 from ..attacks.losses import logits_of
 from . import distributed as dist
 from ..utils.checks import check_images_labels
+from ..data.batches import as_tensors
 from ..utils.io import atomic_save, safe_load
 from .objectives import natural_loss
 
@@ -49,34 +49,6 @@ def lr_factor(schedule: str, step: int, steps_per_epoch: int, total_steps: int, 
     return 1.0
 
 
-def training_tensors(data, what: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """(images (M, ...), labels (M,)) from a TensorDataset, an (images, labels) pair, any Dataset of
-    (image, label) items, or a DataLoader / iterable of (images, labels) batches: fit() keeps the
-    whole training set as two tensors on the device."""
-    if isinstance(data, TensorDataset):
-        if len(data.tensors) != 2:
-            raise ValueError(f"{what}: a TensorDataset of (images, labels), got {len(data.tensors)} tensors")
-        return data.tensors
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        if data[0].shape[0] != data[1].shape[0]:
-            raise ValueError(f"{what}: {data[0].shape[0]} images but {data[1].shape[0]} labels")
-        return data[0], data[1]
-    if isinstance(data, torch.utils.data.Dataset):
-        data = torch.utils.data.DataLoader(data, batch_size=512, shuffle=False)
-    if not hasattr(data, "__iter__"):
-        raise ValueError(f"{what} must be a Dataset, a DataLoader or an (images, labels) pair, got "
-                         f"{type(data).__name__}")
-    images, labels = [], []
-    for batch in data:
-        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-            raise ValueError(f"{what}: each batch must be (images, labels), got {type(batch).__name__}")
-        images.append(torch.as_tensor(batch[0]))
-        labels.append(torch.as_tensor(batch[1]))
-    if not images:
-        raise ValueError(f"{what} holds no samples")
-    return torch.cat(images), torch.cat(labels)
-
-
 def fit(model: nn.Module, train, *, objective: Callable = natural_loss, epochs: int, lr: float = 0.1,
         batch_size: int = 128, weight_decay: float = 1e-4, params: Iterable[nn.Parameter] | None = None,
         run_dir: str | None = None, seed: int = 0, progress: bool = True,
@@ -85,7 +57,7 @@ def fit(model: nn.Module, train, *, objective: Callable = natural_loss, epochs: 
         optimizer: str = "sgd", schedule: str = "cosine", milestones: tuple[int, ...] = (), gamma: float = 0.1,
         cycle_epochs: int = 3, keep: str | None = None, val=None, val_attack: Callable | None = None) -> list[dict]:
     """Train ``model`` on ``train`` (images (M, ...) in [0, 1], labels (M,), moved to the model's device):
-    a TensorDataset, an (images, labels) pair, a Dataset or a DataLoader (see :func:`training_tensors`).
+    a TensorDataset, an (images, labels) pair, a Dataset or a DataLoader (fastprune.data.batches).
 
     objective: (model, x, y) -> loss (see fastprune.train.objectives). params: what the optimiser
     updates (default every parameter that requires grad; HYDRA's prune phase passes the scores).
@@ -119,7 +91,7 @@ def fit(model: nn.Module, train, *, objective: Callable = natural_loss, epochs: 
     check_positive("lr", lr, allow_zero=False)
     check_count("batch_size", batch_size)
     device = next(model.parameters()).device
-    images, labels = (t.to(device) for t in training_tensors(train))
+    images, labels = (t.to(device) for t in as_tensors(train, "train"))
     if images.shape[0] == 0:
         raise ValueError("train holds no samples")
     # Bad data stops here, with its own message, rather than as a "diverged" loss later.
@@ -137,9 +109,9 @@ def fit(model: nn.Module, train, *, objective: Callable = natural_loss, epochs: 
     check_positive("gamma", gamma, allow_zero=False)
     check_count("cycle_epochs", cycle_epochs)
     val_check = _validation(keep, val, val_attack, objective, model, device)
-    opt = (torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay) if optimizer == "sgd" else
-           torch.optim.Adam(params, lr=lr, weight_decay=weight_decay))
-    optimizer = opt
+    # From here ``optimizer`` and ``schedule`` are the objects the names chose.
+    optimizer = (torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay) if optimizer == "sgd" else
+                 torch.optim.Adam(params, lr=lr, weight_decay=weight_decay))
     steps_per_epoch = -(-images.shape[0] // batch_size)
     total_steps = epochs * steps_per_epoch
     if schedule == "cosine":  # PyTorch's own (its recursive form; the runs before the other schedules)
