@@ -80,15 +80,13 @@ class APGD(Attack):
         targets = targets.view(count, -1)
         gen = self.generator(x.device)
         x_adv = self._perturb_rows(x, y, targets[0], gen)  # every point: also the fallback candidates
-        with torch.no_grad():
-            robust = self.logits(x_adv).argmax(dim=1) == y
+        robust = self.predict(x_adv) == y
         for t in range(1, count):
             index = robust.nonzero().squeeze(1)  # the points no earlier target fooled (a sync)
             if index.numel() == 0:
                 break
             candidate = self._perturb_rows(x[index], y[index], targets[t][index], gen)
-            with torch.no_grad():
-                fooled = self.logits(candidate).argmax(dim=1) != y[index]
+            fooled = self.predict(candidate) != y[index]
             x_adv[index] = torch.where(fooled.view((-1,) + (1,) * (x.dim() - 1)), candidate, x_adv[index])
             robust[index] = ~fooled
         return x_adv

@@ -88,19 +88,15 @@ class AutoAttack(Attack):
             return Square(self.model, n_queries=self.n_queries, p_init=0.8, rescale_schedule=False, **common)
         raise ValueError(f"unknown AutoAttack component {name!r}: use {COMPONENTS}")
 
-    def _correct(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.logits(x).argmax(dim=1) == y
-
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x_adv = x.clone()
-        robust = self._correct(x, y)
+        robust = self.predict(x) == y
         self.robust_after = {"clean": robust.clone()}
         for name, attack in self.components.items():
             index = robust.nonzero().squeeze(1)  # compaction: the one synchronisation per component
             if index.numel() > 0:
                 candidate = attack.perturb(x[index], y[index])
-                fooled = ~self._correct(candidate, y[index])
+                fooled = self.predict(candidate) != y[index]
                 x_adv[index] = torch.where(fooled.view((-1,) + (1,) * (x.dim() - 1)), candidate, x_adv[index])
                 robust[index] = ~fooled
             self.robust_after[name] = robust.clone()

@@ -128,6 +128,11 @@ class Attack:
             out = logits_of(self.model(x))
         return out.float()
 
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's predicted classes (N,) for x, without autograd (under autocast when amp is on)."""
+        with torch.no_grad():
+            return self.logits(x).argmax(dim=1)
+
     def loss_and_grad(self, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, target=None):
         """Per-sample loss (N,), its gradient w.r.t. x (N, ...) and the logits (N, C).
 

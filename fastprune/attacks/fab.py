@@ -183,10 +183,6 @@ class FAB(Attack):
             (g,) = torch.autograd.grad(diff.sum(), xg)
         return diff.detach(), g[:, None]
 
-    def _predict(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.logits(x).argmax(dim=1)
-
     # --- one run ----------------------------------------------------------------------------------
     def _run(self, x0: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, random_start: bool,
              best: torch.Tensor, best_norm: torch.Tensor, gen) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,7 +221,7 @@ class FAB(Attack):
             alpha = (a1 / (a1 + a2)).clamp(0, self.alpha_max).view(shape)
             x1 = ((x1 + self.eta * d1) * (1 - alpha) + (x0 + d2 * self.eta) * alpha).clamp(lo, hi)
 
-            adversarial = self._predict(x1) != y
+            adversarial = self.predict(x1) != y
             size = _norm(x1 - x0, self.norm)
             smaller = adversarial & (size < best_norm)
             best = torch.where(smaller.view(shape), x1, best)
@@ -244,7 +240,7 @@ class FAB(Attack):
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         gen = self.generator(x.device)
         x_adv = x.clone()
-        robust = self._predict(x) == y
+        robust = self.predict(x) == y
         targets, groups = self._targets(x) if self.targeted else (None, 1)
         for group in range(groups):
             for restart in range(self.restarts):
@@ -256,7 +252,7 @@ class FAB(Attack):
                 target = targets[group][index] if targets is not None else None
                 best_norm = torch.full((index.numel(),), 1e10, device=x.device, dtype=x.dtype)
                 best, best_norm = self._run(x0, y0, target, restart > 0, x0.clone(), best_norm, gen)
-                fooled = (best_norm <= self.eps) & (self._predict(best) != y0)
+                fooled = (best_norm <= self.eps) & (self.predict(best) != y0)
                 x_adv[index] = torch.where(fooled.view(_rows(x0)), best, x_adv[index])
                 robust[index] = robust[index] & ~fooled
         return x_adv

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Attack, check_count, check_positive
+from .losses import cw_margin_loss
 
 
 def p_schedule(iteration: int, n_queries: int, p_init: float, rescale: bool) -> float:
@@ -86,8 +87,7 @@ class Square(Attack):
         """(z_y - max_{j != y} z_j, the loss to minimise), each (M,)."""
         with torch.no_grad():
             logits = self.logits(x)
-        z_y = logits.gather(1, y[:, None]).squeeze(1)
-        margin = z_y - logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)
+        margin = -cw_margin_loss(logits, y)
         if self.loss_name == "margin":
             return margin, margin
         return margin, -F.cross_entropy(logits, y, reduction="none")
