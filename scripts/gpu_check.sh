@@ -108,7 +108,10 @@ step build 200 help env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" "$PY" s
 # --- 3. the CUDA variants of the suite first ------------------------------------------------------
 TIMEOUT_FLAG=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_FLAG=(-p pytest_timeout --timeout=90)
-step tests-cuda 150 collect "$PY" -m pytest -q -x --maxfail=20 -k "cuda or gpu" "${TIMEOUT_FLAG[@]}" \
+# Several workers share the GPU: the CUDA tests' time is mostly Triton compiling kernels on the CPU.
+XDIST_FLAG=()
+[ "$DRY" = 0 ] && "$PY" -c "import xdist" 2>/dev/null && XDIST_FLAG=(-p xdist -n 8)
+step tests-cuda 150 collect "$PY" -m pytest -q -x --maxfail=20 -k "cuda or gpu" "${TIMEOUT_FLAG[@]}" "${XDIST_FLAG[@]}" \
   -p no:cacheprovider --junitxml="$WORK/results/tests-cuda.xml" tests
 
 # --- 4. benchmarks, GPU mode, bounded sizes --------------------------------------------------------
