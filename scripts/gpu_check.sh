@@ -7,6 +7,7 @@
 #   gpu-check.tar.gz   results/*.csv, logs/*.log, summary.md
 #   summary.md         each step's status and time, and the targets table (met / not met / figure)
 #
+# GPU_CHECK_SKIP="step step ..." leaves named steps out (a rerun of the failed parts, say).
 # Each step runs under its own time box and under a deadline for the whole script (GPU_CHECK_BUDGET,
 # 480 s by default, less a reserve for packing): a failed or hung step is recorded and the next one
 # runs. Plan for an H100 (how the boxes were estimated, in docs/ARCHITECTURE.md, "Validating on a
@@ -22,7 +23,7 @@ DRY=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$arg' (use --dry-run or --help)" >&2; exit 2 ;;
   esac
 done
@@ -58,6 +59,11 @@ step() {
   shift 3
   local log="$WORK/logs/$name.log" t0 status rc
   t0=$(date +%s)
+  if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then
+    echo "| $name | skipped: GPU_CHECK_SKIP | 0 | 0 |" >> "$SUMMARY"
+    echo "== $name: skipped (GPU_CHECK_SKIP)"
+    return
+  fi
   local budget_left
   budget_left=$(left)
   [ "$box" -gt "$budget_left" ] && box=$budget_left
@@ -106,19 +112,23 @@ fi
 step build 200 help env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" "$PY" setup.py build_ext --inplace
 
 # --- 3. the CUDA variants of the suite first ------------------------------------------------------
+# Plugins load themselves unless PYTEST_DISABLE_PLUGIN_AUTOLOAD is set; naming an autoloaded one
+# again with -p is an error ("Plugin already registered"), as the first H200 run found.
+load() { [ -n "${PYTEST_DISABLE_PLUGIN_AUTOLOAD:-}" ] && echo "-p $1"; }
 TIMEOUT_FLAG=()
-"$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_FLAG=(-p pytest_timeout --timeout=90)
+"$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_FLAG=($(load pytest_timeout) --timeout=90)
 # Several workers share the GPU: the CUDA tests' time is mostly Triton compiling kernels on the CPU.
 XDIST_FLAG=()
-[ "$DRY" = 0 ] && "$PY" -c "import xdist" 2>/dev/null && XDIST_FLAG=(-p xdist -n 8)
+[ "$DRY" = 0 ] && "$PY" -c "import xdist" 2>/dev/null && XDIST_FLAG=($(load xdist) -n 8)
 step tests-cuda 150 collect "$PY" -m pytest -q -x --maxfail=20 -k "cuda or gpu" "${TIMEOUT_FLAG[@]}" "${XDIST_FLAG[@]}" \
   -p no:cacheprovider --junitxml="$WORK/results/tests-cuda.xml" tests
 
 # --- 4. benchmarks, GPU mode, bounded sizes --------------------------------------------------------
 step bench-attacks 120 help "$PY" bench/attacks.py --device cuda --quick --out "$WORK/results"
 step bench-hsic 60 help "$PY" bench/hsic.py --device cuda --quick --out "$WORK/results"
-step bench-sparse 90 help "$PY" -m fastprune.cli bench sparse --device cuda --model resnet18 vgg16 \
+step bench-sparse 150 help "$PY" -m fastprune.cli bench sparse --device cuda --model resnet18 vgg16 \
   --sparsity 0.9 0.99 --batch 1 64 256 --repeats 5 --out "$WORK/results"
+step profile 40 help "$PY" bench/profile_gpu.py --device cuda --out "$WORK/results"
 step bench-train 60 help "$PY" bench/train.py --device cuda --quick --out "$WORK/results"
 
 # --- 5. the rest of the suite with the time left -------------------------------------------------

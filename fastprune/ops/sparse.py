@@ -260,7 +260,10 @@ def finish_epilogue(y: torch.Tensor, epilogue: int, fused: int, residual: Option
         return y
     recording = torch.is_grad_enabled() and (y.requires_grad or (residual is not None and residual.requires_grad))
     if epilogue == EPILOGUES["add_relu"]:
-        return torch.relu(y + residual) if recording else torch.ops.aten._add_relu_(y, residual)
+        if recording:
+            return torch.relu(y + residual)
+        # aten._add_relu_ (one pass) has CPU kernels only; on a GPU the two in-place passes are cheap
+        return torch.ops.aten._add_relu_(y, residual) if y.device.type == "cpu" else y.add_(residual).relu_()
     if fused == EPILOGUES["none"] and epilogue in (EPILOGUES["relu"], EPILOGUES["relu_pool"]):
         y = torch.relu(y) if recording else y.relu_()
     if epilogue == EPILOGUES["relu_pool"]:

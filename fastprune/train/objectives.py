@@ -12,7 +12,7 @@ from torch import nn
 
 from ..utils.checks import check_count, check_positive, eval_mode
 from ..utils.checks import check_eps
-from ..utils.autograd import input_gradients_only
+from ..utils.autograd import float16_autocast, input_gradients_only, per_sample_scaled_grad
 from ..attacks.losses import logits_of
 from ..attacks.pgd import PGD
 from ..ops.pgd import pgd_step_
@@ -79,8 +79,12 @@ class TRADES:
             x_adv = (x + 0.001 * torch.randn_like(x)).detach()
             for _ in range(self.steps):
                 xg = x_adv.requires_grad_(True)
-                kl = F.kl_div(F.log_softmax(logits_of(model(xg)), dim=1), p_clean, reduction="sum")
-                (grad,) = torch.autograd.grad(kl, xg)
+                logits = logits_of(model(xg)).float()
+                kl = F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="none").sum(dim=1)
+                if float16_autocast(x.device):  # fit(amp=True) on CUDA: the KL's gradient starts tiny
+                    grad = per_sample_scaled_grad(kl, logits, xg)
+                else:
+                    (grad,) = torch.autograd.grad(kl.sum(), xg)
                 x_adv = xg.detach()
                 if self.norm == "linf":
                     pgd_step_(x_adv, grad, x, alpha=alpha, eps=eps, check_values=False)

@@ -163,6 +163,8 @@ def add_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     two-op form when autograd records (aten._add_relu has no derivative; attacks need one)."""
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
         return torch.relu(a + b)
+    if a.device.type != "cpu":  # aten._add_relu has CPU kernels only
+        return torch.add(a, b).relu_()
     return torch.ops.aten._add_relu(a, b)
 
 
