@@ -17,6 +17,11 @@ import pytest  # noqa: E402
 from fastprune import backends  # noqa: E402
 
 GPU = torch.cuda.is_available()
+if GPU:
+    # PyTorch runs cuDNN convolutions in TF32 by default (about 1e-3 relative): the dense models the
+    # tests take as references must be float32-accurate, as fastprune's kernels are (tf32x3 dots).
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 NEEDS_GPU = [pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="needs a CUDA device")]
