@@ -122,7 +122,7 @@ XDIST_FLAG=()
 [ "$DRY" = 0 ] && "$PY" -c "import xdist" 2>/dev/null && XDIST_FLAG=($(load xdist) -n 8)
 # Each worker gets its share of the cores: 8 workers with a thread per core each trained the suite's
 # CPU fixtures past the per-test timeout (second H200 run).
-step tests-cuda 150 collect env OMP_NUM_THREADS=$(( $(nproc) / 8 > 0 ? $(nproc) / 8 : 1 )) "$PY" -m pytest -q --maxfail=50 -k "cuda or gpu" "${TIMEOUT_FLAG[@]}" "${XDIST_FLAG[@]}" \
+step tests-cuda 150 collect env TORCH_CUDA_ARCH_LIST="$ARCH" OMP_NUM_THREADS=$(( $(nproc) / 8 > 0 ? $(nproc) / 8 : 1 )) "$PY" -m pytest -q --maxfail=50 -k "cuda or gpu" "${TIMEOUT_FLAG[@]}" "${XDIST_FLAG[@]}" \
   -p no:cacheprovider --junitxml="$WORK/results/tests-cuda.xml" tests
 
 # --- 4. benchmarks, GPU mode, bounded sizes --------------------------------------------------------

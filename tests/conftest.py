@@ -22,6 +22,9 @@ if GPU:
     # tests take as references must be float32-accurate, as fastprune's kernels are (tf32x3 dots).
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
+    # Seeded attacks are checked to repeat bit for bit; cuDNN's default input-gradient algorithms
+    # may add with atomics (L2 attacks and FAB repeated only to the last bits on an H200).
+    torch.backends.cudnn.deterministic = True
 
 
 NEEDS_GPU = [pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="needs a CUDA device")]

@@ -57,12 +57,16 @@ class Attack:
         eps: radius of the threat model, in pixel units.
         norm: "linf" or "l2".
         clip: the valid image box.
-        amp: run the model under autocast (float16 on CUDA, bfloat16 on CPU).
+        amp: run the model under autocast (float16 on CUDA, bfloat16 on CPU). Under float16 each
+            image's logit gradient is rescaled before the backward pass, so that confidently
+            classified images' gradients do not underflow (utils.autograd.per_sample_scaled_grad).
         channels_last: feed channels_last images; converts the model's parameters to channels_last
             memory format once (values unchanged).
         cuda_graph: capture the attack step once per input shape and replay it (CUDA only).
         seed: seeds the attack's own random generator, making each call reproducible; None uses
-            torch's global generator.
+            torch's global generator. On CUDA, bit-for-bit repeats also need
+            ``torch.backends.cudnn.deterministic = True``: some of cuDNN's input-gradient algorithms
+            add with atomics, and L2 steps and FAB carry such last-bit differences forward.
     """
 
     def __init__(self, model: nn.Module, *, eps: float, norm: str = "linf", clip=(0.0, 1.0), amp: bool = False,

@@ -109,10 +109,11 @@ class Square(Attack):
         in_cols = (cols >= vw) & (cols < vw + s)
         return (in_rows[:, None] & in_cols[None, :]).float()
 
-    def _window_index(self, vh, vw, s: int, device):
-        """Index tensors that select the s x s window at (vh, vw) from an (..., h, w) tensor."""
-        offsets = torch.arange(s, device=device)
-        return (vh + offsets)[:, None], (vw + offsets)[None, :]
+    def _window(self, t: torch.Tensor, vh, vw, s: int) -> torch.Tensor:
+        """The s x s window at (vh, vw) of an (M, C, h, w) tensor, (M, C, s, s), gathered with
+        index_select (no host synchronisation for the device-side offsets)."""
+        offsets = torch.arange(s, device=t.device)
+        return t.index_select(2, vh + offsets).index_select(3, vw + offsets)
 
     def _eta(self, s: int, gen, device) -> torch.Tensor:
         """The (s, s) pattern, transposed with probability 1/2 (chosen on the device)."""
@@ -169,9 +170,7 @@ class Square(Attack):
         delta = x_best - x
         vh, vw = self._position(h, s, gen, device), self._position(w, s, gen, device)
         vh2, vw2 = self._position(h, s, gen, device), self._position(w, s, gen, device)
-        wr, wc = self._window_index(vh, vw, s, device)
-        wr2, wc2 = self._window_index(vh2, vw2, s, device)
-        window = delta[:, :, wr, wc]                                     # (M, C, s, s)
+        window = self._window(delta, vh, vw, s)                          # (M, C, s, s)
         norms_window = window.pow(2).sum(dim=(-2, -1), keepdim=True).sqrt()
         norms_image = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
         both = torch.maximum(self._window_mask(vh, vw, s, h, w, device), self._window_mask(vh2, vw2, s, h, w, device))
@@ -181,9 +180,14 @@ class Square(Attack):
         new = new + window / (1e-12 + norms_window)
         budget = (torch.clamp_min(self.eps ** 2 - norms_image ** 2, 0) / c + norms_windows ** 2).sqrt()
         new = new / (1e-12 + new.pow(2).sum(dim=(-2, -1), keepdim=True).sqrt()) * budget
-        delta = delta.clone()
-        delta[:, :, wr2, wc2] = 0.0
-        delta[:, :, wr, wc] = new
+        # The second window cleared, then the first one set to ``new``, with masks and a gather:
+        # assigning through the index tensors (index_put_) synchronises with the host on CUDA.
+        mask = self._window_mask(vh, vw, s, h, w, device).bool()
+        delta = delta * (1 - self._window_mask(vh2, vw2, s, h, w, device))
+        rows_in = (torch.arange(h, device=device) - vh).clamp(0, s - 1)
+        cols_in = (torch.arange(w, device=device) - vw).clamp(0, s - 1)
+        placed = new.index_select(2, rows_in).index_select(3, cols_in)  # (M, C, h, w): new where mask is set
+        delta = torch.where(mask, placed, delta)
         return (x + self._normalize(delta) * self.eps).clamp(lo, hi)
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, gen) -> torch.Tensor:

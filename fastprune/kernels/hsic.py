@@ -13,9 +13,13 @@ Backward, two launches: with G = dL/dK, ``_gram_s_kernel`` forms S' = S - diag(S
 All accumulation is in float32; the dots run in ``input_precision`` ("tf32x3": float32-accurate
 on tensor cores; "ieee": plain float32; "tf32": fastest, about 1e-3 relative).
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
+from .launch import cdiv, sm_count
 
 
 @triton.jit
@@ -144,17 +148,19 @@ BWD_TILES = {True: dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=64, num_warps=8, num_sta
 MAX_SPLIT = 64
 
 
+@functools.lru_cache(maxsize=1024)
 def gram_split(upper_tiles: int, d: int, block_d: int, wave: int) -> tuple[int, int]:
     """(n_split, d_per_split) for the forward's split-K: the fewest idle slots over the waves of
     programs (each split at least 4 slices of d), then the fewest splits (less partial-sum
-    traffic). ``wave``: programs that run at once (the SM count)."""
-    max_split = max(1, min(MAX_SPLIT, triton.cdiv(d, 4 * block_d)))
+    traffic). ``wave``: programs that run at once (the SM count). Cached: the search over up to 64
+    splits took 0.4 ms of Python per call, more than the kernels' GPU time at m = 128 (H200 profile)."""
+    max_split = max(1, min(MAX_SPLIT, cdiv(d, 4 * block_d)))
     best = None
     for asked in range(1, max_split + 1):
-        per = triton.cdiv(triton.cdiv(d, asked), block_d) * block_d
-        n_split = triton.cdiv(d, per)
+        per = cdiv(cdiv(d, asked), block_d) * block_d
+        n_split = cdiv(d, per)
         programs = upper_tiles * n_split
-        efficiency = programs / (triton.cdiv(programs, wave) * wave)
+        efficiency = programs / (cdiv(programs, wave) * wave)
         key = (efficiency, -n_split)
         if best is None or key > best[0]:
             best = (key, n_split, per)
@@ -164,7 +170,7 @@ def gram_split(upper_tiles: int, d: int, block_d: int, wave: int) -> tuple[int, 
 def gram_bwd_grid(m: int, d: int, on_gpu: bool = True) -> tuple[int, int]:
     """The backward product's grid: feature tiles on axis 0 (up to 2^31 - 1), row tiles on axis 1."""
     cfg = BWD_TILES[on_gpu]
-    return triton.cdiv(d, cfg["BLOCK_D"]), triton.cdiv(m, cfg["BLOCK_M"])
+    return cdiv(d, cfg["BLOCK_D"]), cdiv(m, cfg["BLOCK_M"])
 
 
 def gaussian_gram_fwd(x, mean, scale, out, apply_exp=True):
@@ -175,8 +181,8 @@ def gaussian_gram_fwd(x, mean, scale, out, apply_exp=True):
         # dots) spilled registers on sm_80 in the ahead-of-time check (bench/results/triton-aot.csv).
         x = x.float()
     cfg = FWD_TILES[x.is_cuda]
-    tiles = triton.cdiv(m, cfg["BLOCK_M"])
-    wave = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    tiles = cdiv(m, cfg["BLOCK_M"])
+    wave = sm_count(x.device) if x.is_cuda else 4
     n_split, d_per_split = gram_split(tiles * (tiles + 1) // 2, d, cfg["BLOCK_D"], wave)
     partial = torch.empty((n_split, m, m), device=x.device, dtype=torch.float32)
     # Grid (tiles, tiles, n_split): tiles <= 65535 on axis 1 (m up to 4M), n_split <= 64.
@@ -194,7 +200,7 @@ def gaussian_gram_bwd(grad, k, x, mean, scale, dx):
     """dL/dx (m, d) into ``dx`` given grad = dL/dK (m, m) float32 and the forward's K."""
     m, d = x.shape
     s = torch.empty((m, m), device=x.device, dtype=torch.float32)
-    _gram_s_kernel[(triton.cdiv(m, S_TILES["BLOCK_R"]),)](grad, k, s, m, **S_TILES)
+    _gram_s_kernel[(cdiv(m, S_TILES["BLOCK_R"]),)](grad, k, s, m, **S_TILES)
     cfg = BWD_TILES[x.is_cuda]
     _gram_bwd_kernel[gram_bwd_grid(m, d, x.is_cuda)](s, x, mean, scale, dx, m, d, x.stride(0), dx.stride(0), PRECISION=_precision(x), **cfg)
     return dx

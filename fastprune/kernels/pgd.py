@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import cdiv, sm_count
+
 LINF_BLOCK, LINF_WARPS = 2048, 8
 L2_BLOCK, L2_WARPS = 1024, 4
 L2_MAX_CHUNKS = 64  # partial sums per sample; a power of two (one masked load reads them all)
@@ -122,16 +124,16 @@ def l2_chunks(n: int, per_sample: int, block: int, target_programs: int) -> tupl
     """(n_chunks, chunk_len) for the L2 step: enough (chunk, sample) programs to reach
     ``target_programs`` (a few per SM), each chunk a whole number of blocks, at most
     L2_MAX_CHUNKS chunks per sample, every chunk non-empty."""
-    blocks = triton.cdiv(per_sample, block)
-    n_chunks = max(1, min(triton.cdiv(target_programs, max(n, 1)), blocks, L2_MAX_CHUNKS))
-    chunk_len = triton.cdiv(blocks, n_chunks) * block
-    return triton.cdiv(per_sample, chunk_len), chunk_len
+    blocks = cdiv(per_sample, block)
+    n_chunks = max(1, min(cdiv(target_programs, max(n, 1)), blocks, L2_MAX_CHUNKS))
+    chunk_len = cdiv(blocks, n_chunks) * block
+    return cdiv(per_sample, chunk_len), chunk_len
 
 
 def target_programs(device: torch.device) -> int:
     """Programs that fill the device a few times over: 4 per SM on a GPU; 4 under the interpreter."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 4 * sm_count(device)
     return 4
 
 
@@ -149,7 +151,7 @@ def pgd_step_fwd(x_adv, grad, x_nat, alpha, eps, norm, clip_min, clip_max, out):
     per_sample = numel // n
     compute = _compute_type(x_adv.dtype)
     if norm == "linf":
-        _pgd_step_linf_kernel[(triton.cdiv(numel, LINF_BLOCK),)](
+        _pgd_step_linf_kernel[(cdiv(numel, LINF_BLOCK),)](
             x_adv, grad, x_nat, alpha, eps, out, numel, per_sample, clip_min, clip_max,
             BLOCK=LINF_BLOCK, COMPUTE=compute, num_warps=LINF_WARPS,
         )

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import cdiv
+
 OC_TILE = 16
 BLOCK_K = 16
 BLOCK_P_CHOICES = (16, 32, 64, 128)
@@ -76,14 +78,14 @@ def _sparse_conv2d_tiled_kernel(
 
 def block_p(total_p: int) -> int:
     """Positions per program: the output's size rounded up to a power of two, 16 to 128."""
-    return min(BLOCK_P_CHOICES[-1], max(BLOCK_P_CHOICES[0], triton.next_power_of_2(max(total_p, 1))))
+    return min(BLOCK_P_CHOICES[-1], max(BLOCK_P_CHOICES[0], 1 << (max(total_p, 1) - 1).bit_length()))
 
 
 def launch_grid(total_p: int, oc: int) -> tuple[int, int, int]:
     """(programs, position blocks, BLOCK_P): one flat grid axis, tile-major."""
     bp = block_p(total_p)
-    n_pblocks = triton.cdiv(total_p, bp)
-    return triton.cdiv(oc, OC_TILE) * n_pblocks, n_pblocks, bp
+    n_pblocks = cdiv(total_p, bp)
+    return cdiv(oc, OC_TILE) * n_pblocks, n_pblocks, bp
 
 
 def _precision(dtype) -> str:
