@@ -139,10 +139,16 @@ def gaussian_gram(x: torch.Tensor, sigma: float | torch.Tensor | None = None, *,
         elif isinstance(sigma, torch.Tensor):
             sig = sigma.detach().float().to(x.device).reshape(())
         else:
-            sig = torch.tensor(float(sigma), device=x.device)
-        if scale_sigma_by_dim:
-            sig = sig * math.sqrt(x2.shape[1])
-        scale = (0.5 / sig.square()).float().reshape(())
+            # A float bandwidth becomes the scale on the host and one fill on the device: no
+            # host-to-device copy and no chain of scalar kernels (each a launch on a GPU, where
+            # this op is launch-bound at PwoA's m = 128).
+            bandwidth = float(sigma) * (math.sqrt(x2.shape[1]) if scale_sigma_by_dim else 1.0)
+            sig = None
+            scale = torch.full((), 0.5 / bandwidth ** 2, device=x.device)
+        if sig is not None:
+            if scale_sigma_by_dim:
+                sig = sig * math.sqrt(x2.shape[1])
+            scale = (0.5 / sig.square()).float().reshape(())
     return _gaussian_gram_op(x2, mean, scale, True)
 
 
