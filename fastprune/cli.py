@@ -107,10 +107,13 @@ def _demo(args) -> int:
     return 0
 
 
-def _load_checkpoint(path: str, device, arch: str | None, data, sparsity: float | None = None):
+def _load_checkpoint(path: str, device, arch: str | None, data, sparsity: float | None = None,
+                     normalize: str = "none"):
     """(model, {"model", "num_classes", "in_channels"}): a checkpoint of save_model, or with --model
-    ARCH a plain state_dict in the papers' or RobustBench's format (fastprune.models.load_pretrained;
-    a HYDRA score checkpoint needs ``sparsity`` and comes back with fixed-mask layers)."""
+    ARCH a plain state_dict: the papers' or RobustBench's format for a zoo ARCH, the library's own
+    names for torchvision:/timm:/file.py:factory (fastprune.models.load_pretrained; a HYDRA score
+    checkpoint needs ``sparsity`` and comes back with fixed-mask layers). A checkpoint of a file
+    factory's model needs --model naming that factory again."""
     from fastprune.models import available_models, load_pretrained
     from fastprune.nn import apply_masks
     from fastprune.train import load_model
@@ -118,19 +121,22 @@ def _load_checkpoint(path: str, device, arch: str | None, data, sparsity: float 
 
     obj = safe_load(path, "checkpoint")  # tensors and plain data only: no file runs code here
     if isinstance(obj, dict) and {"model", "num_classes", "in_channels", "state_dict"} <= set(obj):
-        return load_model(path, device)
+        return load_model(path, device, model=arch)
     if isinstance(obj, dict) and obj.get("format") == "fastprune-sparse":
         return load_model(path, device)  # refused there with its own message
     if arch is None:
         raise ValueError(f"{path!r} is not a fastprune checkpoint; for a plain state_dict (the papers' or "
-                         f"RobustBench's format) name its architecture with --model (one of {available_models()})")
-    model = load_pretrained(arch, path, data.num_classes, data.in_channels, map_location="cpu", sparsity=sparsity)
+                         f"RobustBench's format, or a torchvision/timm model's) name its architecture with --model "
+                         f"(one of {available_models()}, or torchvision:NAME, timm:NAME, path/to/file.py:factory)")
+    model = load_pretrained(arch, path, data.num_classes, data.in_channels, map_location="cpu", sparsity=sparsity,
+                            normalize=normalize)
     if getattr(model, "hydra_masks", None):
         apply_masks(model, model.hydra_masks)
     return model.to(device), {"model": arch, "num_classes": data.num_classes, "in_channels": data.in_channels}
 
 
-def _load_any(path: str, device, arch: str | None = None, data=None, sparsity: float | None = None):
+def _load_any(path: str, device, arch: str | None = None, data=None, sparsity: float | None = None,
+              normalize: str = "none"):
     """A checkpoint of save_model (dense or masked), a sparse model of save_sparse, or with --model a
     plain state_dict (see _load_checkpoint)."""
     from fastprune.nn import load_sparse
@@ -138,8 +144,8 @@ def _load_any(path: str, device, arch: str | None = None, data=None, sparsity: f
 
     obj = safe_load(path, "checkpoint")  # tensors and plain data only: no file runs code here
     if isinstance(obj, dict) and obj.get("format") == "fastprune-sparse":
-        return load_sparse(path, map_location=device).eval()
-    return _load_checkpoint(path, device, arch, data, sparsity)[0]
+        return load_sparse(path, map_location=device, model=arch).eval()
+    return _load_checkpoint(path, device, arch, data, sparsity, normalize)[0]
 
 
 def _training_device(args) -> torch.device:
@@ -300,6 +306,13 @@ def _fit_options(args, data) -> dict:
     return options
 
 
+def _train_normalize(args):
+    """--normalize for get_model: a zoo model keeps its own normalisation ("default")."""
+    from fastprune.models.external import is_external
+
+    return args.normalize if is_external(args.model) else "default"
+
+
 def _train(args) -> int:
     from fastprune.data import get_dataset
     from fastprune.models import get_model
@@ -309,7 +322,7 @@ def _train(args) -> int:
     device = _training_device(args)
     data = get_dataset(args.data, root=args.root)
     torch.manual_seed(args.seed)
-    model = get_model(args.model, data.num_classes, data.in_channels).to(device)
+    model = get_model(args.model, data.num_classes, data.in_channels, normalize=_train_normalize(args)).to(device)
     _check_model_fits(model, data, args.model, args.data)  # before the run directory is made
     out = _run_dir(args, "train")
     fit(model, data.train, objective=_objective(args), epochs=args.epochs, lr=args.lr, run_dir=out,
@@ -331,7 +344,8 @@ def _prune(args) -> int:
     device = _training_device(args)
     torch.manual_seed(args.seed)  # attacks' random starts, HSIC's and ADMM's draws: the same every run
     data = get_dataset(args.data, root=args.root)
-    model, ckpt = _load_checkpoint(args.checkpoint, device, args.model, data, args.checkpoint_sparsity)
+    model, ckpt = _load_checkpoint(args.checkpoint, device, args.model, data, args.checkpoint_sparsity,
+                                   args.normalize)
     _check_model_fits(model, data, ckpt["model"], args.data)
     out = _run_dir(args, f"prune-{args.method}")
     common = dict(run_dir=out, sparse_kernels=args.sparse_kernels, **_fit_options(args, data))
@@ -343,7 +357,7 @@ def _prune(args) -> int:
         lwm(model, data.train, sparsity=args.sparsity, objective=_objective(args),
             finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, **common)
     else:
-        teacher, _ = _load_checkpoint(args.teacher, device, args.model, data)
+        teacher, _ = _load_checkpoint(args.teacher, device, args.model, data, normalize=args.normalize)
         pwoa(model, teacher, data.train, sparsity=args.sparsity, admm_epochs=args.admm_epochs,
              retrain_epochs=args.retrain_epochs, admm_lr=args.admm_lr, retrain_lr=args.retrain_lr, temperature=args.temperature, alpha=args.kd_alpha,
              lambda_x=args.lambda_x, lambda_y=args.lambda_y, num_classes=data.num_classes,
@@ -363,7 +377,8 @@ def _finetune(args) -> int:
     device = _training_device(args)
     torch.manual_seed(args.seed)
     data = get_dataset(args.data, root=args.root)
-    model, ckpt = _load_checkpoint(args.checkpoint, device, args.model, data, args.checkpoint_sparsity)
+    model, ckpt = _load_checkpoint(args.checkpoint, device, args.model, data, args.checkpoint_sparsity,
+                                   args.normalize)
     _check_model_fits(model, data, ckpt["model"], args.data)
     out = _run_dir(args, "finetune")
     finetune_phase(model, data.train, objective=_objective(args), epochs=args.epochs, lr=args.lr, run_dir=out,
@@ -382,7 +397,8 @@ def _export(args) -> int:
         raise ValueError(f"--out {args.out!r} is a folder; give a file name (e.g. model.sparse.pt)")
     device = _device(args.device)
     data = get_dataset(args.data, root=args.root)
-    model, _ = _load_checkpoint(args.checkpoint, device, args.model, data, args.checkpoint_sparsity)
+    model, _ = _load_checkpoint(args.checkpoint, device, args.model, data, args.checkpoint_sparsity,
+                                   args.normalize)
     example = data.test.tensors[0][: args.batch_size].to(device)
     print("timing dense and sparse layers for batch sizes 1 to 256 (a minute or more on a CPU)", flush=True)
     sparse = sparsify(model, example)
@@ -397,7 +413,7 @@ def _eval(args) -> int:
 
     device = _device(args.device)
     data = get_dataset(args.data, root=args.root)
-    model = _load_any(args.checkpoint, device, args.model, data, args.checkpoint_sparsity)
+    model = _load_any(args.checkpoint, device, args.model, data, args.checkpoint_sparsity, args.normalize)
     settings = {}
     for name in args.attacks:
         if name.lower() in ("autoattack", "autoattack-plus"):
@@ -448,15 +464,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 
+    def checkpoint_model_options(p):
+        p.add_argument("--model", default=None,
+                       help="the architecture of a plain state_dict --checkpoint: a zoo name (the papers' or "
+                            "RobustBench's format, fastprune.models.load_pretrained), torchvision:NAME, timm:NAME or "
+                            "path/to/file.py:factory (also needed again for a fastprune file of such a factory model)")
+        p.add_argument("--checkpoint-sparsity", type=float, default=None,
+                       help="a HYDRA score checkpoint (popup_scores): the sparsity it was pruned to (HYDRA's k = 1 - it)")
+        p.add_argument("--normalize", choices=("none", "imagenet", "cifar10"), default="none",
+                       help="a torchvision/timm/file --model's input normalisation (it still takes [0, 1] images)")
+
     ev = sub.add_parser("eval", help="robust accuracy of a checkpoint under AutoAttack (or other attacks)",
                         description="Accuracy clean, under each attack (AutoAttack standard by default, reported "
                                     "after each of its components), and the worst case per image.")
     ev.add_argument("--checkpoint", required=True)
-    ev.add_argument("--model", default=None,
-                    help="the zoo architecture of a plain state_dict --checkpoint (the papers' or RobustBench's "
-                         "format, loaded by fastprune.models.load_pretrained)")
-    ev.add_argument("--checkpoint-sparsity", type=float, default=None,
-                    help="a HYDRA score checkpoint (popup_scores): the sparsity it was pruned to (HYDRA's k = 1 - it)")
+    checkpoint_model_options(ev)
     ev.add_argument("--data", default="digits")
     ev.add_argument("--root", default=None, help="folder of the data set's files")
     ev.add_argument("--attacks", nargs="+", default=["clean", "autoattack"],
@@ -516,7 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "after each epoch (the papers' scripts), or the last")
 
     tr = sub.add_parser("train", help="train a model (natural, PGD-AT or TRADES)")
-    tr.add_argument("--model", default="cnn-small")
+    tr.add_argument("--model", default="cnn-small",
+                    help="a zoo name, torchvision:NAME, timm:NAME or path/to/file.py:factory")
+    tr.add_argument("--normalize", choices=("none", "imagenet", "cifar10"), default="none",
+                    help="a torchvision/timm/file model's input normalisation (it still takes [0, 1] images)")
     tr.add_argument("--epochs", type=int, default=100)
     tr.add_argument("--lr", type=float, default=0.1)
     common(tr)
@@ -525,11 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prune", help="prune a checkpoint with HYDRA, LWM or PwoA")
     pr.add_argument("--method", choices=("hydra", "lwm", "pwoa"), required=True)
     pr.add_argument("--checkpoint", required=True)
-    pr.add_argument("--model", default=None,
-                    help="the zoo architecture of a plain state_dict --checkpoint (the papers' or RobustBench's "
-                         "format, loaded by fastprune.models.load_pretrained)")
-    pr.add_argument("--checkpoint-sparsity", type=float, default=None,
-                    help="a HYDRA score checkpoint (popup_scores): the sparsity it was pruned to (HYDRA's k = 1 - it)")
+    checkpoint_model_options(pr)
     pr.add_argument("--sparsity", type=float, required=True)
     pr.add_argument("--teacher", default=None, help="PwoA: the robust model to distil from")
     pr.add_argument("--prune-epochs", type=int, default=20)
@@ -567,11 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ft = sub.add_parser("finetune", help="robust finetune of a pruned checkpoint, masks fixed")
     ft.add_argument("--checkpoint", required=True)
-    ft.add_argument("--model", default=None,
-                    help="the zoo architecture of a plain state_dict --checkpoint (the papers' or RobustBench's "
-                         "format, loaded by fastprune.models.load_pretrained)")
-    ft.add_argument("--checkpoint-sparsity", type=float, default=None,
-                    help="a HYDRA score checkpoint (popup_scores): the sparsity it was pruned to (HYDRA's k = 1 - it)")
+    checkpoint_model_options(ft)
     ft.add_argument("--epochs", type=int, default=100)
     ft.add_argument("--lr", type=float, default=0.01)
     ft.add_argument("--sparse-kernels", action="store_true",
@@ -582,11 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write the sparse inference model of a pruned checkpoint")
     ex.add_argument("--checkpoint", required=True)
-    ex.add_argument("--model", default=None,
-                    help="the zoo architecture of a plain state_dict --checkpoint (the papers' or RobustBench's "
-                         "format, loaded by fastprune.models.load_pretrained)")
-    ex.add_argument("--checkpoint-sparsity", type=float, default=None,
-                    help="a HYDRA score checkpoint (popup_scores): the sparsity it was pruned to (HYDRA's k = 1 - it)")
+    checkpoint_model_options(ex)
     common(ex, objective=False)
     ex.set_defaults(func=_export)
 

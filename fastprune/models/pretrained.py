@@ -28,6 +28,7 @@ from torch import nn
 
 from ..utils.io import safe_load
 from . import get_model
+from .external import is_external, unwrap
 
 _WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "state")
 
@@ -88,25 +89,33 @@ def map_keys(arch: str, state: dict[str, torch.Tensor], sparsity: float | None =
 
 
 def load_pretrained(arch: str, path: str, num_classes: int = 10, in_channels: int = 3,
-                    map_location="cpu", sparsity: float | None = None) -> nn.Module:
-    """The zoo model ``arch`` with the weights of the state_dict in ``path`` (the papers' or
-    RobustBench's format, or fastprune's), in eval mode. Inputs stay [0, 1] images: the model
-    normalises as the file's model did (not at all, for the papers' and most RobustBench models).
-    A file whose tensors do not fit ``arch`` raises ValueError naming the keys that differ. HYDRA's
-    score checkpoints need ``sparsity``: their masks are folded into the weights and kept in
-    ``model.hydra_masks`` ({layer: mask}); ``fastprune.nn.apply_masks(model, model.hydra_masks)``
-    makes those layers fixed-mask layers (the command line does)."""
+                    map_location="cpu", sparsity: float | None = None, normalize: str | None = "none") -> nn.Module:
+    """The model ``arch`` with the weights of the state_dict in ``path`` (the papers' or
+    RobustBench's format, or fastprune's, or for ``torchvision:``/``timm:``/``file.py:factory``
+    models the library's own names), in eval mode. Inputs stay [0, 1] images: a zoo model normalises
+    as the file's model did (not at all, for the papers' and most RobustBench models); an external
+    model as ``normalize`` says ("none", "imagenet", "cifar10": get_model). A file whose tensors do
+    not fit ``arch`` raises ValueError naming the keys that differ. HYDRA's score checkpoints need
+    ``sparsity``: their masks are folded into the weights and kept in ``model.hydra_masks``
+    ({layer: mask}); ``fastprune.nn.apply_masks(model, model.hydra_masks)`` makes those layers
+    fixed-mask layers (the command line does)."""
     state = _unwrap(safe_load(path, "pretrained checkpoint", map_location=map_location), path)
     mapped = map_keys(arch, state, sparsity)
-    raw_inputs = not any(k.startswith("normalize.") for k in mapped)
-    # The file's model took raw [0, 1] inputs (no mu/sigma): the zoo model's normalisation is the identity.
-    model = get_model(arch, num_classes, in_channels, normalize=None if raw_inputs else "default")
     # HYDRA's pruned layers: the masks are folded into the weights (their zeros) and kept in
     # ``model.hydra_masks`` for fastprune.nn.apply_masks (fixed-mask layers; the CLI applies them).
     masks = {k[: -len(".mask")]: mapped.pop(k) for k in [k for k in mapped if k.endswith(".mask")]}
-    expected = model.state_dict()
-    if raw_inputs:
-        mapped.update({k: v for k, v in expected.items() if k.startswith("normalize.")})
+    if is_external(arch):
+        # The file holds the bare model's tensors; fastprune's input wrapper (if any) adds none of its own.
+        model = get_model(arch, num_classes, in_channels, normalize=normalize)
+        target, prefix = unwrap(model), ("model." if unwrap(model) is not model else "")
+    else:
+        raw_inputs = not any(k.startswith("normalize.") for k in mapped)
+        # The file's model took raw [0, 1] inputs (no mu/sigma): the zoo model's normalisation is the identity.
+        model = get_model(arch, num_classes, in_channels, normalize=None if raw_inputs else "default")
+        target, prefix = model, ""
+        if raw_inputs:
+            mapped.update({k: v for k, v in model.state_dict().items() if k.startswith("normalize.")})
+    expected = target.state_dict()
     missing = sorted(set(expected) - set(mapped))
     unexpected = sorted(set(mapped) - set(expected))
     if missing or unexpected:
@@ -123,7 +132,7 @@ def load_pretrained(arch: str, path: str, num_classes: int = 10, in_channels: in
         raise ValueError(f"{path!r} does not fit --model {arch}: scores for {unknown[:4]}, which it does not have")
     for name, mask in masks.items():
         mapped[f"{name}.weight"] = mapped[f"{name}.weight"] * mask.to(mapped[f"{name}.weight"].dtype)
-    model.load_state_dict({k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in mapped.items()})
+    target.load_state_dict({k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in mapped.items()})
     if masks:
-        model.hydra_masks = masks
+        model.hydra_masks = {prefix + name: mask for name, mask in masks.items()}
     return model.eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models import get_model
+from ..models import from_recipe
 from ..utils.io import atomic_save, safe_load  # noqa: F401 - re-exported (fastprune.train.atomic_save)
 
 
@@ -19,12 +19,18 @@ def save_model(path: str, model: nn.Module, name: str, num_classes: int, in_chan
         if isinstance(m, MASKED_TYPES) and m.source != "fixed":
             raise ValueError(f"layer {n!r} still has a trainable mask: freeze_mask() it before saving")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_save({"model": name, "num_classes": num_classes, "in_channels": in_channels,
-                 "state_dict": state, "masked_layers": masked, "meta": meta}, path)
+    fields = {"model": name, "num_classes": num_classes, "in_channels": in_channels,
+              "state_dict": state, "masked_layers": masked, "meta": meta}
+    normalize = (getattr(model, "fastprune_recipe", None) or {}).get("normalize")
+    if normalize is not None:  # an external model's input normalisation (get_model's normalize)
+        fields["normalize"] = normalize
+    atomic_save(fields, path)
 
 
-def load_model(path: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """(model in eval mode on ``device``, the checkpoint's fields) from :func:`save_model`'s file."""
+def load_model(path: str, device: str | torch.device = "cpu", *, model: str | None = None) -> tuple[nn.Module, dict]:
+    """(model in eval mode on ``device``, the checkpoint's fields) from :func:`save_model`'s file.
+    A model built by a factory in a Python file is rebuilt only when ``model`` names that factory
+    again (a checkpoint never makes fastprune import code)."""
     ckpt = safe_load(path, "checkpoint")
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {path!r} is not a dict: not written by fastprune")
@@ -34,7 +40,9 @@ def load_model(path: str, device: str | torch.device = "cpu") -> tuple[nn.Module
     for key in ("model", "num_classes", "in_channels", "state_dict"):
         if key not in ckpt:
             raise ValueError(f"checkpoint {path!r} lacks {key!r}: not written by fastprune")
-    model = get_model(ckpt["model"], ckpt["num_classes"], ckpt["in_channels"])
+    requested = model
+    model = from_recipe({"zoo": ckpt["model"], "num_classes": ckpt["num_classes"], "in_channels": ckpt["in_channels"],
+                         "normalize": ckpt.get("normalize", "default")}, model=requested)
     if ckpt.get("masked_layers"):
         from ..nn.masked import MASKED_TYPES, prune_model
 

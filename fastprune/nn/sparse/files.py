@@ -19,11 +19,11 @@ _FORMAT = "fastprune-sparse"
 _FORMAT_VERSION = 2
 
 
-def _rebuild(recipe: dict, plan: dict, state: dict, device) -> SparseModel:
+def _rebuild(recipe: dict, plan: dict, state: dict, device, model_name: str | None = None) -> SparseModel:
     """The SparseModel a file describes: the zoo model rebuilt and passed through the same graph
     passes, the layers the state_dict holds as CSR made sparse, then filled from ``state``
     (strictly: a missing or extra tensor is an error). Nothing is timed."""
-    net = _fast_pooling(fold_batchnorm(from_recipe(recipe).eval(), inplace=True))
+    net = _fast_pooling(fold_batchnorm(from_recipe(recipe, model=model_name).eval(), inplace=True))
     for name, module in list(net.named_modules()):
         key = "net." + name + "."
         if key + "row_ptr" not in state:
@@ -43,7 +43,7 @@ def _rebuild(recipe: dict, plan: dict, state: dict, device) -> SparseModel:
 
 def save_sparse(model: SparseModel, path: str) -> None:
     """Write a :class:`SparseModel` (what :func:`sparsify` returns) as tensors and plain data only:
-    its zoo recipe (fastprune.models.get_model's name, classes, channels), its plan (per device and
+    its recipe (fastprune.models.get_model's name, classes, channels, normalisation), its plan (per device and
     batch-size bucket: layout, micro-batching, each layer's choice) and its state_dict (CSR buffers:
     the file grows with the number of non-zeros, not the dense size). Nothing in it runs code when
     loaded. Written atomically."""
@@ -51,18 +51,21 @@ def save_sparse(model: SparseModel, path: str) -> None:
         raise ValueError("model: save_sparse takes a model returned by fastprune.nn.sparsify")
     plan, recipe = model.plan, model.fastprune_recipe
     if recipe is None:
-        raise ValueError("model: sparsify's input was not built by fastprune.models.get_model, so the file could "
-                         "not say how to rebuild it; save the dense model's state_dict instead")
+        raise ValueError("model: sparsify's input was not built by fastprune.models.get_model (a zoo name, "
+                         "torchvision:NAME, timm:NAME or file.py:factory), so the file could not say how to rebuild "
+                         "it; build it with get_model, or save the dense model's state_dict instead")
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     atomic_save({"format": _FORMAT, "version": _FORMAT_VERSION, "recipe": recipe, "plan": plan, "state_dict": state},
                 path)
 
 
-def load_sparse(path: str, map_location="cpu", *, retune: bool = False, untuned: str | None = None) -> SparseModel:
+def load_sparse(path: str, map_location="cpu", *, retune: bool = False, untuned: str | None = None,
+                model: str | None = None) -> SparseModel:
     """Read a model written by :func:`save_sparse` (tensors and plain data only: loading runs no
     code from the file) and rebuild it on ``map_location``, with its plan: nothing is timed. On a
     device the plan was not tuned for, or with ``retune``, each batch-size bucket is handled as the
-    plan's ``untuned`` says ("tune": timed on its first call), or as ``untuned`` overrides."""
+    plan's ``untuned`` says ("tune": timed on its first call), or as ``untuned`` overrides. A model
+    built by a factory in a Python file needs ``model`` to name that factory again."""
     if untuned is not None and untuned not in UNTUNED:
         raise ValueError(f"untuned must be one of {UNTUNED}, got {untuned!r}")
     obj = safe_load(path, "sparse model file")
@@ -72,7 +75,7 @@ def load_sparse(path: str, map_location="cpu", *, retune: bool = False, untuned:
         raise ValueError(f"{path!r}: sparse format version {obj.get('version')!r}, this fastprune reads "
                          f"{_FORMAT_VERSION}")
     try:
-        model = _rebuild(obj["recipe"], obj["plan"], obj["state_dict"], map_location)
+        model = _rebuild(obj["recipe"], obj["plan"], obj["state_dict"], map_location, model)
     except (KeyError, TypeError, RuntimeError) as exc:
         raise ValueError(f"{path!r}: the sparse model file is inconsistent "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
