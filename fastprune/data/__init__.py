@@ -61,10 +61,16 @@ DATASETS = ("digits", "mnist", "cifar10", "cifar100", "svhn")
 
 
 def get_dataset(name: str, root: str | None = None) -> DatasetSplits:
-    """Train and test splits of a data set by name (``DATASETS``). ``root``: the folder holding the
-    standard files (default $FASTPRUNE_DATA, else ./data); unused for "digits"."""
+    """Train and test splits of a data set by name (``DATASETS``), or ``folder:PATH`` for a folder
+    of the user's own images (PATH/train/<class>/..., PATH/test/<class>/...: fastprune/data/folder.py).
+    ``root``: the folder holding the named sets' standard files (default $FASTPRUNE_DATA, else
+    ./data); unused for "digits" and folders."""
+    if isinstance(name, str) and name.startswith("folder:"):
+        from .folder import load_folder
+
+        return load_folder(name[len("folder:"):])
     if name not in DATASETS:
-        raise ValueError(f"unknown data set {name!r}; available: {list(DATASETS)}")
+        raise ValueError(f"unknown data set {name!r}; available: {list(DATASETS)} or folder:PATH")
     if name == "digits":
         return load_digits()
     import os

@@ -2,7 +2,9 @@
 from .hsic import FeatureTaps, HSICBottleneck
 from .masked import (
     apply_masks,
+    MaskedConv1d,
     MaskedConv2d,
+    MaskedConvTranspose2d,
     MaskedLinear,
     check_sparsity,
     dense_twin,
@@ -33,7 +35,7 @@ from .sparse import (
 
 __all__ = [
     "AdaptiveMaxPool2x2", "BatchInnermostInput", "ChannelsLastInput", "FeatureTaps", "HSICBottleneck",
-    "MaskedConv2d", "MaskedLinear", "MaxPool2x2", "MicroBatched", "SemiStructuredLinear", "SparseConv2d", "SparseLinear", "SparseModel",
+    "MaskedConv1d", "MaskedConv2d", "MaskedConvTranspose2d", "MaskedLinear", "MaxPool2x2", "MicroBatched", "SemiStructuredLinear", "SparseConv2d", "SparseLinear", "SparseModel",
     "apply_masks", "check_sparsity", "dense_twin",
     "fold_batchnorm", "fold_masks", "is_2to4", "kept_count", "load_sparse", "nm_mask", "prune_model", "save_sparse",
     "semi_structured_supported", "sparsify", "sparsity_report", "topk_mask",

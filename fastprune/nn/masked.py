@@ -9,6 +9,7 @@ towards the lower flat index so that masks are deterministic.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -272,7 +273,55 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
         return F.linear(x, self.masked_weight(), self.bias)
 
 
-MASKED_TYPES = (MaskedConv2d, MaskedLinear)
+class MaskedConv1d(_MaskedMixin, nn.Conv1d):
+    """nn.Conv1d whose weight is multiplied by a mask: (N, C, L) or (C, L) -> (N, C_out, L')."""
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv1d, source: str = "scores", sparsity: float = 0.0,
+                   mask: torch.Tensor | None = None, pattern: str | None = None,
+                   score_init: str = "scaled") -> "MaskedConv1d":
+        """A masked copy of ``conv`` (same weights, device and dtype); pattern as for MaskedConv2d."""
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                    dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                    padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
+                    source="magnitude")
+        return layer._adopt(conv, source, sparsity, mask, pattern, score_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x, (2, 3))
+        return self._conv_forward(x, self.masked_weight(), self.bias)
+
+
+class MaskedConvTranspose2d(_MaskedMixin, nn.ConvTranspose2d):
+    """nn.ConvTranspose2d whose weight (C_in, C_out / groups, kH, kW) is multiplied by a mask:
+    (N, C_in, H, W) -> (N, C_out, H', W'); ``output_size`` as nn.ConvTranspose2d takes it."""
+
+    @classmethod
+    def from_dense(cls, conv: nn.ConvTranspose2d, source: str = "scores", sparsity: float = 0.0,
+                   mask: torch.Tensor | None = None, pattern: str | None = None,
+                   score_init: str = "scaled") -> "MaskedConvTranspose2d":
+        """A masked copy of ``conv`` (same weights, device and dtype); pattern as for MaskedConv2d."""
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                    output_padding=conv.output_padding, groups=conv.groups, bias=conv.bias is not None,
+                    dilation=conv.dilation, padding_mode=conv.padding_mode, device=conv.weight.device,
+                    dtype=conv.weight.dtype, source="magnitude")
+        return layer._adopt(conv, source, sparsity, mask, pattern, score_init)
+
+    def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+        self._check_input(x, (3, 4))
+        output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 2,
+                                              self.dilation)
+        return F.conv_transpose2d(x, self.masked_weight(), self.bias, self.stride, self.padding, output_padding,
+                                  self.groups, self.dilation)
+
+
+MASKED_TYPES = (MaskedConv2d, MaskedLinear, MaskedConv1d, MaskedConvTranspose2d)
+# The layer types prune_model masks, and the masked type of each. Subclasses are not included
+# (type(m) is looked up): nn.MultiheadAttention's out_proj is a Linear subclass whose weight the
+# attention reads directly, so a masked twin would not be used; sparsity_report counts it.
+MASKED_OF = {nn.Conv2d: MaskedConv2d, nn.Linear: MaskedLinear, nn.Conv1d: MaskedConv1d,
+             nn.ConvTranspose2d: MaskedConvTranspose2d}
+DENSE_OF = {masked: dense for dense, masked in MASKED_OF.items()}
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -310,9 +359,13 @@ def prune_model(model: nn.Module, sparsity: float, method: str = "scores", skip=
     if unknown:
         raise ValueError(f"skip names {unknown} are not modules of the model")
     targets = [(n, m) for n, m in model.named_modules()
-               if type(m) in (nn.Conv2d, nn.Linear) and n not in skip]
+               if type(m) in MASKED_OF and n not in skip]
+    attention = sum(effective_weight(m).numel() for m in model.modules() if isinstance(m, nn.MultiheadAttention))
+    if attention:
+        warnings.warn(f"prune_model: nn.MultiheadAttention's projections ({attention} weights, out_proj included in "
+                      f"its own count) are left dense; sparsity_report counts them", stacklevel=2)
     for name, module in targets:
-        cls = MaskedConv2d if isinstance(module, nn.Conv2d) else MaskedLinear
+        cls = MASKED_OF[type(module)]
         layer_pattern = pattern if nm is not None and nm_applicable(module.weight.shape, nm[1]) else None
         _replace(model, name, cls.from_dense(module, source=method, sparsity=sparsity, pattern=layer_pattern,
                                              score_init=score_init))
@@ -326,9 +379,9 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
     modules = dict(model.named_modules())
     for name, mask in masks.items():
         module = modules.get(name)
-        if type(module) not in (nn.Conv2d, nn.Linear):
+        if type(module) not in MASKED_OF:
             raise ValueError(f"masks names {name!r}, which is not a conv or linear layer of the model")
-        cls = MaskedConv2d if isinstance(module, nn.Conv2d) else MaskedLinear
+        cls = MASKED_OF[type(module)]
         _replace(model, name, cls.from_dense(module, source="fixed", mask=mask.to(module.weight.device)))
     return model
 
@@ -337,10 +390,15 @@ def dense_twin(module: nn.Module) -> nn.Module:
     """A plain nn.Conv2d / nn.Linear computing what ``module`` computes (masks folded in)."""
     if not isinstance(module, MASKED_TYPES):
         return module
-    if isinstance(module, nn.Conv2d):
-        dense = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                          module.dilation, module.groups, module.bias is not None, module.padding_mode,
-                          device=module.weight.device, dtype=module.weight.dtype)
+    if isinstance(module, nn.ConvTranspose2d):
+        dense = nn.ConvTranspose2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                                   module.padding, module.output_padding, module.groups, module.bias is not None,
+                                   module.dilation, module.padding_mode, device=module.weight.device,
+                                   dtype=module.weight.dtype)
+    elif isinstance(module, (nn.Conv2d, nn.Conv1d)):
+        dense = DENSE_OF[type(module)](module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                                        module.padding, module.dilation, module.groups, module.bias is not None,
+                                        module.padding_mode, device=module.weight.device, dtype=module.weight.dtype)
     else:
         dense = nn.Linear(module.in_features, module.out_features, module.bias is not None,
                           device=module.weight.device, dtype=module.weight.dtype)
@@ -368,13 +426,20 @@ def effective_weight(module: nn.Module) -> torch.Tensor | None:
     dense = getattr(module, "dense_weight", None)  # sparse inference layers
     if callable(dense):
         return dense()
-    if isinstance(module, (nn.Conv2d, nn.Linear)):
+    if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
         return module.weight.detach()
+    if isinstance(module, nn.MultiheadAttention):  # its input projections (out_proj is a Linear of its own)
+        if module.in_proj_weight is not None:
+            return module.in_proj_weight.detach()
+        return torch.cat([w.detach().flatten() for w in (module.q_proj_weight, module.k_proj_weight,
+                                                          module.v_proj_weight)])
     return None
 
 
 def sparsity_report(model: nn.Module) -> dict:
-    """Per-layer and global sparsity of the conv and linear layers' effective weights:
+    """Per-layer and global sparsity of every weight matrix a model multiplies with: conv (1-D, 2-D,
+    3-D, transposed) and linear layers' effective weights (masked where masked) and
+    nn.MultiheadAttention's input projections (its out_proj is a linear layer of its own):
     {"layers": {name: {"params", "zeros", "sparsity"}}, "params", "zeros", "sparsity"}."""
     layers, total, zeros = {}, 0, 0
     for name, module in model.named_modules():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 from typing import Callable, Sequence
 
 import torch
@@ -25,9 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils.checks import check_count, check_positive
+from ..models.external import ImageInput
 from ..attacks.losses import logits_of
 from ..nn.hsic import HSICBottleneck
-from ..nn.masked import MASKED_TYPES, check_sparsity, kept_count, prune_model, topk_mask
+from ..nn.masked import MASKED_OF, MASKED_TYPES, check_sparsity, kept_count, prune_model, topk_mask
 from ..nn.sparse.training import sparse_training
 from ..train.loops import fit
 from ..attacks.pgd import PGD
@@ -42,13 +44,44 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return alpha * temperature ** 2 * kl / student_logits.shape[1]
 
 
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish)
+
+
 def block_outputs(model: nn.Module) -> list[str]:
-    """PwoA's hidden layers: what the model names as its hidden outputs (``model.hidden_outputs()``,
-    e.g. every residual block of the zoo's ResNets), else every ReLU of a plain network."""
+    """PwoA's hidden layers, the outputs of a model's blocks, for any model:
+
+    1. what the model names itself (``model.hidden_outputs()``: the zoo's ResNets, WRNs, LeNet3);
+    2. ResNet-style stages (children ``layer1``, ``layer2``, ... of blocks: torchvision's and timm's
+       ResNets): every block's output;
+    3. else the outermost sequence of blocks (an nn.Sequential or nn.ModuleList of at least two
+       modules that all have weights; the longest of the outermost): MobileNet's, EfficientNet's and
+       ConvNeXt's ``features``, a ViT's encoder layers, DeiT's ``blocks``: each one's output;
+    4. else every activation module (ReLU, ReLU6, SiLU, GELU, ...) of a plain network.
+    A model wrapped for its input (fastprune.models.ImageInput) is searched inside. Raises ValueError
+    when nothing is found (then pass the layer names yourself: ``hsic_layers``)."""
     named = getattr(model, "hidden_outputs", None)
     if callable(named):
         return list(named())
-    return [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
+    inner, prefix = (model.model, "model.") if isinstance(model, ImageInput) else (model, "")
+    stages = [n for n, m in inner.named_children() if re.fullmatch(r"layer\d+", n) and isinstance(m, nn.Sequential)]
+    if stages:
+        return [f"{prefix}{stage}.{block}" for stage in stages for block, _ in inner.get_submodule(stage).named_children()]
+    best = None
+    for name, module in inner.named_modules():
+        if not isinstance(module, (nn.Sequential, nn.ModuleList)) or len(module) < 2:
+            continue
+        children = list(module.named_children())
+        if all(any(True for _ in child.parameters()) for _, child in children):
+            rank = (name.count(".") + bool(name), -len(children))  # the shallowest, then the longest
+            if best is None or rank < best[2]:
+                best = (name, children, rank)
+    if best is not None:
+        return [f"{prefix}{best[0]}.{child}" if best[0] else f"{prefix}{child}" for child, _ in best[1]]
+    found = [prefix + n for n, m in inner.named_modules() if isinstance(m, ACTIVATIONS)]
+    if not found:
+        raise ValueError("found no hidden layers for PwoA's HSIC bottleneck in this model (no hidden_outputs(), "
+                         "no sequence of blocks, no activation modules): pass hsic_layers=[module names]")
+    return found
 
 
 PRUNE_LAYERS = ("pwoa", "all")
@@ -66,7 +99,7 @@ def pruned_layer_names(model: nn.Module, prune_layers: str = "pwoa", skip=()) ->
         raise ValueError(f"skip names {unknown} are not modules of the model")
     chosen = []
     for name, module in model.named_modules():
-        if type(module) not in (nn.Conv2d, nn.Linear) or name in skip:
+        if type(module) not in MASKED_OF or name in skip:
             continue
         if prune_layers == "all" or type(module) is nn.Conv2d or name.split(".")[-1] == "fc":
             chosen.append(name)
@@ -196,6 +229,13 @@ def pwoa(student: nn.Module, teacher: nn.Module | None, train, *, sparsity: floa
         return distillation_loss(logits_of(model(x)), target, temperature, alpha)
 
     names = pruned_layer_names(student, prune_layers, skip)
+    # The retrain's hidden layers are checked now, not after the ADMM stage's epochs.
+    hidden = list(hsic_layers) if hsic_layers is not None else block_outputs(student)
+    modules = dict(student.named_modules())
+    unknown = [n for n in hidden if n not in modules]
+    if not hidden or unknown:
+        raise ValueError(f"hsic_layers: {'no layers' if not hidden else f'{unknown[:4]} are not modules of the model'}; "
+                         f"some module names: {[n for n in modules if n][:8]}")
 
     # Batches replaced by adversarial examples of them with probability mix_ratio, in both stages.
     attack = mix_attack or (PGD(student, eps=8 / 255, alpha=2 / 255, steps=10) if mix_ratio > 0 else None)
@@ -229,13 +269,13 @@ def pwoa(student: nn.Module, teacher: nn.Module | None, train, *, sparsity: floa
         extra_state=_States(admm, coin), **admm_options)
 
     # Stage 2: hard prune, the masks frozen from here on.
-    dense = [n for n, m in student.named_modules() if type(m) in (nn.Conv2d, nn.Linear) and n not in names]
+    dense = [n for n, m in student.named_modules() if type(m) in MASKED_OF and n not in names]
     prune_model(student, sparsity, method="magnitude", skip=dense)
     for layer in (m for m in student.modules() if isinstance(m, MASKED_TYPES)):
         layer.freeze_mask()
 
     # Stage 3: masked retrain, distillation + HSIC bottleneck; adversarial batches only if mixed in.
-    bottleneck = HSICBottleneck(student, list(hsic_layers or block_outputs(student)), lambda_x=lambda_x,
+    bottleneck = HSICBottleneck(student, hidden, lambda_x=lambda_x,
                                 lambda_y=lambda_y, sigma=sigma, num_classes=num_classes)
 
     def retrain_objective(model, x, y):

@@ -44,10 +44,10 @@ def load_model(path: str, device: str | torch.device = "cpu", *, model: str | No
     model = from_recipe({"zoo": ckpt["model"], "num_classes": ckpt["num_classes"], "in_channels": ckpt["in_channels"],
                          "normalize": ckpt.get("normalize", "default")}, model=requested)
     if ckpt.get("masked_layers"):
-        from ..nn.masked import MASKED_TYPES, prune_model
+        from ..nn.masked import MASKED_OF, MASKED_TYPES, prune_model
 
         skip = [n for n, m in model.named_modules()
-                if type(m) in (nn.Conv2d, nn.Linear) and n not in set(ckpt["masked_layers"])]
+                if type(m) in MASKED_OF and n not in set(ckpt["masked_layers"])]
         prune_model(model, 0.0, method="magnitude", skip=skip)
         for m in model.modules():
             if isinstance(m, MASKED_TYPES):

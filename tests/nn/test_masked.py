@@ -1,11 +1,12 @@
 """Masked training layers: exact top-k, straight-through gradients, the mask cache, prune_model."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fastprune.nn.masked as masked
 from fastprune.attacks import PGD
-from fastprune.nn import MaskedConv2d, MaskedLinear, kept_count, prune_model, sparsity_report, topk_mask
+from fastprune.nn import MaskedConv2d, MaskedLinear, fold_masks, kept_count, prune_model, sparsity_report, topk_mask
 
 
 def sort_based_topk(values, k):
@@ -265,3 +266,47 @@ def test_score_initialisations():
     assert model[0].scores.std() > 0
     with pytest.raises(ValueError, match="score_init"):
         prune_model(nn.Sequential(nn.Linear(4, 4)), 0.5, score_init="snip")
+
+
+def test_conv1d_and_transposed_conv_are_masked_and_fold_back():
+    """Conv1d and ConvTranspose2d layers get masks as Conv2d and Linear do; folded, the model computes
+    the same function with plain layers; float64 check of the masked forward."""
+    from fastprune.nn import MaskedConv1d, MaskedConvTranspose2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Unflatten(1, (8, 4, 4)),
+                          nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1)).double()
+    x = torch.rand(5, 3, 16, dtype=torch.float64)
+    prune_model(model, 0.75, method="magnitude")
+    assert isinstance(model[0], MaskedConv1d) and isinstance(model[4], MaskedConvTranspose2d)
+    for layer in (model[0], model[4]):
+        layer.refresh_mask()  # masks follow their source on the next forward; made now to inspect them
+        assert int(layer.mask.sum()) == kept_count(layer.weight.numel(), 0.75)
+        kept = layer.weight.detach().abs()[layer.mask.bool()]
+        dropped = layer.weight.detach().abs()[~layer.mask.bool()]
+        assert kept.min() >= dropped.max()  # the magnitude mask
+    w0, w4 = (model[i].weight * model[i].mask for i in (0, 4))
+    h = torch.relu(F.conv1d(x, w0, model[0].bias, padding=1)).flatten(1).unflatten(1, (8, 4, 4))
+    want = F.conv_transpose2d(h, w4, model[4].bias, stride=2, padding=1, output_padding=1)
+    got = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    report = sparsity_report(model)
+    assert set(report["layers"]) == {"0", "4"} and abs(report["sparsity"] - 0.75) < 0.01
+    folded = fold_masks(model)
+    assert type(folded[0]) is nn.Conv1d and type(folded[4]) is nn.ConvTranspose2d
+    torch.testing.assert_close(folded(x), want, rtol=1e-12, atol=1e-12)
+    assert MaskedConvTranspose2d.from_dense(folded[4], source="magnitude", sparsity=0.5)(
+        h, output_size=(7, 7)).shape == (5, 4, 7, 7)
+
+
+def test_sparsity_report_counts_attention_projections_and_prune_model_says_they_stay_dense():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(16, 16))
+    model.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+    with pytest.warns(UserWarning, match="MultiheadAttention's projections"):
+        prune_model(model, 0.5, method="magnitude")
+    report = sparsity_report(model)
+    assert report["layers"]["attn"]["params"] == 3 * 16 * 16  # in_proj
+    assert report["layers"]["attn.out_proj"]["params"] == 16 * 16
+    assert report["params"] == 16 * 16 + 3 * 16 * 16 + 16 * 16
+    assert abs(report["sparsity"] - 0.5 * 256 / (5 * 256)) < 1e-6  # only the Linear was pruned

@@ -168,3 +168,40 @@ def test_admm_reprojects_z_each_epoch_and_updates_the_dual_on_schedule(digits, m
     for m, z, u, u0, k in zip(admm.layers, admm.z, admm.u, u_before, admm.k):
         assert torch.equal(z, _ADMM._project(m.weight.detach() + u0, k))
         torch.testing.assert_close(u, u0 + m.weight.detach() - z)
+
+
+@pytest.mark.parametrize("name,count,first,last", [
+    ("torchvision:resnet18", 8, "layer1.0", "layer4.1"),            # the blocks of each stage
+    ("torchvision:mobilenet_v2", 19, "features.0", "features.18"),  # ReLU6 blocks, no nn.ReLU anywhere
+    ("torchvision:efficientnet_b0", 9, "features.0", "features.8"),  # SiLU stages
+    ("torchvision:convnext_tiny", 8, "features.0", "features.7"),   # GELU stages (top level, not inner blocks)
+    ("torchvision:vit_b_16", 12, "encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_11"),
+])
+def test_block_outputs_of_models_nobody_here_wrote(name, count, first, last):
+    pytest.importorskip("torchvision")
+    plain = block_outputs(get_model(name, 10, 3))
+    assert len(plain) == count and plain[0] == first and plain[-1] == last
+    wrapped = block_outputs(get_model(name, 10, 3, normalize="imagenet"))  # ImageInput: searched inside
+    assert wrapped == ["model." + n for n in plain]
+
+
+def test_timm_resnet_gives_its_blocks_not_its_activations():
+    pytest.importorskip("timm")
+    names = block_outputs(get_model("timm:resnet18", 10, 3))
+    assert names[0] == "layer1.0" and names[-1] == "layer4.1" and len(names) == 8
+
+
+def test_bad_hidden_layers_stop_pwoa_before_its_admm_stage(digits, monkeypatch):
+    import sys
+
+    pwoa_module = sys.modules["fastprune.prune.pwoa"]  # the package exports the function under the same name
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the ADMM stage ran before the hidden layers were checked")
+
+    monkeypatch.setattr(pwoa_module, "fit", no_training)
+    teacher = get_model("cnn-small", 10, 1)
+    with pytest.raises(ValueError, match="hsic_layers"):
+        pwoa(get_model("cnn-small", 10, 1), teacher, digits.train, sparsity=0.5, hsic_layers=["no.such.layer"])
+    with pytest.raises(ValueError, match="found no hidden layers"):
+        block_outputs(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ...reference.sparse import csr_to_dense
-from ..masked import MASKED_TYPES, MaskedConv2d, MaskedLinear, _replace
+from ..masked import MaskedConv2d, MaskedLinear, _replace
 from .layers import SparseConv2d, SparseLinear
 
 
@@ -42,8 +42,9 @@ def _trainable(layer: nn.Module) -> nn.Module:
 def to_sparse_training(model: nn.Module) -> nn.Module:
     """Replace every masked layer of ``model`` (in place; its mask frozen first) by a sparse layer
     with trainable values: a finetune step then costs the non-zeros' work. Returns the model.
-    Layers the sparse kernels do not take (grouped or dilated convs) stay masked."""
-    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, MASKED_TYPES)]:
+    Layers the sparse kernels do not take (grouped or dilated convs; 1-D and transposed convs) stay
+    masked."""
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, (MaskedConv2d, MaskedLinear))]:
         if isinstance(module, MaskedConv2d) and not SparseConv2d.supports(module):
             continue
         module.freeze_mask()
