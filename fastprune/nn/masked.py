@@ -111,6 +111,16 @@ class _MaskedMixin:
         super().__init__(*args, **kwargs)
         self._init_mask(source, sparsity, mask, pattern)
 
+    @classmethod
+    def from_dense(cls, dense: nn.Module, source: str = "scores", sparsity: float = 0.0,
+                   mask: torch.Tensor | None = None, pattern: str | None = None, score_init: str = "scaled"):
+        """A masked copy of ``dense`` (the matching nn layer: same weights, device and dtype).
+        pattern "N:M" (with sparsity 1 - N/M): keep N of every M consecutive weights of each output
+        channel (2:4: semi-structured). source, sparsity, mask, score_init: see prune_model."""
+        layer = cls(**cls._dense_args(dense), device=dense.weight.device, dtype=dense.weight.dtype,
+                    source="magnitude")
+        return layer._adopt(dense, source, sparsity, mask, pattern, score_init)
+
     def _init_mask(self, source: str, sparsity: float, mask: torch.Tensor | None, pattern=None,
                    score_init: str = "scaled") -> None:
         if source not in MASK_SOURCES:
@@ -239,17 +249,11 @@ class _MaskedMixin:
 class MaskedConv2d(_MaskedMixin, nn.Conv2d):
     """nn.Conv2d whose weight is multiplied by a mask: (N, C, H, W) -> (N, C_out, H', W')."""
 
-    @classmethod
-    def from_dense(cls, conv: nn.Conv2d, source: str = "scores", sparsity: float = 0.0,
-                   mask: torch.Tensor | None = None, pattern: str | None = None,
-                   score_init: str = "scaled") -> "MaskedConv2d":
-        """A masked copy of ``conv`` (same weights, device and dtype). pattern "N:M" (with sparsity
-        1 - N/M): keep N of every M consecutive weights of each output channel (2:4: semi-structured)."""
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                    dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
-                    padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
-                    source="magnitude")
-        return layer._adopt(conv, source, sparsity, mask, pattern, score_init)
+    @staticmethod
+    def _dense_args(conv: nn.Conv2d) -> dict:
+        return dict(in_channels=conv.in_channels, out_channels=conv.out_channels, kernel_size=conv.kernel_size,
+                    stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                    bias=conv.bias is not None, padding_mode=conv.padding_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, (4,))
@@ -259,14 +263,9 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
 class MaskedLinear(_MaskedMixin, nn.Linear):
     """nn.Linear whose weight is multiplied by a mask: (..., in) -> (..., out)."""
 
-    @classmethod
-    def from_dense(cls, linear: nn.Linear, source: str = "scores", sparsity: float = 0.0,
-                   mask: torch.Tensor | None = None, pattern: str | None = None,
-                   score_init: str = "scaled") -> "MaskedLinear":
-        """A masked copy of ``linear`` (same weights, device and dtype); pattern as for MaskedConv2d."""
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype, source="magnitude")
-        return layer._adopt(linear, source, sparsity, mask, pattern, score_init)
+    @staticmethod
+    def _dense_args(linear: nn.Linear) -> dict:
+        return dict(in_features=linear.in_features, out_features=linear.out_features, bias=linear.bias is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, tuple(range(1, 9)))
@@ -276,16 +275,7 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
 class MaskedConv1d(_MaskedMixin, nn.Conv1d):
     """nn.Conv1d whose weight is multiplied by a mask: (N, C, L) or (C, L) -> (N, C_out, L')."""
 
-    @classmethod
-    def from_dense(cls, conv: nn.Conv1d, source: str = "scores", sparsity: float = 0.0,
-                   mask: torch.Tensor | None = None, pattern: str | None = None,
-                   score_init: str = "scaled") -> "MaskedConv1d":
-        """A masked copy of ``conv`` (same weights, device and dtype); pattern as for MaskedConv2d."""
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                    dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
-                    padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
-                    source="magnitude")
-        return layer._adopt(conv, source, sparsity, mask, pattern, score_init)
+    _dense_args = staticmethod(MaskedConv2d._dense_args)  # the same constructor arguments
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, (2, 3))
@@ -296,16 +286,9 @@ class MaskedConvTranspose2d(_MaskedMixin, nn.ConvTranspose2d):
     """nn.ConvTranspose2d whose weight (C_in, C_out / groups, kH, kW) is multiplied by a mask:
     (N, C_in, H, W) -> (N, C_out, H', W'); ``output_size`` as nn.ConvTranspose2d takes it."""
 
-    @classmethod
-    def from_dense(cls, conv: nn.ConvTranspose2d, source: str = "scores", sparsity: float = 0.0,
-                   mask: torch.Tensor | None = None, pattern: str | None = None,
-                   score_init: str = "scaled") -> "MaskedConvTranspose2d":
-        """A masked copy of ``conv`` (same weights, device and dtype); pattern as for MaskedConv2d."""
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                    output_padding=conv.output_padding, groups=conv.groups, bias=conv.bias is not None,
-                    dilation=conv.dilation, padding_mode=conv.padding_mode, device=conv.weight.device,
-                    dtype=conv.weight.dtype, source="magnitude")
-        return layer._adopt(conv, source, sparsity, mask, pattern, score_init)
+    @staticmethod
+    def _dense_args(conv: nn.ConvTranspose2d) -> dict:
+        return dict(MaskedConv2d._dense_args(conv), output_padding=conv.output_padding)
 
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
         self._check_input(x, (3, 4))
@@ -387,21 +370,12 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def dense_twin(module: nn.Module) -> nn.Module:
-    """A plain nn.Conv2d / nn.Linear computing what ``module`` computes (masks folded in)."""
+    """A plain nn layer (Conv1d/Conv2d/ConvTranspose2d/Linear) computing what ``module`` computes
+    (masks folded in); other modules are returned as they are."""
     if not isinstance(module, MASKED_TYPES):
         return module
-    if isinstance(module, nn.ConvTranspose2d):
-        dense = nn.ConvTranspose2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
-                                   module.padding, module.output_padding, module.groups, module.bias is not None,
-                                   module.dilation, module.padding_mode, device=module.weight.device,
+    dense = DENSE_OF[type(module)](**module._dense_args(module), device=module.weight.device,
                                    dtype=module.weight.dtype)
-    elif isinstance(module, (nn.Conv2d, nn.Conv1d)):
-        dense = DENSE_OF[type(module)](module.in_channels, module.out_channels, module.kernel_size, module.stride,
-                                        module.padding, module.dilation, module.groups, module.bias is not None,
-                                        module.padding_mode, device=module.weight.device, dtype=module.weight.dtype)
-    else:
-        dense = nn.Linear(module.in_features, module.out_features, module.bias is not None,
-                          device=module.weight.device, dtype=module.weight.dtype)
     with torch.no_grad():
         dense.weight.copy_(effective_weight(module))
         if module.bias is not None:
