@@ -9,13 +9,13 @@ towards the lower flat index so that masks are deterministic.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..utils.autograd import frozen_cache, parameter_gradients_wanted
+from .attention import PrunableMultiheadAttention, dense_attention, swappable_attention, to_prunable_attention
 
 MASK_SOURCES = ("scores", "magnitude", "fixed")
 SCORE_INITS = ("scaled", "kaiming_uniform", "kaiming_normal")
@@ -315,8 +315,11 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def prune_model(model: nn.Module, sparsity: float, method: str = "scores", skip=(), pattern: str | None = None,
                 score_init: str = "scaled") -> nn.Module:
-    """Swap every nn.Conv2d and nn.Linear of ``model`` (first and last included, unless named in
-    ``skip``) for a masked layer keeping a (1 - sparsity) fraction of its weights, per layer.
+    """Swap every nn.Conv2d, nn.Linear, nn.Conv1d and nn.ConvTranspose2d of ``model`` (first and last
+    included, unless named in ``skip``) for a masked layer keeping a (1 - sparsity) fraction of its
+    weights, per layer; nn.MultiheadAttention's two projections are pruned as linear layers
+    ("<name>.in_proj", "<name>.out_proj" of a PrunableMultiheadAttention; skip the attention's own
+    name to leave it as it is).
     method: "scores" (HYDRA) or "magnitude". pattern: "N:M" (e.g. "2:4", with sparsity 1 - N/M)
     keeps N of every M consecutive weights along each layer's reduction dimension, the form GPUs
     with semi-structured sparsity accelerate; layers whose reduction size is not a multiple of M
@@ -337,16 +340,17 @@ def prune_model(model: nn.Module, sparsity: float, method: str = "scores", skip=
     if masked:
         raise ValueError(f"model is already pruned ({len(masked)} masked layers, e.g. {masked[0]!r}): to prune it "
                          "again, fold_masks(model) first (keeps its zeros) or change its layers' set_sparsity()")
+    # Attention projections become linear layers of their own (PrunableMultiheadAttention:
+    # "<attention>.in_proj", ".out_proj", names skip may use); a skipped attention stays as it is.
+    skip = set(skip)
     names = {n for n, _ in model.named_modules()}
-    unknown = [s for s in skip if s not in names]
+    names |= {f"{n}.{proj}" for n in swappable_attention(model, skip) for proj in ("in_proj", "out_proj")}
+    unknown = sorted(s for s in skip if s not in names)
     if unknown:
         raise ValueError(f"skip names {unknown} are not modules of the model")
+    to_prunable_attention(model, skip)
     targets = [(n, m) for n, m in model.named_modules()
                if type(m) in MASKED_OF and n not in skip]
-    attention = sum(effective_weight(m).numel() for m in model.modules() if isinstance(m, nn.MultiheadAttention))
-    if attention:
-        warnings.warn(f"prune_model: nn.MultiheadAttention's projections ({attention} weights, out_proj included in "
-                      f"its own count) are left dense; sparsity_report counts them", stacklevel=2)
     for name, module in targets:
         cls = MASKED_OF[type(module)]
         layer_pattern = pattern if nm is not None and nm_applicable(module.weight.shape, nm[1]) else None
@@ -384,7 +388,12 @@ def dense_twin(module: nn.Module) -> nn.Module:
 
 
 def fold_masks(model: nn.Module) -> nn.Module:
-    """Replace every masked layer of ``model`` by its :func:`dense_twin` (in place; returns it)."""
+    """Replace every masked layer of ``model`` by its :func:`dense_twin`, and every
+    PrunableMultiheadAttention by the nn.MultiheadAttention it computes (in place; returns it)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, PrunableMultiheadAttention):
+            _replace(model, name, dense_attention(module, effective_weight(module.in_proj),
+                                                  effective_weight(module.out_proj)))
     for name, module in list(model.named_modules()):
         twin = dense_twin(module)
         if twin is not module:

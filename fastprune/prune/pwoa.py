@@ -28,6 +28,7 @@ from torch import nn
 from ..utils.checks import check_count, check_positive
 from ..models.external import ImageInput
 from ..attacks.losses import logits_of
+from ..nn.attention import to_prunable_attention
 from ..nn.hsic import HSICBottleneck
 from ..nn.masked import MASKED_OF, MASKED_TYPES, check_sparsity, kept_count, prune_model, topk_mask
 from ..nn.sparse.training import sparse_training
@@ -228,6 +229,7 @@ def pwoa(student: nn.Module, teacher: nn.Module | None, train, *, sparsity: floa
             target = logits_of(teacher(x))
         return distillation_loss(logits_of(model(x)), target, temperature, alpha)
 
+    to_prunable_attention(student, skip)  # attention projections as layers, so that the names below see them
     names = pruned_layer_names(student, prune_layers, skip)
     # The retrain's hidden layers are checked now, not after the ADMM stage's epochs.
     hidden = list(hsic_layers) if hsic_layers is not None else block_outputs(student)

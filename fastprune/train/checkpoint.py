@@ -43,14 +43,20 @@ def load_model(path: str, device: str | torch.device = "cpu", *, model: str | No
     requested = model
     model = from_recipe({"zoo": ckpt["model"], "num_classes": ckpt["num_classes"], "in_channels": ckpt["in_channels"],
                          "normalize": ckpt.get("normalize", "default")}, model=requested)
-    if ckpt.get("masked_layers"):
+    from ..nn.attention import swappable_attention
+
+    state, masked = ckpt["state_dict"], set(ckpt.get("masked_layers") or ())
+    # Attentions saved as PrunableMultiheadAttention (their projections as layers: prune_model's doing).
+    swapped = [n for n in swappable_attention(model) if f"{n}.in_proj.weight" in state]
+    if masked or swapped:
         from ..nn.masked import MASKED_OF, MASKED_TYPES, prune_model
 
-        skip = [n for n, m in model.named_modules()
-                if type(m) in MASKED_OF and n not in set(ckpt["masked_layers"])]
+        skip = [n for n, m in model.named_modules() if type(m) in MASKED_OF and n not in masked]
+        skip += [n for n in swappable_attention(model) if n not in swapped]
+        skip += [f"{n}.{proj}" for n in swapped for proj in ("in_proj", "out_proj") if f"{n}.{proj}" not in masked]
         prune_model(model, 0.0, method="magnitude", skip=skip)
         for m in model.modules():
             if isinstance(m, MASKED_TYPES):
                 m.freeze_mask()  # the saved masks are loaded into these buffers just below
-    model.load_state_dict(ckpt["state_dict"])
+    model.load_state_dict(state)
     return model.to(device).eval(), ckpt

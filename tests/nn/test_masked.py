@@ -299,14 +299,97 @@ def test_conv1d_and_transposed_conv_are_masked_and_fold_back():
         h, output_size=(7, 7)).shape == (5, 4, 7, 7)
 
 
-def test_sparsity_report_counts_attention_projections_and_prune_model_says_they_stay_dense():
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(16, 16))
-    model.attn = nn.MultiheadAttention(16, 2, batch_first=True)
-    with pytest.warns(UserWarning, match="MultiheadAttention's projections"):
-        prune_model(model, 0.5, method="magnitude")
+class _AttentionNet(nn.Module):
+    def __init__(self, batch_first=True):
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        out, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(out.mean(dim=1 if self.attn.batch_first else 0))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_prunable_attention_computes_what_multihead_attention_computes(batch_first):
+    from fastprune.nn.attention import PrunableMultiheadAttention
+
+    torch.manual_seed(2)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).double().eval()
+    ours = PrunableMultiheadAttention(mha)
+    q, k = torch.rand(3, 5, 16, dtype=torch.float64), torch.rand(3, 7, 16, dtype=torch.float64)
+    if not batch_first:
+        q, k = q.transpose(0, 1), k.transpose(0, 1)
+    padding = torch.zeros(3, 7, dtype=torch.bool)
+    padding[1, 5:] = True
+    for kwargs in (dict(), dict(key_padding_mask=padding), dict(need_weights=False)):
+        want, want_w = mha(q, k, k, **kwargs)
+        got, got_w = ours(q, k, k, **kwargs)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        assert (got_w is None) == (want_w is None)
+        if want_w is not None:
+            torch.testing.assert_close(got_w, want_w, rtol=1e-12, atol=1e-12)
+
+
+def test_attention_projections_are_pruned_reported_folded_and_skippable():
+    from fastprune.nn.attention import PrunableMultiheadAttention
+
+    torch.manual_seed(3)
+    model = _AttentionNet().eval()
+    x = torch.rand(4, 5, 6)
+    prune_model(model, 0.75, method="magnitude")
+    assert isinstance(model.attn, PrunableMultiheadAttention)
+    assert isinstance(model.attn.in_proj, MaskedLinear) and isinstance(model.attn.out_proj, MaskedLinear)
+    with torch.no_grad():
+        got = model(x)  # masks follow their source on the forward
     report = sparsity_report(model)
-    assert report["layers"]["attn"]["params"] == 3 * 16 * 16  # in_proj
-    assert report["layers"]["attn.out_proj"]["params"] == 16 * 16
-    assert report["params"] == 16 * 16 + 3 * 16 * 16 + 16 * 16
-    assert abs(report["sparsity"] - 0.5 * 256 / (5 * 256)) < 1e-6  # only the Linear was pruned
+    assert {"attn.in_proj", "attn.out_proj"} <= set(report["layers"])
+    assert abs(report["layers"]["attn.in_proj"]["sparsity"] - 0.75) < 0.01 and abs(report["sparsity"] - 0.75) < 0.01
+    # the masked attention equals nn.MultiheadAttention with the masked weights
+    folded = fold_masks(model)
+    assert type(folded.attn) is nn.MultiheadAttention
+    assert (folded.attn.in_proj_weight == 0).float().mean() > 0.74
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), got)
+    skipped = prune_model(_AttentionNet(), 0.5, method="magnitude", skip=["attn"])
+    assert type(skipped.attn) is nn.MultiheadAttention
+    one = prune_model(_AttentionNet(), 0.5, method="magnitude", skip=["attn.out_proj"])
+    assert isinstance(one.attn.in_proj, MaskedLinear) and type(one.attn.out_proj) is nn.Linear
+    untouched = _AttentionNet()
+    with pytest.raises(ValueError, match="not modules of the model"):
+        prune_model(untouched, 0.5, method="magnitude", skip=["attn.q_proj"])
+    assert type(untouched.attn) is nn.MultiheadAttention  # refused before anything changed
+
+
+def test_hydra_scores_train_through_the_attention_projections():
+    torch.manual_seed(4)
+    model = prune_model(_AttentionNet(), 0.5, method="scores")
+    model(torch.rand(2, 5, 6)).sum().backward()
+    assert model.attn.in_proj.scores.grad is not None and model.attn.in_proj.scores.grad.abs().sum() > 0
+    assert model.attn.out_proj.scores.grad.abs().sum() > 0
+
+
+def test_a_pruned_attention_model_round_trips_through_a_checkpoint(tmp_path):
+    from fastprune.nn.masked import MASKED_TYPES
+    from fastprune.train import load_model, save_model
+
+    from fastprune.models import get_model
+
+    pytest.importorskip("torchvision")
+    torch.manual_seed(5)
+    net = get_model("torchvision:vit_b_16", 10, 3).eval()
+    prune_model(net, 0.5, method="magnitude", skip=["encoder.layers.encoder_layer_0.self_attention",
+                                                    "encoder.layers.encoder_layer_1.self_attention.out_proj"])
+    for module in net.modules():
+        if isinstance(module, MASKED_TYPES):
+            module.freeze_mask()
+    nn.init.normal_(net.heads.head.weight)
+    path = str(tmp_path / "vit.pt")
+    save_model(path, net, "torchvision:vit_b_16", 10, 3)
+    loaded, _ = load_model(path)
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net(x))
+    assert abs(sparsity_report(loaded)["sparsity"] - sparsity_report(net)["sparsity"]) < 1e-9

@@ -56,7 +56,10 @@ def build_sparse_network(model: nn.Module, min_sparsity: float) -> tuple[nn.Modu
     net = copy.deepcopy(model).eval()
     net = _fast_pooling(fold_batchnorm(fold_masks(net), inplace=True))
     sparsity = {}
-    for name, module in [(n, m) for n, m in net.named_modules() if _convertible(m, min_sparsity)]:
+    # nn.MultiheadAttention reads its out_proj's weight itself (it never calls the layer): leave it.
+    read_directly = {f"{n}.out_proj" for n, m in net.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    for name, module in [(n, m) for n, m in net.named_modules()
+                         if _convertible(m, min_sparsity) and n not in read_directly]:
         sparsity[name] = float((module.weight.detach() == 0).float().mean())
         _replace(net, name, _sparse_twin(module))
     return fuse_epilogues(net), sparsity
