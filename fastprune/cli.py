@@ -557,8 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--finetune-epochs", type=int, default=100)
     pr.add_argument("--prune-lr", type=float, default=0.1)
     pr.add_argument("--finetune-lr", type=float, default=0.01)
-    pr.add_argument("--score-init", choices=("scaled", "kaiming_uniform", "kaiming_normal"), default="scaled",
-                    help="HYDRA's score initialisation (its scripts: scaled, the magnitude mask first)")
+    pr.add_argument("--score-init", choices=("scaled", "kaiming_uniform", "kaiming_normal", "snip"), default="scaled",
+                    help="HYDRA's score initialisation (its scripts: scaled, the magnitude mask first; snip: SNIP's "
+                         "|dL/dW * W| on one training batch, HYDRA's --snip-init)")
     pr.add_argument("--freeze-bn", action="store_true",
                     help="HYDRA: keep BatchNorm's scale and shift fixed in the prune phase (HYDRA's scripts train "
                          "them with the scores)")

@@ -9,13 +9,19 @@ same finetune.
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Callable
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..nn.masked import MASKED_TYPES, check_sparsity, prune_model
+from ..utils.checks import logits_of
+from ..data.batches import as_tensors
+from ..nn.attention import to_prunable_attention
+from ..nn.masked import MASKED_OF, MASKED_TYPES, SCORE_INITS, check_sparsity, prune_model
 from ..nn.sparse.training import sparse_training
 from ..train.loops import fit
 
@@ -65,6 +71,26 @@ def finetune_phase(model: nn.Module, train, *, objective: Callable, epochs: int,
                    **fit_options)
 
 
+HYDRA_SCORE_INITS = SCORE_INITS + ("snip",)
+
+
+def snip_sensitivity(model: nn.Module, train, batch_size: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:
+    """SNIP's connection sensitivity |dL/dW * W| of every prunable layer, from the cross-entropy of
+    one random training batch ({layer name: tensor of its weight's shape}). HYDRA's snip_init gets
+    the same numbers as the gradient of its scores with every weight kept (k = 1: the
+    straight-through gradient of a score is dL/dW * W), on a model in training mode; here a copy
+    runs it, so the model's BatchNorm statistics do not move."""
+    images, labels = as_tensors(train, "train")
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.randperm(images.shape[0], generator=gen)[:batch_size]
+    probe = copy.deepcopy(model).train()
+    device = next((p.device for p in probe.parameters()), torch.device("cpu"))
+    layers = {n: m for n, m in probe.named_modules() if type(m) in MASKED_OF}
+    probe.zero_grad(set_to_none=True)
+    F.cross_entropy(logits_of(probe(images[index].to(device))), labels[index].to(device)).backward()
+    return {n: (m.weight.grad * m.weight).detach().abs() for n, m in layers.items() if m.weight.grad is not None}
+
+
 def hydra(model: nn.Module, train, *, sparsity: float, objective: Callable, prune_epochs: int = 20,
           finetune_epochs: int = 100, prune_lr: float = 0.1, finetune_lr: float = 0.01, freeze_bn: bool = False,
           score_init: str = "scaled", skip=(), run_dir: str | None = None, sparse_kernels: bool = False,
@@ -72,9 +98,22 @@ def hydra(model: nn.Module, train, *, sparsity: float, objective: Callable, prun
     """Prune ``model`` (in place) to ``sparsity`` in every layer with HYDRA; returns it, masks frozen.
     Defaults follow the released code: 20 prune epochs at lr 0.1 (scores and BatchNorm's affine
     parameters; ``freeze_bn=True`` keeps BatchNorm fixed), 100 finetune epochs at lr 0.01, scaled
-    score initialisation (``score_init``: see fastprune.nn.prune_model)."""
+    score initialisation (``score_init``: see fastprune.nn.prune_model; or "snip", HYDRA's
+    --snip-init: each layer's scores are SNIP's |dL/dW * W| on one training batch)."""
     check_sparsity(sparsity)
-    prune_model(model, sparsity, method="scores", skip=skip, score_init=score_init)
+    if score_init not in HYDRA_SCORE_INITS:
+        raise ValueError(f"score_init must be one of {HYDRA_SCORE_INITS}, got {score_init!r}")
+    sensitivity = None
+    if score_init == "snip":
+        to_prunable_attention(model, skip)  # attention projections as layers first, so that they get scores too
+        sensitivity = snip_sensitivity(model, train, batch_size=fit_options.get("batch_size", 128),
+                                       seed=fit_options.get("seed", 0))
+    prune_model(model, sparsity, method="scores", skip=skip,
+                score_init="kaiming_normal" if score_init == "snip" else score_init)
+    if sensitivity is not None:
+        for name, module in model.named_modules():
+            if name in sensitivity and isinstance(module, MASKED_TYPES):
+                module.scores.data.copy_(sensitivity[name])
     prune_phase(model, train, objective=objective, epochs=prune_epochs, lr=prune_lr, freeze_bn=freeze_bn,
                 run_dir=run_dir, **fit_options)
     finetune_phase(model, train, objective=objective, epochs=finetune_epochs, lr=finetune_lr, run_dir=run_dir,

@@ -200,7 +200,31 @@ def fit(model: nn.Module, train, *, objective: Callable = natural_loss, epochs: 
             dist.barrier()  # no rank runs ahead of the checkpoint
     if best is not None:
         model.load_state_dict(best[2])
+    if history and dist.is_main():
+        warn_if_chance(model, images, labels)
     return history
+
+
+def warn_if_chance(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, sample: int = 512) -> float:
+    """Clean accuracy on (up to ``sample``) training images; warns when it is no better than always
+    answering the most common class (a schedule too short for real data, a learning rate off by
+    orders: the run would otherwise end silently with a useless model)."""
+    import warnings
+
+    spread = torch.linspace(0, images.shape[0] - 1, min(sample, images.shape[0])).long()  # sorted data too
+    x, y = images[spread.to(images.device)], labels[spread.to(labels.device)]
+    device = next((p.device for p in model.parameters()), x.device)
+    with torch.no_grad(), eval_mode(model):
+        predicted = torch.cat([logits_of(model(x[s:s + 128].to(device))).argmax(1).cpu()
+                               for s in range(0, x.shape[0], 128)])
+    y = y.cpu()
+    accuracy = (predicted == y).float().mean().item()
+    majority = y.bincount().max().item() / y.numel()
+    if accuracy <= majority + 0.02:
+        warnings.warn(f"training ended at chance level: {accuracy:.1%} accuracy on {y.numel()} training images "
+                      f"(always answering the most common class gives {majority:.1%}); train longer or change the "
+                      f"learning rate", stacklevel=3)
+    return accuracy
 
 
 def _validation(keep: str, val, val_attack, objective, model, device):

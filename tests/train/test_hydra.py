@@ -1,5 +1,7 @@
 """HYDRA's phases on digits: the prune phase changes only scores, finetuning keeps the mask."""
+import pytest
 import torch
+from torch import nn
 
 from fastprune.models import get_model
 from fastprune.nn import MaskedConv2d, prune_model, sparsity_report
@@ -64,3 +66,50 @@ def test_hydra_and_lwm_end_to_end(digits):
             accuracy = (model.eval()(x).argmax(1) == y).float().mean().item()
         assert accuracy > 0.8, (method.__name__, accuracy)
         assert abs(sparsity_report(model)["sparsity"] - 0.8) < 0.01
+
+
+def test_snip_scores_are_the_straight_through_score_gradient_with_every_weight_kept():
+    """HYDRA's snip_init: with k = 1 the scores' gradient is dL/dW * W; its absolute value becomes
+    the scores. fastprune computes |dL/dW * W| on a dense copy: the same numbers (float64)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from fastprune.nn import prune_model
+    from fastprune.prune.hydra import snip_sensitivity
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 10)).double()
+    x, y = torch.rand(16, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (16,))
+    ours = snip_sensitivity(model, (x, y), batch_size=16, seed=0)
+    reference = prune_model(copy.deepcopy(model).train(), 0.0, method="scores")
+    F.cross_entropy(reference(x), y).backward()
+    for name in ("0", "4"):
+        torch.testing.assert_close(ours[name], reference.get_submodule(name).scores.grad.abs(), rtol=1e-10, atol=1e-14)
+    assert model[1].num_batches_tracked.item() == 0  # the model itself did not run
+
+
+def test_hydra_with_snip_starts_from_the_snip_mask(digits, monkeypatch):
+    import sys
+
+    from fastprune.models import get_model
+    from fastprune.prune import hydra
+    from fastprune.prune.hydra import snip_sensitivity
+    from fastprune.nn.masked import MASKED_TYPES, topk_mask
+
+    hydra_module = sys.modules["fastprune.prune.hydra"]
+    started = {}
+
+    def stop(model, *args, **kwargs):
+        started["masks"] = {n: m.refresh_mask().clone() for n, m in model.named_modules() if isinstance(m, MASKED_TYPES)}
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hydra_module, "prune_phase", stop)
+    model = get_model("cnn-small", 10, 1)
+    want = snip_sensitivity(model, digits.train, batch_size=32, seed=3)
+    with pytest.raises(KeyboardInterrupt):
+        hydra(model, digits.train, sparsity=0.9, objective=None, score_init="snip", batch_size=32, seed=3)
+    for name, mask in started["masks"].items():
+        assert torch.equal(mask, topk_mask(want[name], int(mask.sum())))
+    with pytest.raises(ValueError, match="score_init"):
+        hydra(get_model("cnn-small", 10, 1), digits.train, sparsity=0.9, objective=None, score_init="grasp")
