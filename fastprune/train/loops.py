@@ -92,6 +92,8 @@ def fit(model: nn.Module, train, *, objective: Callable = natural_loss, epochs: 
     check_count("batch_size", batch_size)
     device = next(model.parameters()).device
     images, labels = (t.to(device) for t in as_tensors(train, "train"))
+    if labels.dtype in (torch.int8, torch.int16, torch.int32, torch.uint8):
+        labels = labels.long()  # class indices of any integer type (cross-entropy takes int64)
     if images.shape[0] == 0:
         raise ValueError("train holds no samples")
     # Bad data stops here, with its own message, rather than as a "diverged" loss later.

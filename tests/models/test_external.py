@@ -186,3 +186,11 @@ def test_cli_evaluates_a_plain_torchvision_state_dict(tmp_path, capsys):
     assert "torchvision:NAME" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(path), "--model", "torchvision:resnet18", "--normalize", "imagenet",
                  "--attacks", "clean", "--quiet"]) == 0
+
+
+def test_sparsify_says_which_sparse_convs_no_kernel_takes():
+    model = prune_model(get_model("torchvision:mobilenet_v2", 10, 3).eval(), 0.9, method="magnitude")
+    sparse = sparsify(model, benchmark=False)
+    depthwise = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert sparse.no_kernel == depthwise and len(depthwise) == 17
+    assert "17 layers" in sparse.summary() and "depthwise" in sparse.summary()

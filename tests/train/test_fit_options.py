@@ -150,3 +150,14 @@ def test_a_run_that_ends_at_chance_level_says_so(digits):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         fit(model, digits.train, epochs=2, lr=0.05, batch_size=64, progress=False)
+
+
+def test_labels_of_any_integer_type_train_as_int64_ones_do(digits):
+    x, y = digits.train.tensors
+    runs = []
+    for labels in (y, y.int(), y.to(torch.int16)):
+        torch.manual_seed(0)
+        model = get_model("cnn-small", 10, 1)
+        fit(model, (x, labels), epochs=1, lr=0.05, batch_size=64, progress=False)
+        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])

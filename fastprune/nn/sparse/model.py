@@ -91,6 +91,7 @@ class SparseModel(nn.Module):
         self.fastprune_recipe = recipe
         self.repeats = repeats  # timing repeats when a bucket is tuned on first use
         self._active = None     # the config the layers are set to
+        self.no_kernel: list[str] = []  # sparse convs left dense: no sparse kernel takes them (sparsify fills it)
 
     def _check_plan(self) -> None:
         """A plan (perhaps read from a file) must name this network's sparse layers and choices they have."""
@@ -186,4 +187,7 @@ class SparseModel(nn.Module):
                 lines.append(f"{device}, batch {bucket}: {config['kind']}, {config['layout']}{micro}, "
                              f"{sparse}/{len(config['layers'])} layers sparse")
         lines.append(f"other batch sizes: {self.untuned}")
+        if self.no_kernel:
+            lines.append(f"left dense, no sparse kernel for them (grouped/depthwise or dilated convs): "
+                         f"{len(self.no_kernel)} layers, e.g. {self.no_kernel[0]}")
         return "\n".join(lines)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ...ops.sparse import direct_applicable
 from ...utils.timing import interleaved_medians, median_time
-from ..masked import _replace, check_sparsity, fold_masks
+from ..masked import _replace, check_sparsity, effective_weight, fold_masks
 from .layers import SparseConv2d, SparseLinear, is_2to4
 from .model import DEFAULT_BATCH_SIZES, SparseModel, bucket_of, device_key, make_config
 from .passes import _fast_pooling, fold_batchnorm, fuse_epilogues
@@ -39,6 +39,18 @@ def _convertible(module: nn.Module, min_sparsity: float) -> bool:
         return False
     sparsity = float((w.detach() == 0).float().mean())
     return sparsity >= min_sparsity or (isinstance(module, nn.Linear) and is_2to4(w.detach()))
+
+
+def _sparse_but_unsupported(model: nn.Module, min_sparsity: float) -> list[str]:
+    """Conv layers sparse enough to convert that stay dense because no sparse kernel takes them
+    (grouped and depthwise, dilated, or non-zero padding modes: MobileNet's and EfficientNet's
+    depthwise convs, say), so that the model's summary can say so."""
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and not SparseConv2d.supports(module):
+            if float((effective_weight(module) == 0).float().mean()) >= min_sparsity:
+                out.append(name)
+    return out
 
 
 def _sparse_twin(module: nn.Module) -> nn.Module:
@@ -220,6 +232,7 @@ def sparsify(model: nn.Module, example_input: torch.Tensor | None = None, *,
         untuned = "tune" if benchmark else "sparse"
     net, _ = build_sparse_network(model, min_sparsity)
     result = SparseModel(net, recipe=getattr(model, "fastprune_recipe", None), untuned=untuned, repeats=repeats)
+    result.no_kernel = _sparse_but_unsupported(model, min_sparsity)
     if example_input is not None and benchmark:
         if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2 or example_input.shape[0] < 1:
             raise ValueError("example_input must be a batch of samples, (N, ...) with N >= 1")
