@@ -149,12 +149,21 @@ def test_sparsify_and_its_file_round_trip_on_torchvision_models(name, size, tmp_
             torch.testing.assert_close(got, want, atol=1e-4 * scale, rtol=1e-4)
 
 
-def test_timm_models_when_timm_is_installed():
+def test_timm_models_when_timm_is_installed(tmp_path):
     pytest.importorskip("timm")
     model = get_model("timm:resnet18", 10, 1)
     assert model(torch.rand(2, 1, 32, 32)).shape == (2, 10)
     with pytest.raises(ValueError, match="timm has no model"):
         get_model("timm:no_such_model_here", 10, 3)
+    torch.manual_seed(4)
+    dense = fold_masks(prune_model(get_model("timm:resnet18", 10, 3).eval(), 0.9, method="magnitude"))
+    sparse = sparsify(dense, benchmark=False)
+    save_sparse(sparse, str(tmp_path / "timm.pt"))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        want = dense(x)
+        torch.testing.assert_close(load_sparse(str(tmp_path / "timm.pt"))(x), want,
+                                   atol=1e-4 * want.abs().max().item(), rtol=1e-4)
 
 
 def test_cli_trains_evaluates_prunes_and_exports_a_file_factory_model(factory_file, tmp_path, capsys):
