@@ -363,7 +363,7 @@ def _prune(args) -> int:
              lambda_x=args.lambda_x, lambda_y=args.lambda_y, num_classes=data.num_classes,
              prune_layers=args.prune_layers, admm_schedule=args.admm_schedule, reproject_z=args.reproject_z,
              mix_ratio=args.mix_ratio, mix_attack=PGD(model, eps=args.eps, alpha=args.alpha, steps=args.steps)
-             if args.mix_ratio > 0 else None, **common)
+             if args.mix_ratio > 0 else None, ce_weight=args.ce_weight, base_loss=args.base_loss, **common)
     _finish(out, model, data, args, started, (ckpt["model"], ckpt["num_classes"], ckpt["in_channels"]),
             {"method": args.method, "sparsity": args.sparsity}, method=args.method)
     return 0
@@ -519,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--channels-last", action="store_true")
             p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
                            help="under torchrun, BatchNorm uses the whole global batch's statistics (default on)")
-            p.add_argument("--objective", choices=("natural", "pgd", "trades"), default="trades")
+            p.add_argument("--objective", choices=("natural", "pgd", "trades", "mart"), default="trades")
             p.add_argument("--eps", type=float, default=0.031, help="Linf radius (HYDRA's configs: 0.031)")
             p.add_argument("--alpha", type=float, default=0.0078, help="attack step (HYDRA's configs: 0.0078)")
             p.add_argument("--steps", type=int, default=10)
@@ -584,6 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--mix-ratio", type=float, default=0.0,
                     help="PwoA: probability that a batch (both stages) is replaced by PGD examples of it (--eps, "
                          "--alpha, --steps), the usual loss computed on them")
+    pr.add_argument("--ce-weight", type=float, default=0.0,
+                    help="PwoA: weight of a base loss added in both stages (its xentropy_weight; 0 in its scripts)")
+    pr.add_argument("--base-loss", choices=("ce", "trades", "mart"), default="ce",
+                    help="PwoA with --ce-weight: cross-entropy (on the PGD batch when mixed in), or PwoA's TRADES "
+                         "or MART loss on the mixed-in batches")
     pr.add_argument("--prune-layers", choices=("pwoa", "all"), default="pwoa",
                     help="PwoA: which layers to prune: convs and layers named 'fc' (PwoA's code) or every conv "
                          "and linear layer")

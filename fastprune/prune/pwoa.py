@@ -33,6 +33,7 @@ from ..nn.hsic import HSICBottleneck
 from ..nn.masked import MASKED_OF, MASKED_TYPES, check_sparsity, kept_count, prune_model, topk_mask
 from ..nn.sparse.training import sparse_training
 from ..train.loops import fit
+from ..train.objectives import MART, TRADES
 from ..attacks.pgd import PGD
 
 
@@ -86,6 +87,7 @@ def block_outputs(model: nn.Module) -> list[str]:
 
 
 PRUNE_LAYERS = ("pwoa", "all")
+BASE_LOSSES = ("ce", "trades", "mart")
 
 
 def pruned_layer_names(model: nn.Module, prune_layers: str = "pwoa", skip=()) -> list[str]:
@@ -197,8 +199,8 @@ def pwoa(student: nn.Module, teacher: nn.Module | None, train, *, sparsity: floa
          rho_max: float = 1.0, admm_every: int = 3, lambda_x: float = 2e-5, lambda_y: float = 1e-4,
          sigma: float = 5.0, hsic_layers: Sequence[str] | None = None, num_classes: int | None = None,
          mix_ratio: float = 0.0, mix_attack: Callable | None = None, prune_layers: str = "pwoa", skip=(),
-         admm_schedule: str = "cyclic", reproject_z: bool = True, run_dir: str | None = None,
-         sparse_kernels: bool = False, **fit_options) -> nn.Module:
+         admm_schedule: str = "cyclic", reproject_z: bool = True, ce_weight: float = 0.0, base_loss: str = "ce",
+         run_dir: str | None = None, sparse_kernels: bool = False, **fit_options) -> nn.Module:
     """Prune ``student`` (in place; usually a copy of the robust ``teacher``) to ``sparsity`` per
     layer with PwoA's three stages; returns it with frozen masks. Epochs, learning rates, temperature,
     alpha, rho and the HSIC weights are the paper's CIFAR-10 settings; the schedule, the pruned
@@ -210,7 +212,12 @@ def pwoa(student: nn.Module, teacher: nn.Module | None, train, *, sparsity: floa
     stage's learning rate, "cyclic" (PwoA's: admm_lr, /10, /100 over each ``admm_every``-epoch period)
     or any other fit() schedule; the retrain stage takes ``schedule`` from ``fit_options`` (cosine by
     default). ``reproject_z``: Z = proj(W) at the start of every ADMM epoch, as PwoA's code does
-    (False: Z changes only at the dual updates). ``sparse_kernels``: the masked retrain runs on sparse
+    (False: Z changes only at the dual updates). ``ce_weight`` (PwoA's xentropy_weight; 0 in its
+    scripts) adds that weight times a base loss in both stages: ``base_loss`` "ce" (cross-entropy on
+    the batch, adversarial when mixed in), or "trades" / "mart", which on a mixed batch replace it
+    by PwoA's TRADES (step 0.003) or MART (step 0.007) loss at eps 0.031, 10 steps, beta 6, computed
+    from the clean batch (the distillation and HSIC terms then see the clean batch; PwoA's code
+    takes the HSIC terms of its TRADES batches on the adversarial pass). ``sparse_kernels``: the masked retrain runs on sparse
     layers with trainable values (see fastprune.prune.finetune_phase)."""
     if teacher is None:
         raise ValueError("teacher: PwoA distils from the pre-trained robust model; pass it")
@@ -220,14 +227,22 @@ def pwoa(student: nn.Module, teacher: nn.Module | None, train, *, sparsity: floa
         check_positive(name, value, allow_zero=False)
     if not 0 <= mix_ratio <= 1:
         raise ValueError(f"mix_ratio must be in [0, 1], got {mix_ratio!r}")
+    check_positive("ce_weight", ce_weight)
+    if base_loss not in BASE_LOSSES:
+        raise ValueError(f"base_loss must be one of {BASE_LOSSES}, got {base_loss!r}")
     teacher = copy.deepcopy(teacher).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
 
-    def distill(model, x):
+    def distill(model, x, y=None):
+        """The distillation loss, plus ce_weight times the cross-entropy on the same forward pass."""
         with torch.no_grad():
             target = logits_of(teacher(x))
-        return distillation_loss(logits_of(model(x)), target, temperature, alpha)
+        logits = logits_of(model(x))
+        loss = distillation_loss(logits, target, temperature, alpha)
+        if ce_weight > 0 and y is not None:
+            loss = loss + ce_weight * F.cross_entropy(logits, y)
+        return loss
 
     to_prunable_attention(student, skip)  # attention projections as layers, so that the names below see them
     names = pruned_layer_names(student, prune_layers, skip)
@@ -241,18 +256,26 @@ def pwoa(student: nn.Module, teacher: nn.Module | None, train, *, sparsity: floa
 
     # Batches replaced by adversarial examples of them with probability mix_ratio, in both stages.
     attack = mix_attack or (PGD(student, eps=8 / 255, alpha=2 / 255, steps=10) if mix_ratio > 0 else None)
+    robust_base = {"trades": lambda: TRADES(0.031, 0.003, 10, beta=6.0),
+                   "mart": lambda: MART(0.031, 0.007, 10, beta=6.0)}.get(base_loss, lambda: None)()
     coin = _Coin(0)
 
-    def mixed(x, y):
-        if attack is not None and coin.random() < mix_ratio:
-            return attack(x, y)
-        return x
+    def batch_terms(model, x, y):
+        """(the batch the distillation and HSIC terms see, the base loss term) for one batch: a
+        mixed-in batch is replaced by PGD examples (base_loss "ce"), or keeps its clean images and
+        gets the TRADES/MART loss as its base term."""
+        flagged = attack is not None and coin.random() < mix_ratio
+        if flagged and robust_base is not None:  # (with ce_weight 0 PwoA's code then trains on the clean batch)
+            return x, y, ce_weight * robust_base(model, x, y) if ce_weight > 0 else None
+        return (attack(x, y) if flagged else x), y, None
 
     # Stage 1: ADMM with distillation.
     admm = _ADMM(student, names, sparsity, rho, rho_growth, rho_max)
 
     def admm_objective(model, x, y):
-        return distill(model, mixed(x, y)) + admm.penalty()
+        x, y, base = batch_terms(model, x, y)
+        loss = (distill(model, x) + base) if base is not None else distill(model, x, y)
+        return loss + admm.penalty()
 
     def admm_epoch_end(epoch, row):
         # PwoA's code, at the start of the next epoch: Z = proj(W), then on ADMM epochs the dual update.
@@ -281,8 +304,10 @@ def pwoa(student: nn.Module, teacher: nn.Module | None, train, *, sparsity: floa
                                 lambda_y=lambda_y, sigma=sigma, num_classes=num_classes)
 
     def retrain_objective(model, x, y):
-        x = mixed(x, y)  # the HSIC terms then measure the adversarial batch, as PwoA's code does
-        return distill(model, x) + bottleneck(x, y)
+        x, y, base = batch_terms(model, x, y)  # a PGD batch: the HSIC terms measure it, as PwoA's code does
+        if base is not None:  # TRADES/MART first: the taps then hold the distillation pass's features
+            return base + distill(model, x) + bottleneck(x, y)
+        return distill(model, x, y) + bottleneck(x, y)
 
     try:
         with sparse_training(student, sparse_kernels):

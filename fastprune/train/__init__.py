@@ -1,7 +1,7 @@
 """Training: objectives (natural, PGD-AT, TRADES), the resumable loop, atomic checkpoints."""
 from .checkpoint import atomic_save, load_model, save_model
 from .loops import fit, train_classifier
-from .objectives import OBJECTIVES, TRADES, PGDTraining, make_objective, natural_loss
+from .objectives import MART, OBJECTIVES, TRADES, PGDTraining, make_objective, natural_loss
 
-__all__ = ["OBJECTIVES", "PGDTraining", "TRADES", "atomic_save", "fit", "load_model", "make_objective",
+__all__ = ["MART", "OBJECTIVES", "PGDTraining", "TRADES", "atomic_save", "fit", "load_model", "make_objective",
            "natural_loss", "save_model", "train_classifier"]

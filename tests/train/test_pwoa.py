@@ -205,3 +205,37 @@ def test_bad_hidden_layers_stop_pwoa_before_its_admm_stage(digits, monkeypatch):
         pwoa(get_model("cnn-small", 10, 1), teacher, digits.train, sparsity=0.5, hsic_layers=["no.such.layer"])
     with pytest.raises(ValueError, match="found no hidden layers"):
         block_outputs(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)))
+
+
+def test_mixed_batches_get_the_base_loss_pwoa_asks_for(digits, monkeypatch):
+    """mix_ratio 1: base_loss "ce" replaces every batch by the attack's; "trades"/"mart" keep the
+    clean batch and add ce_weight times that loss; with ce_weight 0 they train on the clean batch."""
+    import fastprune.train.objectives as objectives
+
+    calls = {"attack": 0, "TRADES": 0, "MART": 0}
+
+    def attack(x, y):
+        calls["attack"] += 1
+        return x
+
+    for name in ("TRADES", "MART"):
+        original = getattr(objectives, name).__call__
+
+        def counted(self, model, x, y, name=name, original=original):
+            calls[name] += 1
+            return original(self, model, x, y)
+
+        monkeypatch.setattr(getattr(objectives, name), "__call__", counted)
+    teacher = get_model("cnn-small", 10, 1)
+    x, y = digits.train.tensors
+    data = (x[:128], y[:128])
+    options = dict(sparsity=0.5, admm_epochs=1, retrain_epochs=1, batch_size=64, progress=False, num_classes=10,
+                   mix_ratio=1.0, mix_attack=attack, prune_layers="all")
+    pwoa(get_model("cnn-small", 10, 1), teacher, data, base_loss="ce", ce_weight=1.0, **options)
+    assert calls == {"attack": 4, "TRADES": 0, "MART": 0}  # 2 batches x 2 stages
+    pwoa(get_model("cnn-small", 10, 1), teacher, data, base_loss="trades", ce_weight=1.0, **options)
+    pwoa(get_model("cnn-small", 10, 1), teacher, data, base_loss="mart", ce_weight=0.5, **options)
+    pwoa(get_model("cnn-small", 10, 1), teacher, data, base_loss="trades", ce_weight=0.0, **options)
+    assert calls == {"attack": 4, "TRADES": 4, "MART": 4}
+    with pytest.raises(ValueError, match="base_loss"):
+        pwoa(get_model("cnn-small", 10, 1), teacher, data, base_loss="hinge", **options)

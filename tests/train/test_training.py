@@ -206,3 +206,32 @@ def test_trades_l2_follows_trades_code():
     assert ((ours - x).flatten(1).norm(dim=1) <= eps * (1 + 1e-5)).all()
     with pytest.raises(ValueError, match="l2"):
         make_objective("pgd", eps=0.5, norm="l2")
+
+
+def test_mart_loss_matches_its_definition_in_float64(monkeypatch):
+    """MART's loss for given x and x_adv, against the formula (boosted CE on x_adv + beta * KL(f(x) ||
+    f(x_adv)) weighted by 1 - p_y(x)); its attack stays in the ball and raises the cross-entropy."""
+    import torch.nn.functional as F
+
+    from fastprune.train import MART
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 5)).double()
+    x, y = torch.rand(6, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 4, 0])
+    x_adv = (x + 0.02 * torch.randn_like(x)).clamp(0, 1)
+    mart = MART(eps=0.05, alpha=0.01, steps=4, beta=3.0)
+    monkeypatch.setattr(MART, "adversarial", lambda self, m, a, b: x_adv)
+    p_nat, p_adv = F.softmax(model(x), 1), F.softmax(model(x_adv), 1)
+    want = 0.0
+    for i in range(6):
+        others = p_adv[i].clone()
+        others[y[i]] = -1
+        k = int(others.argmax())
+        boosted = -torch.log(p_adv[i, y[i]]) - torch.log(1.0001 - p_adv[i, k] + 1e-12)
+        kl = (p_nat[i] * (torch.log(p_nat[i]) - torch.log(p_adv[i] + 1e-12))).sum()
+        want = want + boosted + 3.0 * kl * (1.0000001 - p_nat[i, y[i]])
+    torch.testing.assert_close(mart(model, x, y), want / 6, rtol=1e-9, atol=1e-12)
+    monkeypatch.undo()
+    adv = MART(eps=0.05, alpha=0.01, steps=4).adversarial(model, x, y)
+    assert (adv - x).abs().max() <= 0.05 + 1e-9 and adv.min() >= 0 and adv.max() <= 1
+    assert F.cross_entropy(model(adv), y) > F.cross_entropy(model(x), y)
