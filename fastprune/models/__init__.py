@@ -7,13 +7,15 @@ from torch import nn
 from .common import Normalize
 from .external import ImageInput, build_external, check_normalize, is_external, is_file_spec, unwrap
 from .resnet import resnet18
-from .small import LeNet3, cnn_small, lenet
+from .small import LeNet3, cnn_small, hydra_cnn_large, hydra_cnn_small, lenet
 from .vgg import vgg16
 from .wide_resnet import WideResNet
 
 _MODELS = {
     "cnn-small": cnn_small,
     "cnn-wide": lambda num_classes, in_channels: cnn_small(num_classes, in_channels, width=64),
+    "hydra-cnn-small": hydra_cnn_small,
+    "hydra-cnn-large": hydra_cnn_large,
     "lenet": lenet,
     "lenet3": LeNet3,
     "resnet18": resnet18,

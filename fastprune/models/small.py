@@ -66,3 +66,42 @@ class LeNet3(nn.Module):
         x = self.pool(self.relu1(self.conv1(x)))
         x = self.pool(self.relu2(self.conv2(x)))
         return self.fc2(self.relu3(self.fc1(self.flatten(x))))
+
+
+def _hydra_init(model: nn.Sequential) -> nn.Sequential:
+    """HYDRA's initialisation of its small CNNs: conv weights N(0, 2 / (k_h k_w C_out)), conv biases 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            m.weight.data.normal_(0, (2.0 / n) ** 0.5)
+            m.bias.data.zero_()
+    return model
+
+
+def hydra_cnn_small(num_classes: int = 10, in_channels: int = 3) -> nn.Sequential:
+    """HYDRA's small CIFAR CNN (the convex-adversarial-training "small" model): conv 4x4/2 16 - ReLU -
+    conv 4x4/2 32 - ReLU - fc 100 - ReLU - fc. (N, C, 32, 32) raw [0, 1] inputs -> (N, classes). One
+    nn.Sequential with HYDRA's layer indices (0, 2, 5, 7), so its state_dicts' tensors fit."""
+    return _hydra_init(nn.Sequential(
+        nn.Conv2d(in_channels, 16, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 8 * 8, 100), nn.ReLU(),
+        nn.Linear(100, num_classes),
+    ))
+
+
+def hydra_cnn_large(num_classes: int = 10, in_channels: int = 3) -> nn.Sequential:
+    """HYDRA's large CIFAR CNN: conv 3x3 32 - conv 4x4/2 32 - conv 3x3 64 - conv 4x4/2 64 (each with
+    ReLU) - fc 512 - ReLU - fc 512 - ReLU - fc. (N, C, 32, 32) raw [0, 1] inputs -> (N, classes);
+    HYDRA's layer indices (0, 2, 4, 6, 9, 11, 13)."""
+    return _hydra_init(nn.Sequential(
+        nn.Conv2d(in_channels, 32, 3, stride=1, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 32, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=1, padding=1), nn.ReLU(),
+        nn.Conv2d(64, 64, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 512), nn.ReLU(),
+        nn.Linear(512, 512), nn.ReLU(),
+        nn.Linear(512, num_classes),
+    ))

@@ -189,3 +189,34 @@ def test_hydra_score_checkpoint(tmp_path):
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
     assert isinstance(ours.features[0], MaskedConv2d) and ours.features[0].source == "fixed"
     assert abs(sparsity_report(ours)["sparsity"] - 0.9) < 1e-3
+
+
+class _Flatten(nn.Module):
+    def forward(self, x):
+        return x.view(x.size(0), -1)
+
+
+def hydra_small_reference():
+    """HYDRA's small CIFAR CNN written as its source writes it (layers by index, its own Flatten)."""
+    return nn.Sequential(nn.Conv2d(3, 16, 4, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 4, stride=2, padding=1),
+                         nn.ReLU(), _Flatten(), nn.Linear(32 * 8 * 8, 100), nn.ReLU(), nn.Linear(100, 10))
+
+
+def test_hydra_small_cnn_score_checkpoint_loads_into_hydra_cnn_small(tmp_path):
+    torch.manual_seed(1)
+    theirs = hydra_small_reference()
+    state = {f"module.{k}": v for k, v in theirs.state_dict().items()}  # DataParallel's prefix
+    for index in ("0", "2", "5", "7"):
+        state[f"module.{index}.popup_scores"] = torch.randn_like(state[f"module.{index}.weight"])
+    torch.save({"state_dict": state}, tmp_path / "hydra-small.pt")
+    ours = load_pretrained("hydra-cnn-small", str(tmp_path / "hydra-small.pt"), sparsity=0.95)
+    with torch.no_grad():
+        for index in ("0", "2", "5", "7"):
+            theirs.get_submodule(index).weight.mul_(getsubnet_mask(state[f"module.{index}.popup_scores"], 0.05))
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+    assert sorted(ours.hydra_masks) == ["0", "2", "5", "7"]
+    large = get_model("hydra-cnn-large")
+    assert [k for k in large.state_dict() if k.endswith("weight")] == [f"{i}.weight" for i in (0, 2, 4, 6, 9, 11, 13)]
+    assert large(torch.rand(2, 3, 32, 32)).shape == (2, 10)
