@@ -220,3 +220,60 @@ def test_hydra_small_cnn_score_checkpoint_loads_into_hydra_cnn_small(tmp_path):
     large = get_model("hydra-cnn-large")
     assert [k for k in large.state_dict() if k.endswith("weight")] == [f"{i}.weight" for i in (0, 2, 4, 6, 9, 11, 13)]
     assert large(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+class KuangliuBlock(nn.Module):
+    """The CIFAR ResNet BasicBlock HYDRA's resnet18 uses (kuangliu's pytorch-cifar names and forward)."""
+
+    def __init__(self, in_planes, planes, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + self.shortcut(x))
+
+
+class KuangliuResNet18(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64)
+        planes, layers = 64, []
+        for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers.append(nn.Sequential(KuangliuBlock(planes, width, stride), KuangliuBlock(width, width, 1)))
+            planes = width
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.linear(F.avg_pool2d(out, 4).flatten(1))
+
+
+@pytest.mark.parametrize("arch,reference", [("resnet18", KuangliuResNet18), ("wrn-28-4", TradesWideResNet)])
+def test_hydra_score_checkpoints_of_its_resnet18_and_wrn_28_4(arch, reference, tmp_path):
+    """HYDRA's resnet18 (kuangliu's names) and wrn_28_4 (TRADES' names, sub_block1 included), their
+    SubnetConv/SubnetLinear layers holding popup_scores: the zoo's models load them, masks folded."""
+    torch.manual_seed(2)
+    theirs = randomise_batchnorm(reference())
+    state = dict(theirs.state_dict())
+    layers = [n for n, m in theirs.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    for name in layers:
+        state[f"{name}.popup_scores"] = torch.randn_like(state[f"{name}.weight"])
+    torch.save({"state_dict": state}, tmp_path / "hydra.pt")
+    ours = load_pretrained(arch, str(tmp_path / "hydra.pt"), sparsity=0.9)
+    with torch.no_grad():
+        for name in layers:
+            theirs.get_submodule(name).weight.mul_(getsubnet_mask(state[f"{name}.popup_scores"], 0.1))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
+    used = [n for n in layers if not n.startswith("sub_block1.")]
+    assert len(ours.hydra_masks) == len(used)
