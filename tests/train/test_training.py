@@ -99,7 +99,7 @@ def test_bad_arguments(small_train, kwargs, match):
 
 def test_unknown_objective():
     with pytest.raises(ValueError, match="objective"):
-        make_objective("mart")
+        make_objective("mma")
     with pytest.raises(ValueError, match="beta"):
         make_objective("trades", beta=-1.0)
 
