@@ -128,7 +128,7 @@ step tests-cuda 150 collect env TORCH_CUDA_ARCH_LIST="$ARCH" OMP_NUM_THREADS=$((
 # --- 4. benchmarks, GPU mode, bounded sizes --------------------------------------------------------
 step bench-attacks 120 help "$PY" bench/attacks.py --device cuda --quick --out "$WORK/results"
 step bench-hsic 60 help "$PY" bench/hsic.py --device cuda --quick --out "$WORK/results"
-step bench-sparse 150 help "$PY" -m fastprune.cli bench sparse --device cuda --model resnet18 vgg16 \
+step bench-sparse 200 help "$PY" -m fastprune.cli bench sparse --device cuda --model resnet18 vgg16 \
   --sparsity 0.9 0.99 --batch 1 64 256 --repeats 5 --out "$WORK/results"
 step profile 40 help "$PY" bench/profile_gpu.py --device cuda --out "$WORK/results"
 step bench-train 60 help "$PY" bench/train.py --device cuda --quick --out "$WORK/results"

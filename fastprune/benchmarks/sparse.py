@@ -112,27 +112,46 @@ def run(models, sparsities, batches, device: torch.device, repeats: int = 7, see
             print(f"  {name} sparsity={sparsity}: sparsify tuned {len(sparse.tuned(device))} buckets in "
                   f"{tune_s:.0f} s", flush=True)
             variants = dense_variants(dense, device)
+            # On CUDA also fastprune in float16 (sparsify of the half model), so that sparse and the
+            # float16 dense baseline compare in one precision (the first H200 run had float32 only).
+            sparse_half = None
+            if device.type == "cuda":
+                try:
+                    half_model = copy_to(dense, device, dtype=torch.float16)
+                    sparse_half = sparsify(half_model, example.half())
+                except Exception as exc:  # noqa: BLE001 - an optional row: reported, the other rows still run
+                    print(f"  {name} sparsity={sparsity}: the float16 sparse model failed: {exc}", flush=True)
             best_dense = {}
             for batch in batches:
                 x = example[:batch] if batch <= example.shape[0] else torch.rand(batch, 3, 32, 32, device=device)
                 fns = {k: (lambda m=m, f=f: m(f(x))) for k, (m, f) in variants.items()}
                 fns["fastprune sparse"] = lambda: sparse(x)
+                if sparse_half is not None:
+                    fns["fastprune sparse fp16"] = lambda: sparse_half(x.half())
                 if device.type == "cuda":  # launch-bound at small batches: replay both sides as CUDA graphs
                     half, to_half = variants["dense fp16 channels_last"]
                     fns.update(graphed({"dense fp16 channels_last, CUDA graph": lambda t: half(to_half(t)),
                                         "fastprune sparse, CUDA graph": sparse}, x))
+                    if sparse_half is not None:
+                        fns.update(graphed({"fastprune sparse fp16, CUDA graph": lambda t: sparse_half(t.half())}, x))
                 with torch.no_grad():
                     want, got = dense(x), sparse(x)
                     err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+                    if sparse_half is not None:
+                        got_half = sparse_half(x.half()).float()
+                        err_half = ((got_half - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
                     seconds = interleaved_medians(fns, device, repeats=repeats, warmup=2)
                 best_dense[batch] = min(v for k, v in seconds.items() if k.startswith("dense"))
                 for impl, sec in seconds.items():
                     mine = impl.startswith("fastprune")
+                    half = "fp16" in impl
+                    ours = sparse_half if half else sparse
                     rows.append({"model": name, "sparsity": sparsity, "batch": batch, "impl": impl,
                                  "latency_ms": sec * 1e3, "speedup_vs_best_dense": best_dense[batch] / sec,
-                                 "weight_MB": weight_bytes(sparse if mine else dense) / 2**20,
-                                 "sparse_layers": _sparse_layers(sparse, x) if mine else "",
-                                 "max_rel_err": err if mine else "", "tune_s": tune_s if mine else ""})
+                                 "weight_MB": weight_bytes(ours if mine else dense) / 2**20,
+                                 "sparse_layers": _sparse_layers(ours, x.half() if half else x) if mine else "",
+                                 "max_rel_err": (err_half if half else err) if mine else "",
+                                 "tune_s": tune_s if mine else ""})
                 print(f"  {name} sparsity={sparsity} batch={batch}: best dense {best_dense[batch] * 1e3:.1f} ms, "
                       f"sparse {seconds['fastprune sparse'] * 1e3:.1f} ms "
                       f"({best_dense[batch] / seconds['fastprune sparse']:.2f}x)", flush=True)
