@@ -16,7 +16,7 @@ from torch import nn
 
 from ..utils.checks import (check_count, check_eps, check_images_labels, check_positive,  # noqa: F401 - re-exported
                             eval_mode)
-from ..utils.autograd import float16_autocast, frozen_parameters, input_gradients_only, per_sample_scaled_grad
+from ..utils.autograd import frozen_parameters, input_gradient, input_gradients_only
 from .losses import LOSSES, logits_of
 
 NORMS = ("linf", "l2")
@@ -147,10 +147,7 @@ class Attack:
             xg = x.detach().requires_grad_(True)
             logits = self.logits(xg)
             loss = loss_fn(logits, y, target)
-            if self.amp and x.device.type == "cuda" or float16_autocast(x.device):
-                grad = per_sample_scaled_grad(loss, logits, xg)
-            else:
-                (grad,) = torch.autograd.grad(loss.sum(), xg)
+            grad = input_gradient(loss, logits, xg, float16=self.amp and x.device.type == "cuda" or None)
         return loss.detach(), grad, logits.detach()
 
     def generator(self, device: torch.device) -> torch.Generator | None:

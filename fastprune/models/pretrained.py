@@ -107,7 +107,8 @@ def load_pretrained(arch: str, path: str, num_classes: int = 10, in_channels: in
     if is_external(arch):
         # The file holds the bare model's tensors; fastprune's input wrapper (if any) adds none of its own.
         model = get_model(arch, num_classes, in_channels, normalize=normalize)
-        target, prefix = unwrap(model), ("model." if unwrap(model) is not model else "")
+        target = unwrap(model)
+        prefix = "model." if target is not model else ""
     else:
         raw_inputs = not any(k.startswith("normalize.") for k in mapped)
         # The file's model took raw [0, 1] inputs (no mu/sigma): the zoo model's normalisation is the identity.

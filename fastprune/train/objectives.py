@@ -12,7 +12,7 @@ from torch import nn
 
 from ..utils.checks import check_count, check_positive, eval_mode
 from ..utils.checks import check_eps
-from ..utils.autograd import float16_autocast, input_gradients_only, per_sample_scaled_grad
+from ..utils.autograd import input_gradient, input_gradients_only
 from ..attacks.losses import logits_of
 from ..attacks.pgd import PGD
 from ..ops.pgd import pgd_step_
@@ -81,10 +81,7 @@ class TRADES:
                 xg = x_adv.requires_grad_(True)
                 logits = logits_of(model(xg)).float()
                 kl = F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="none").sum(dim=1)
-                if float16_autocast(x.device):  # fit(amp=True) on CUDA: the KL's gradient starts tiny
-                    grad = per_sample_scaled_grad(kl, logits, xg)
-                else:
-                    (grad,) = torch.autograd.grad(kl.sum(), xg)
+                grad = input_gradient(kl, logits, xg)  # under fit(amp=True) on CUDA the KL's gradient starts tiny
                 x_adv = xg.detach()
                 if self.norm == "linf":
                     pgd_step_(x_adv, grad, x, alpha=alpha, eps=eps, check_values=False)
@@ -139,10 +136,7 @@ class MART:
                 xg = x_adv.requires_grad_(True)
                 logits = logits_of(model(xg)).float()
                 loss = F.cross_entropy(logits, y, reduction="none")
-                if float16_autocast(x.device):
-                    grad = per_sample_scaled_grad(loss, logits, xg)
-                else:
-                    (grad,) = torch.autograd.grad(loss.sum(), xg)
+                grad = input_gradient(loss, logits, xg)
                 x_adv = xg.detach()
                 pgd_step_(x_adv, grad, x, alpha=alpha, eps=eps, check_values=False)
         return x_adv

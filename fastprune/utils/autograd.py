@@ -70,3 +70,15 @@ def per_sample_scaled_grad(loss: torch.Tensor, logits: torch.Tensor, x: torch.Te
     scale = g_logits.abs().amax(dim=1).clamp_min(1e-30)
     (grad,) = torch.autograd.grad(logits, x, grad_outputs=g_logits / scale[:, None])
     return grad * scale.view((-1,) + (1,) * (grad.dim() - 1)).to(grad.dtype)
+
+
+def input_gradient(loss: torch.Tensor, logits: torch.Tensor, x: torch.Tensor, float16: bool | None = None) -> torch.Tensor:
+    """d loss_i / d x_i (N, ...) for per-image losses (N,) computed from ``logits`` (N, C) of ``x``:
+    rescaled per image (:func:`per_sample_scaled_grad`) when the model ran under float16 autocast
+    (``float16``; None: asked of the autocast state on x's device), plain autograd otherwise."""
+    if float16 is None:
+        float16 = float16_autocast(x.device)
+    if float16:
+        return per_sample_scaled_grad(loss, logits, x)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    return grad
