@@ -71,16 +71,8 @@ at::Tensor conv_batch_innermost(const at::Tensor& x_in, const ConvArgs& a, const
   const int64_t ksize = kh * kw;
   const float* src = x.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
-  // The residual (a ResNet block's shortcut) in the output's (OC, H', W', N) layout: a view when the
-  // previous layers ran batch-innermost too.
-  at::Tensor res;
-  if (residual.has_value()) {
-    TORCH_CHECK(!pool && residual->dim() == 4 && residual->size(0) == n && residual->size(1) == oc_count &&
-                    residual->size(2) == oh && residual->size(3) == ow && residual->scalar_type() == at::kFloat,
-                "sparse_conv2d: residual must be float32 of the output's shape");
-    res = residual->permute({1, 2, 3, 0}).contiguous();
-  }
-  const float* rsp = residual.has_value() ? res.const_data_ptr<float>() : nullptr;
+  const at::Tensor res = residual_batch_innermost(residual, out, pool);
+  const float* rsp = res.defined() ? res.const_data_ptr<float>() : nullptr;
   // Tasks run (batch block, row block)-major so all output channels of a block run while its slice
   // of the input is in cache.
   at::parallel_for(0, batch_blocks * row_blocks * oc_count, 1, [=](int64_t begin, int64_t end) {
@@ -123,13 +115,13 @@ at::Tensor conv_batch_innermost(const at::Tensor& x_in, const ConvArgs& a, const
       if (pool) {
         for (int64_t py = y0 / 2; py < y1 / 2; ++py) {
           const float* r0 = acc.data() + (2 * py - y0) * wo * nb;
-          store_pooled_row(op + (oc * oh + py) * ow * n + b0, n, r0, r0 + wo * nb, ow, nb);
+          store_pooled_row(op + (oc * oh + py) * ow * n + b0, n, r0, r0 + wo * nb, nb, ow, nb);
         }
         continue;
       }
       for (int64_t y = y0; y < y1; ++y) {
         const int64_t at_out = (oc * oh + y) * ow * n + b0;
-        store_row(op + at_out, n, acc.data() + (y - y0) * wo * nb, wo, nb, relu, rsp ? rsp + at_out : nullptr);
+        store_row(op + at_out, n, acc.data() + (y - y0) * wo * nb, nb, wo, nb, relu, rsp ? rsp + at_out : nullptr);
       }
     }
   });

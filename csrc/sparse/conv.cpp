@@ -1,7 +1,7 @@
 // fastprune::sparse_conv2d_ext on the CPU (the `cpp` backend of fastprune::sparse_conv2d): direct
 // sparse convolution, work proportional to the number of non-zero weights. Checks the arguments,
 // picks the algorithm when asked to (algo 0, by shape), allocates the output in the layout the op
-// promises and runs one of padded.cpp, direct.cpp, batch_innermost.cpp.
+// promises and runs one of padded.cpp, direct.cpp, batch_innermost.cpp, tiled.cpp.
 #include <torch/library.h>
 
 #include "sparse_common.h"
@@ -20,6 +20,15 @@ void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::T
               "sparse: values must be contiguous float32 with col_idx's length");
 }
 
+at::Tensor residual_batch_innermost(const std::optional<at::Tensor>& residual, const at::Tensor& out_chwn, bool pool) {
+  if (!residual.has_value()) return at::Tensor();
+  const at::Tensor& r = *residual;
+  TORCH_CHECK(!pool && r.dim() == 4 && r.size(0) == out_chwn.size(3) && r.size(1) == out_chwn.size(0) &&
+                  r.size(2) == out_chwn.size(1) && r.size(3) == out_chwn.size(2) && r.scalar_type() == at::kFloat,
+              "sparse_conv2d: residual must be float32 of the output's shape");
+  return r.permute({1, 2, 3, 0}).contiguous();
+}
+
 namespace {
 
 // Feature maps at least this wide take the direct algorithm when it is chosen by shape (long enough
@@ -30,12 +39,13 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
                              const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t kh, int64_t kw,
                              int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t algo,
                              int64_t epilogue, const std::optional<at::Tensor>& residual) {
-  TORCH_CHECK(algo >= 0 && algo <= 3,
-              "sparse_conv2d: algo must be 0 (auto), 1 (padded), 2 (direct) or 3 (batch innermost)");
+  TORCH_CHECK(algo >= 0 && algo <= 4,
+              "sparse_conv2d: algo must be 0 (auto), 1 (padded), 2 (direct), 3 (batch innermost) or 4 (tiled)");
   TORCH_CHECK(epilogue >= 0 && epilogue <= 3,
               "sparse_conv2d: epilogue must be 0 (none), 1 (relu), 2 (relu + pool) or 3 (add residual + relu)");
-  TORCH_CHECK((epilogue == 3) == residual.has_value() && (epilogue != 3 || algo == 3),
-              "sparse_conv2d: the residual epilogue (3) needs a residual and the batch-innermost algorithm (3)");
+  TORCH_CHECK((epilogue == 3) == residual.has_value() && (epilogue != 3 || algo == 3 || algo == 4),
+              "sparse_conv2d: the residual epilogue (3) needs a residual and the batch-innermost (3) or tiled (4) "
+              "algorithm");
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "sparse_conv2d: x must be float32 (N, C, H, W)");
   TORCH_CHECK(kh >= 1 && kw >= 1 && stride_h >= 1 && stride_w >= 1 && pad_h >= 0 && pad_w >= 0,
               "sparse_conv2d: bad geometry");
@@ -48,6 +58,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
                       values.const_data_ptr<float>(), bias.has_value() ? bias->const_data_ptr<float>() : nullptr,
                       oc_count, kh, kw, stride_h, stride_w, pad_h, pad_w, relu, pool};
   if (algo == 3) return conv_batch_innermost(x, args, residual);
+  if (algo == 4) return conv_tiled(x, args, residual);
   // channels_last in, channels_last out (so that pooling and BatchNorm around the layer stay on
   // their fast path); any other layout is read through its strides and gives a contiguous output.
   const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();

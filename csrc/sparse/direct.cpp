@@ -62,9 +62,9 @@ void conv_direct(const at::Tensor& x, const ConvArgs& a, at::Tensor& out) {
       float* dst = op + (ni * oc_count + oc) * plane_out;
       if (a.pool) {
         for (int64_t y = 0; y < ho / 2; ++y)
-          store_pooled_row(dst + y * (wo / 2), 1, acc.data() + 2 * y * wo, acc.data() + (2 * y + 1) * wo, wo / 2, 1);
+          store_pooled_row(dst + y * (wo / 2), 1, acc.data() + 2 * y * wo, acc.data() + (2 * y + 1) * wo, 1, wo / 2, 1);
       } else {
-        store_row(dst, 1, acc.data(), ho * wo, 1, a.relu, nullptr);
+        store_row(dst, 1, acc.data(), 1, ho * wo, 1, a.relu, nullptr);
       }
     }
   });

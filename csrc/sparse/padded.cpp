@@ -146,7 +146,7 @@ void conv_padded(const at::Tensor& x, const ConvArgs& a, at::Tensor& out) {
             const int64_t ni = r / gh;
             for (int64_t py = 0; py < ho / 2; ++py) {
               const float* rows = acc.data() + (r - r0 + 2 * py) * gw;
-              store_pooled_row(op + ni * on + oc * ocs + py * oys, oxs, rows, rows + gw, wo / 2, 1);
+              store_pooled_row(op + ni * on + oc * ocs + py * oys, oxs, rows, rows + gw, 1, wo / 2, 1);
             }
           }
           continue;
@@ -154,7 +154,7 @@ void conv_padded(const at::Tensor& x, const ConvArgs& a, at::Tensor& out) {
         for (int64_t r = r0; r < r1; ++r) {  // keep the valid outputs of each grid row
           const int64_t ni = r / gh, y = r % gh;
           if (y >= ho) continue;
-          store_row(op + ni * on + oc * ocs + y * oys, oxs, acc.data() + (r - r0) * gw, wo, 1, relu, nullptr);
+          store_row(op + ni * on + oc * ocs + y * oys, oxs, acc.data() + (r - r0) * gw, 1, wo, 1, relu, nullptr);
         }
       }
     });
@@ -174,7 +174,7 @@ void conv_padded(const at::Tensor& x, const ConvArgs& a, at::Tensor& out) {
           axpy_strided(acc.data() + y * wo, src + y * stride_h * gw, vals[e], wo, stride_w);
       }
       for (int64_t y = 0; y < ho; ++y)
-        store_row(op + ni * on + oc * ocs + y * oys, oxs, acc.data() + y * wo, wo, 1, relu, nullptr);
+        store_row(op + ni * on + oc * ocs + y * oys, oxs, acc.data() + y * wo, 1, wo, 1, relu, nullptr);
     }
   });
 }

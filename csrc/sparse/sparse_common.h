@@ -5,6 +5,8 @@
 //                        non-zero over the whole batch (any stride; small maps);
 //   direct.cpp           algo 2: NCHW planes, row-wise AXPYs, no re-layout (wide maps, batch 1);
 //   batch_innermost.cpp  algo 3: activations (C, H, W, N), the batch is the vector dimension;
+//   tiled.cpp            algo 4: register-blocked output tiles over a staged, padded, batch-blocked
+//                        copy of the input (tiled_kernel.h: the micro-kernel, per instruction set);
 //   conv.cpp             the op: checks, algorithm by shape, output allocation; linear.cpp the
 //                        sparse linear layer; weight_grad.cpp the gradient at the non-zeros.
 //                        epilogue.h: ReLU / 2x2 max pooling / residual stores.
@@ -38,11 +40,15 @@ struct ConvArgs {
 };
 
 // Algorithm 1 (padded) and 2 (direct) write into ``out`` (N, OC, H', W'), contiguous or
-// channels_last; algorithm 3 returns its (C, H, W, N)-laid output, with the residual epilogue.
+// channels_last; algorithms 3 and 4 return their (C, H, W, N)-laid output, with the residual epilogue.
 void conv_padded(const at::Tensor& x, const ConvArgs& a, at::Tensor& out);
 void conv_direct(const at::Tensor& x, const ConvArgs& a, at::Tensor& out);
 at::Tensor conv_batch_innermost(const at::Tensor& x, const ConvArgs& a, const std::optional<at::Tensor>& residual);
+at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optional<at::Tensor>& residual);
 
+// The residual (a ResNet block's shortcut) of an output allocated (OC, H', W', N), in that layout (a
+// view when the previous layers wrote it so too); undefined when there is none. conv.cpp.
+at::Tensor residual_batch_innermost(const std::optional<at::Tensor>& residual, const at::Tensor& out_chwn, bool pool);
 // The CSR arrays' dtypes, shapes and contiguity (TORCH_CHECK): conv.cpp.
 void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values, int64_t rows);
 

@@ -49,7 +49,9 @@ def _tiled_conv_cuda(x, weight: TiledWeight, geometry, relu: bool) -> torch.Tens
                                                        weight.bias, weight.rows, *geometry, relu)
 
 
-ALGORITHMS = {"padded": 1, "direct": 2, "batch_innermost": 3}
+ALGORITHMS = {"padded": 1, "direct": 2, "batch_innermost": 3, "tiled": 4}
+# The algorithms whose output is laid out (OC, H', W', N) and that fuse the residual epilogue.
+_BATCH_INNERMOST_OUT = (ALGORITHMS["batch_innermost"], ALGORITHMS["tiled"])
 EPILOGUES = {"none": 0, "relu": 1, "relu_pool": 2, "add_relu": 3}
 
 
@@ -60,10 +62,10 @@ def direct_applicable(x: torch.Tensor, stride) -> bool:
 
 def pool_fusable(x: torch.Tensor, stride, algo: int) -> bool:
     """Whether the cpp backend can fuse ReLU + 2x2 max pooling: the batch-innermost algorithm, the
-    padded one with equal strides, or the direct one (chosen when ``algo`` is 0 or 2)."""
+    padded and tiled ones with equal strides, or the direct one (chosen when ``algo`` is 0 or 2)."""
     if algo == ALGORITHMS["batch_innermost"]:
         return True
-    if algo == ALGORITHMS["padded"]:
+    if algo in (ALGORITHMS["padded"], ALGORITHMS["tiled"]):
         return stride[0] == stride[1]
     return direct_applicable(x, stride)
 
@@ -83,10 +85,10 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 
 
 # The output's memory layout, the same for every backend (and what the fake says, so torch.compile
-# and opcheck see the real strides): batch innermost from the CPU's batch-innermost algorithm,
-# channels_last from a channels_last input, contiguous otherwise.
+# and opcheck see the real strides): batch innermost from the CPU's batch-innermost and tiled
+# algorithms, channels_last from a channels_last input, contiguous otherwise.
 def output_layout(x: torch.Tensor, algo: int) -> str:
-    if x.device.type == "cpu" and algo == ALGORITHMS["batch_innermost"]:
+    if x.device.type == "cpu" and algo in _BATCH_INNERMOST_OUT:
         return "batch_innermost"
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return "channels_last"
@@ -152,10 +154,10 @@ def _conv_gpu(backend, x, row_ptr, col_idx, values, bias, in_channels, geometry,
 def _conv_cpp(x, row_ptr, col_idx, values, bias, geometry, algo, epilogue, residual):
     """(output, fused epilogue) of the CPU C++ kernels, which fuse what their algorithm can."""
     ext = torch.ops.fastprune.sparse_conv2d_ext
-    if epilogue == EPILOGUES["add_relu"] and algo == ALGORITHMS["batch_innermost"]:
+    if epilogue == EPILOGUES["add_relu"] and algo in _BATCH_INNERMOST_OUT:
         return ext(x, row_ptr, col_idx, values, bias, *geometry, algo, epilogue, residual), epilogue
     if epilogue == EPILOGUES["relu_pool"] and pool_fusable(x, geometry[2:4], algo):
-        pool_algo = algo if algo in (ALGORITHMS["padded"], ALGORITHMS["batch_innermost"]) else ALGORITHMS["direct"]
+        pool_algo = algo if algo in (ALGORITHMS["padded"], *_BATCH_INNERMOST_OUT) else ALGORITHMS["direct"]
         return ext(x, row_ptr, col_idx, values, bias, *geometry, pool_algo, epilogue), epilogue
     fused = EPILOGUES["relu"] if epilogue in (EPILOGUES["relu"], EPILOGUES["relu_pool"]) else EPILOGUES["none"]
     return ext(x, row_ptr, col_idx, values, bias, *geometry, algo, fused), fused
@@ -205,8 +207,9 @@ def _sparse_conv2d_cuda_kernel(x, row_ptr, col_idx, values, bias, in_channels, k
 
 
 # The CPU's own op: the same convolution with the algorithm as an argument (0 by shape, 1 padded
-# channel-major, 2 direct NCHW for strides 1 and 2 on contiguous inputs, 3 batch innermost, whose
-# output is laid out (OC, H', W', N); see csrc/sparse/). CPU tensors only.
+# channel-major, 2 direct NCHW for strides 1 and 2 on contiguous inputs, 3 batch innermost, 4 tiled
+# (register-blocked, equal strides); 3 and 4 lay their output out (OC, H', W', N); see csrc/sparse/).
+# CPU tensors only.
 @torch.library.custom_op("fastprune::sparse_conv2d_cpu", mutates_args=())
 def _sparse_conv2d_cpu_op(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
                           bias: Optional[torch.Tensor], in_channels: int, kh: int, kw: int, stride_h: int,
@@ -228,7 +231,7 @@ def sparse_conv2d(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
     epilogue: 0 none, 1 ReLU, 2 ReLU then 2x2 max pooling (output H'/2 x W'/2), 3 ReLU of the sum
     with ``residual`` (N, OC, H', W'); fused into the kernel where the device's kernel can, applied
     after otherwise. algo: the CPU algorithm (see fastprune::sparse_conv2d_cpu); 0, by shape, is
-    the only choice on a GPU. Output layout (every backend alike): batch innermost from algorithm 3,
+    the only choice on a GPU. Output layout (every backend alike): batch innermost from algorithms 3 and 4,
     channels_last from a channels_last input, contiguous otherwise. Differentiable w.r.t. x when the
     epilogue is 0.
     """

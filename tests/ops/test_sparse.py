@@ -54,7 +54,7 @@ def test_sparse_conv_matches_conv2d(backend, device, case):
     row_ptr, col_idx, values = dense_to_csr(weight)
     assert torch.equal(csr_to_dense(row_ptr, col_idx, values, weight.shape), weight)
     want = F.conv2d(x.double(), weight.double(), bias.double(), stride=stride, padding=pad)
-    algos = [0, 1, 3] + ([2] if stride in (1, 2) else [])
+    algos = [0, 1, 3, 4] + ([2] if stride in (1, 2) else [])
     # every algorithm, on contiguous, channels_last and batch-innermost inputs
     for algo in algos:
         for xin in (x, x.contiguous(memory_format=torch.channels_last), to_batch_innermost(x)):
@@ -64,8 +64,8 @@ def test_sparse_conv_matches_conv2d(backend, device, case):
                 got = sparse_conv2d(xin, row_ptr, col_idx, values, bias, c, k, k, stride, stride, pad, pad, algo=algo)
             assert got.shape == want.shape
             torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
-            if backend == "cpp" and algo == 3:
-                assert is_batch_innermost(got), "the batch-innermost algorithm writes its own layout"
+            if backend == "cpp" and algo in (3, 4):
+                assert is_batch_innermost(got), "the batch-innermost and tiled algorithms write their own layout"
     if backend == "triton":  # half precision inputs (the GPU path), float32 accumulation
         with fastprune.use_backend(backend):
             got = sparse_conv2d(x.half(), row_ptr, col_idx, values, bias, c, k, k, stride, stride, pad, pad)
@@ -141,7 +141,7 @@ def test_fused_epilogues(backend, device):
     row_ptr, col_idx, values = dense_to_csr(weight)
     conv = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
     residual = torch.randn(conv.shape, generator=gen).to(device)
-    for algo in (0, 1, 2, 3):
+    for algo in (0, 1, 2, 3, 4):
         with fastprune.use_backend(backend):
             relu = sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, 1, algo=algo)
             pooled = sparse_conv2d(x, row_ptr, col_idx, values, bias, 4, 3, 3, 1, 1, 1, 1, 2, algo=algo)
@@ -162,7 +162,8 @@ LAYOUT_INPUTS = {"contiguous": lambda x: x, "channels_last": lambda x: x.contigu
 
 
 @pytest.mark.parametrize("layout", list(LAYOUT_INPUTS))
-@pytest.mark.parametrize("algo,epilogue", [(0, 0), (0, 1), (1, 2), (2, 1), (3, 0), (3, 2), (3, 3)])
+@pytest.mark.parametrize("algo,epilogue", [(0, 0), (0, 1), (1, 2), (2, 1), (3, 0), (3, 2), (3, 3), (4, 1), (4, 2),
+                                            (4, 3)])
 def test_opcheck_on_every_layout_the_sparse_op_sees(layout, algo, epilogue):
     # The fake must give the real output's strides (torch.compile relies on them): every layout the
     # tuner can feed the op, every algorithm and fused epilogue.
@@ -178,7 +179,7 @@ def test_opcheck_on_every_layout_the_sparse_op_sees(layout, algo, epilogue):
                 (torch.ops.fastprune.sparse_conv2d_cpu.default, common + (algo, epilogue, residual)))
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     out = op(*args)
-    want = "batch_innermost" if algo == 3 else ("channels_last" if layout == "channels_last" else "contiguous")
+    want = "batch_innermost" if algo in (3, 4) else ("channels_last" if layout == "channels_last" else "contiguous")
     assert {"batch_innermost": is_batch_innermost(out), "contiguous": out.is_contiguous(),
             "channels_last": out.is_contiguous(memory_format=torch.channels_last)}[want]
 
@@ -240,7 +241,7 @@ def test_tiny_inputs_with_wide_padding_and_stride_two(backend, device, hw):
     bias = torch.randn(4, generator=gen).to(device)
     row_ptr, col_idx, values = dense_to_csr(weight)
     want = F.conv2d(x.double(), weight.double(), bias.double(), stride=2, padding=1)
-    for algo in (0, 1, 2, 3):
+    for algo in (0, 1, 2, 3, 4):
         with fastprune.use_backend(backend):
             got = sparse_conv2d(x, row_ptr, col_idx, values, bias, 3, 3, 3, 2, 2, 1, 1, algo=algo)
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
@@ -267,3 +268,36 @@ def test_batch_innermost_algorithm_blocks_and_epilogues(case):
                             epilogue, residual if epilogue == 3 else None, algo=3)
         assert got.shape == want.shape and is_batch_innermost(got)
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2", "base"])
+@pytest.mark.parametrize("case", [(1, 3, 7, 6, 4, 3, 1, 1), (1, 5, 32, 32, 6, 3, 1, 1), (1, 4, 9, 13, 3, 3, 2, 1),
+                                  (9, 5, 8, 8, 6, 3, 2, 1), (21, 3, 6, 5, 4, 3, 1, 2), (37, 2, 5, 7, 3, 1, 2, 0),
+                                  (64, 6, 4, 4, 40, 3, 1, 1), (16, 4, 2, 2, 5, 3, 1, 1)], ids=str)
+def test_tiled_algorithm_tiles_blocks_and_epilogues(case, isa, monkeypatch):
+    # The tiled algorithm on every instruction set it has (the narrower ones forced on this CPU):
+    # batch 1 (whole-row runs), batch blocks of 16 with a partial last one (21, 37), 4x4 and 2x2
+    # maps, strides 1 and 2, wide padding, more output channels than tasks per thread, every epilogue.
+    if isa != "native":
+        monkeypatch.setenv("FASTPRUNE_TILED_ISA", isa)
+    n, c, h, w, oc, k, stride, pad = case
+    gen = torch.Generator().manual_seed(n * 3 + c)
+    x = torch.randn(n, c, h, w, generator=gen)
+    weight = sparse_weight((oc, c, k, k), 0.5, seed=n, empty_row=True)
+    bias = torch.randn(oc, generator=gen)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    conv = F.conv2d(x.double(), weight.double(), bias.double(), stride=stride, padding=pad)
+    residual = torch.randn(conv.shape, generator=gen)
+    wants = {0: conv, 1: F.relu(conv), 2: F.max_pool2d(F.relu(conv), 2), 3: F.relu(conv + residual.double())}
+    for epilogue, want in wants.items():
+        for xin in (x, to_batch_innermost(x)):
+            got = sparse_conv2d(xin, row_ptr, col_idx, values, bias, c, k, k, stride, stride, pad, pad,
+                                epilogue, residual if epilogue == 3 else None, algo=4)
+            assert got.shape == want.shape and is_batch_innermost(got)
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_tiled_algorithm_refuses_unequal_strides():
+    row_ptr, col_idx, values = dense_to_csr(sparse_weight((4, 3, 3, 3), 0.5, seed=1))
+    with pytest.raises(RuntimeError, match="equal strides"):
+        sparse_conv2d(torch.randn(2, 3, 8, 8), row_ptr, col_idx, values, None, 3, 3, 3, 1, 2, 1, 1, algo=4)

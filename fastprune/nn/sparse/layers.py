@@ -80,14 +80,14 @@ class _CSRWeight(nn.Module):
 
 # A sparse conv's choices: "auto" picks its algorithm by shape (the only sparse choice on a GPU); the
 # others are the CPU algorithms of fastprune::sparse_conv2d_cpu.
-_CONV_CHOICES = ("dense", "auto", "padded", "direct", "batch_innermost")
+_CONV_CHOICES = ("dense", "auto", "padded", "direct", "batch_innermost", "tiled")
 
 
 class SparseConv2d(_CSRWeight):
     """Convolution with a CSR weight (groups 1, dilation 1, zero padding): (N, C, H, W) -> (N, OC, H', W').
 
     ``choice``: "dense", "auto" (the algorithm by shape), or a CPU algorithm ("padded", "direct",
-    "batch_innermost"); ``algo`` is the same as the op's integer. ``epilogue`` (set by the graph
+    "batch_innermost", "tiled"); ``algo`` is the same as the op's integer. ``epilogue`` (set by the graph
     pass fuse_epilogues): 1 ReLU, 2 ReLU then 2x2 max pooling, 3 relu(conv + residual); whatever a
     choice's kernel cannot fuse runs after it, so every choice computes the same function."""
 
@@ -141,6 +141,13 @@ class SparseConv2d(_CSRWeight):
             raise ValueError("conv must have groups=1, dilation=1, zero padding given as numbers")
         return cls(effective_weight(conv), conv.bias, conv.stride, conv.padding)
 
+    def applicable(self, x: torch.Tensor) -> bool:
+        """Whether ``choice`` runs on input x (the direct algorithm needs a contiguous input and stride 1
+        or 2, the tiled one equal strides); forward falls back to the algorithm by shape otherwise."""
+        if self.choice == "direct":
+            return direct_applicable(x, self.stride)
+        return self.choice != "tiled" or self.stride[0] == self.stride[1]
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x (N, C, H, W) -> (N, OC, H', W'); with the residual epilogue (3), relu(conv(x) + residual),
         residual (N, OC, H', W')."""
@@ -154,7 +161,7 @@ class SparseConv2d(_CSRWeight):
         if self.choice == "dense":
             y = F.conv2d(x, self.dense_for(x), self._bias_for(x), self.stride, self.padding)
             return finish_epilogue(y, self.epilogue, EPILOGUES["none"], residual)
-        algo = self.algo if self.algo != ALGORITHMS["direct"] or direct_applicable(x, self.stride) else 0
+        algo = self.algo if self.applicable(x) else 0
         recording = torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad
                                                  or (residual is not None and residual.requires_grad))
         # Under autograd (attacks, finetuning) ReLU and the residual stay fused (differentiated through

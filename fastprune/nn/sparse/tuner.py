@@ -83,9 +83,10 @@ def _options(layer: nn.Module, x: torch.Tensor, layout: str) -> list[str]:
         return ["dense", "csr"] + (["2:4"] if layer.semi_structured_usable(x) else [])
     if x.device.type != "cpu":
         return ["dense", "auto"]
+    tiled = ["tiled"] if layer.stride[0] == layer.stride[1] else []  # its output is batch innermost too
     if layout == "batch_innermost":  # every sparse conv keeps the layout the next one reads
-        return ["dense", "batch_innermost"]
-    return ["dense", "padded"] + (["direct"] if direct_applicable(x, layer.stride) else [])
+        return ["dense", "batch_innermost"] + tiled
+    return ["dense", "padded"] + (["direct"] if direct_applicable(x, layer.stride) else []) + tiled
 
 
 def _time_choice(layer: nn.Module, choice: str, args: tuple, repeats: int) -> float:

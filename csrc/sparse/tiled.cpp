@@ -1,0 +1,259 @@
+// The tiled algorithm (algo 4): output-stationary, register-blocked. The other algorithms add one
+// non-zero at a time into an accumulator row in L1 (a load and a store of the accumulator for every
+// few multiply-adds); here a tile of the output (a few rows of a few positions of a batch block, up
+// to 24 AVX-512 registers) stays in registers while all of an output channel's non-zeros stream
+// past it, each non-zero one broadcast and one fused multiply-add per register with its input as
+// the memory operand (tiled_kernel.h). The pattern is specialised per call: each non-zero's input
+// offset in the staged input is computed once, so the inner loop has no index arithmetic and no
+// bounds checks.
+//
+// Staging: the input is copied, per batch block of nb images, zero-padded and split into S x S
+// phases for stride S (as the padded algorithm does), batch innermost: staged[phase * C + ic][i][j][0:nb].
+// A stride-S convolution is then a stride-1 one over the phases, and the nb images of a position
+// are contiguous, so a run of T output positions reads T * nb contiguous floats. Tiles are chosen
+// per call by a cost model of the micro-kernel (below); tasks run tile-major, all output channels of
+// a tile while its input window is in cache. The output is laid out (OC, H', W', N) like the
+// batch-innermost algorithm's (for N = 1 that is NCHW), with its ReLU / pooling / residual epilogues.
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+
+#include "epilogue.h"
+#include "sparse_common.h"
+
+namespace fastprune {
+namespace sparse_cpu {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTPRUNE_X86_ISAS 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
+namespace isa_avx512 {
+#define FASTPRUNE_LANES 16
+#define FASTPRUNE_MAX_ACC 24
+#include "tiled_kernel.h"
+#undef FASTPRUNE_LANES
+#undef FASTPRUNE_MAX_ACC
+}  // namespace isa_avx512
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace isa_avx2 {
+#define FASTPRUNE_LANES 8
+#define FASTPRUNE_MAX_ACC 12
+#include "tiled_kernel.h"
+#undef FASTPRUNE_LANES
+#undef FASTPRUNE_MAX_ACC
+}  // namespace isa_avx2
+#pragma GCC pop_options
+#endif
+namespace isa_base {  // SSE2 on x86-64; whatever 128-bit vectors the compiler has elsewhere
+#define FASTPRUNE_LANES 4
+#define FASTPRUNE_MAX_ACC 12
+#include "tiled_kernel.h"
+#undef FASTPRUNE_LANES
+#undef FASTPRUNE_MAX_ACC
+}  // namespace isa_base
+
+namespace {
+
+using TileFn = isa_base::TileFn;
+
+struct Isa {
+  int64_t lanes, max_acc;
+  TileFn (*kernel_for)(int, int);
+};
+
+// The widest instruction set this CPU runs. FASTPRUNE_TILED_ISA=avx2|base picks a narrower one (the
+// tests run every variant on one machine).
+Isa pick_isa() {
+  const char* forced = std::getenv("FASTPRUNE_TILED_ISA");
+  const bool want_base = forced != nullptr && std::strcmp(forced, "base") == 0;
+  const bool want_avx2 = forced != nullptr && std::strcmp(forced, "avx2") == 0;
+#ifdef FASTPRUNE_X86_ISAS
+  if (!want_base && !want_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
+    return {16, 24, &isa_avx512::kernel_for};
+  if (!want_base && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return {8, 12, &isa_avx2::kernel_for};
+#else
+  (void)want_base;
+  (void)want_avx2;
+#endif
+  return {4, 12, &isa_base::kernel_for};
+}
+
+// A tile: `rows` output rows of `cols` positions each (one run of cols * nb floats per row), or, when
+// `merged`, whole rows of the phase grid (gw positions, the columns past the output computed and
+// dropped) as one run: better where a row holds less than a vector or two (batch 1, small maps).
+struct TileShape {
+  int64_t rows, cols;
+  bool merged;
+};
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The micro-kernel's cost per non-zero, in cycles, over the whole output for a tile shape: a tile of
+// V vectors costs V / 2 (two FMAs a cycle) but never less than 4 (the FMA latency with fewer than 8
+// independent accumulators), plus 2 for the weight's broadcast and offset; edge tiles counted as
+// they are. The cheapest shape wins.
+double tile_cost(const TileShape& t, int64_t rows_out, int64_t cols_out, int64_t gw, int64_t nb, int64_t lanes) {
+  auto vectors = [&](int64_t k, int64_t c) {
+    return t.merged ? cdiv(k * gw * nb, lanes) : k * cdiv(c * nb, lanes);
+  };
+  auto one = [&](int64_t k, int64_t c) { return std::max<double>(0.5 * vectors(k, c), 4.0) + 2.0; };
+  const int64_t full_r = rows_out / t.rows, edge_r = rows_out % t.rows;
+  const int64_t full_c = t.merged ? 1 : cols_out / t.cols, edge_c = t.merged ? 0 : cols_out % t.cols;
+  const int64_t cw = t.merged ? cols_out : t.cols;
+  double cost = full_r * (full_c * one(t.rows, cw) + (edge_c ? one(t.rows, edge_c) : 0.0));
+  if (edge_r) cost += full_c * one(edge_r, cw) + (edge_c ? one(edge_r, edge_c) : 0.0);
+  return cost;
+}
+
+TileShape choose_tile(int64_t rows_out, int64_t cols_out, int64_t gw, int64_t nb, const Isa& isa, bool pool) {
+  const int64_t step = pool ? 2 : 1;  // pooling needs whole row pairs and column pairs in a tile
+  TileShape best{step, step, false};
+  double best_cost = -1;
+  auto consider = [&](const TileShape& t) {
+    const double c = tile_cost(t, rows_out, cols_out, gw, nb, isa.lanes);
+    if (best_cost < 0 || c < best_cost) best = t, best_cost = c;
+  };
+  for (int64_t cols = step; cols <= cols_out; cols += step) {
+    const int64_t vr = cdiv(cols * nb, isa.lanes);
+    if (vr * step > isa.max_acc) break;
+    for (int64_t rows = step; rows * vr <= isa.max_acc && rows <= std::max(rows_out, step); rows += step)
+      consider({rows, cols, false});
+  }
+  for (int64_t rows = step; rows <= std::max(rows_out, step) && cdiv(rows * gw * nb, isa.lanes) <= isa.max_acc;
+       rows += step)
+    consider({rows, gw, true});
+  return best;
+}
+
+// The batch block: a tile's input window over all channels must stay in cache across the output
+// channels, so blocks of at most 16 images; and a 2 x 2 tile (pooling's smallest) must fit in the
+// accumulator registers. FASTPRUNE_TILED_NB overrides the 16 (experiments).
+int64_t batch_block(int64_t n, const Isa& isa) {
+  const char* forced = std::getenv("FASTPRUNE_TILED_NB");
+  const int64_t nb = forced != nullptr ? std::atoll(forced) : 16;
+  return std::max<int64_t>(1, std::min({n, nb, isa.max_acc * isa.lanes / 4}));
+}
+
+}  // namespace
+
+at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(a.stride_h == a.stride_w, "sparse_conv2d: the tiled algorithm needs equal strides");
+  const int64_t S = a.stride_h, kh = a.kh, kw = a.kw, oc_count = a.oc_count;
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t hp = h + 2 * a.pad_h, wp = w + 2 * a.pad_w;
+  const int64_t ho = (hp - kh) / S + 1, wo = (wp - kw) / S + 1;
+  const bool pool = a.pool, relu = a.relu;
+  const int64_t oh = pool ? ho / 2 : ho, ow = pool ? wo / 2 : wo;
+  at::Tensor out = at::empty({oc_count, oh, ow, n}, x.options());
+  const at::Tensor res = residual_batch_innermost(residual, out, pool);
+  if (out.numel() == 0) return out.permute({3, 0, 1, 2});
+  const Isa isa = pick_isa();
+  const int64_t rows_out = pool ? 2 * oh : ho, cols_out = pool ? 2 * ow : wo;  // pooling drops an odd edge
+  const int64_t gh = cdiv(hp, S), gw = cdiv(wp, S), nb = batch_block(n, isa), blocks = cdiv(n, nb);
+  const int64_t plane = gh * gw * nb, phase_planes = S * S * c;
+  // Reads past a plane's end: a run's last vector (lanes) and the shifts of the last taps.
+  const int64_t tail = (kw / S + 2) * nb + 2 * isa.lanes;
+  const int64_t block_len = phase_planes * plane + tail;
+  at::Tensor staged = at::empty({blocks * block_len}, x.options());
+  float* sp = staged.mutable_data_ptr<float>();
+  const float* src = x.const_data_ptr<float>();
+  const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+  const int64_t pad_h = a.pad_h, pad_w = a.pad_w;
+  // Staging, one input channel a task: its border (and the padding images of a last, partial batch
+  // block) zeroed, then each input position's N values scattered to the blocks, read in memory order.
+  at::parallel_for(0, c, 1, [=](int64_t begin, int64_t end) {
+    for (int64_t ci = begin; ci < end; ++ci) {
+      for (int64_t bb = 0; bb < blocks; ++bb) {
+        float* block = sp + bb * block_len;
+        if (ci == 0) std::fill_n(block + phase_planes * plane, tail, 0.f);
+        if (S == 1 && (bb + 1) * nb <= n) {  // only the border: the copy below writes the interior
+          float* p = block + ci * plane;
+          std::fill_n(p, pad_h * gw * nb, 0.f);
+          std::fill_n(p + (pad_h + h) * gw * nb, (gh - pad_h - h) * gw * nb, 0.f);
+          for (int64_t y = 0; y < h; ++y) {
+            float* row = p + (y + pad_h) * gw * nb;
+            std::fill_n(row, pad_w * nb, 0.f);
+            std::fill_n(row + (pad_w + w) * nb, (gw - pad_w - w) * nb, 0.f);
+          }
+        } else {
+          for (int64_t ph = 0; ph < S * S; ++ph) std::fill_n(block + (ph * c + ci) * plane, plane, 0.f);
+        }
+      }
+      for (int64_t y = 0; y < h; ++y) {
+        const int64_t yp = y + pad_h, pa = yp % S, i = yp / S;
+        for (int64_t xx = 0; xx < w; ++xx) {
+          const int64_t xp = xx + pad_w, pb = xp % S, j = xp / S;
+          float* d = sp + ((pa * S + pb) * c + ci) * plane + (i * gw + j) * nb;
+          const float* s = src + ci * sc + y * sh + xx * sw;
+          for (int64_t bb = 0; bb < blocks; ++bb, d += block_len, s += nb * sn) {
+            const int64_t nbv = std::min(nb, n - bb * nb);
+            if (sn == 1) {  // the batch innermost (the previous layer's output): vector copies, inlined
+#pragma omp simd
+              for (int64_t k = 0; k < nbv; ++k) d[k] = s[k];
+            } else {
+              for (int64_t k = 0; k < nbv; ++k) d[k] = s[k * sn];
+            }
+          }
+        }
+      }
+    }
+  });
+  // Each non-zero's offset in a staged block: phase (r % S, s % S) of channel ic, shifted by (r / S, s / S).
+  const int64_t nnz = a.rp[oc_count], ksize = kh * kw;
+  std::vector<int32_t> offs(nnz);
+  for (int64_t e = 0; e < nnz; ++e) {
+    const int64_t col = a.cols[e], ic = col / ksize, r = (col % ksize) / kw, s = col % kw;
+    offs[e] = static_cast<int32_t>((((((r % S) * S + s % S) * c + ic) * gh + r / S) * gw + s / S) * nb);
+  }
+  const TileShape tile = choose_tile(rows_out, cols_out, gw, nb, isa, pool);
+  TORCH_CHECK((tile.merged ? isa.kernel_for(1, cdiv(tile.rows * gw * nb, isa.lanes))
+                           : isa.kernel_for(tile.rows, cdiv(tile.cols * nb, isa.lanes))) != nullptr,
+              "sparse_conv2d: internal error, no micro-kernel for the tiled algorithm's tile");
+  const int64_t row_tiles = cdiv(rows_out, tile.rows), col_tiles = tile.merged ? 1 : cdiv(cols_out, tile.cols);
+  const int64_t tiles = row_tiles * col_tiles;
+  float* op = out.mutable_data_ptr<float>();
+  const float* rsp = res.defined() ? res.const_data_ptr<float>() : nullptr;
+  const int32_t* offp = offs.data();
+  at::parallel_for(0, blocks * tiles * oc_count, 1, [=, &a](int64_t begin, int64_t end) {
+    std::vector<float> scratch((isa.max_acc + 1) * isa.lanes);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t oc = task % oc_count, tl = (task / oc_count) % tiles, bb = task / oc_count / tiles;
+      const int64_t y0 = (tl / col_tiles) * tile.rows, kk = std::min(tile.rows, rows_out - y0);
+      const int64_t x0 = tile.merged ? 0 : (tl % col_tiles) * tile.cols;
+      const int64_t tt = tile.merged ? cols_out : std::min(tile.cols, cols_out - x0);
+      const int64_t b0 = bb * nb, nbv = std::min(nb, n - b0);
+      const float* base = sp + bb * block_len + (y0 * gw + x0) * nb;
+      const float bias = a.bias ? a.bias[oc] : 0.f;
+      int64_t pitch;
+      if (tile.merged) {
+        pitch = gw * nb;
+        isa.kernel_for(1, cdiv(kk * gw * nb, isa.lanes))(base, pitch, offp, a.vals, a.rp[oc], a.rp[oc + 1], bias,
+                                                         scratch.data(), pitch);
+      } else {
+        const int64_t vr = cdiv(tt * nb, isa.lanes);
+        pitch = vr * isa.lanes;
+        isa.kernel_for(kk, vr)(base, gw * nb, offp, a.vals, a.rp[oc], a.rp[oc + 1], bias, scratch.data(), pitch);
+      }
+      if (pool) {
+        for (int64_t i = 0; i < kk; i += 2) {
+          const float* row = scratch.data() + i * pitch;
+          store_pooled_row(op + ((oc * oh + (y0 + i) / 2) * ow + x0 / 2) * n + b0, n, row, row + pitch, nb, tt / 2, nbv);
+        }
+        continue;
+      }
+      for (int64_t i = 0; i < kk; ++i) {
+        const int64_t at_out = ((oc * oh + y0 + i) * ow + x0) * n + b0;
+        store_row(op + at_out, n, scratch.data() + i * pitch, nb, tt, nbv, relu, rsp ? rsp + at_out : nullptr);
+      }
+    }
+  });
+  return out.permute({3, 0, 1, 2});
+}
+
+}  // namespace sparse_cpu
+}  // namespace fastprune
