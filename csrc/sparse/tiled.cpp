@@ -24,6 +24,16 @@
 namespace fastprune {
 namespace sparse_cpu {
 
+// Where a tile's finished sums go when the output can take them straight from the registers: vector j
+// of run r to dst + r * run_stride + (j / per_position) * step + (j % per_position) * lanes, with
+// the fused epilogue (the ReLU; or the ReLU of the sum with the residual, read at dst's offsets).
+struct TileOutput {
+  float* dst;
+  int64_t run_stride, step, per_position;
+  const float* residual;
+  bool relu;
+};
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTPRUNE_X86_ISAS 1
 #pragma GCC push_options
@@ -139,38 +149,57 @@ int64_t batch_block(int64_t n, const Isa& isa) {
   return std::max<int64_t>(1, std::min({n, nb, isa.max_acc * isa.lanes / 4}));
 }
 
+// Input floats a tile may keep in L1 (of Zen 5's 48 KiB, Intel's 32-48 KiB): the rest holds the
+// partial sums passing through.
+constexpr int64_t kL1InputFloats = 6 * 1024;
+// Partial sums a task keeps (of its output channels' tiles), within L2 beside the input windows.
+constexpr int64_t kSumsFloats = 16 * 1024;
+
+// How many input-channel blocks of about `per_block` channels: 1 when some row's non-zeros are not
+// in column order (blocks are ranges of each row, found by a scan that needs that order).
+int64_t channel_blocks(const ConvArgs& a, int64_t c, int64_t ksize, int64_t per_block) {
+  for (int64_t oc = 0; oc < a.oc_count; ++oc)
+    for (int32_t e = a.rp[oc] + 1; e < a.rp[oc + 1]; ++e)
+      if (a.cols[e] < a.cols[e - 1]) return 1;
+  return cdiv(c, std::max<int64_t>(1, per_block));
+}
+
+// bounds[oc * (k_blocks + 1) + b]: the first non-zero of row oc in channel block b (channels
+// [b * per, (b + 1) * per), per = ceil(c / k_blocks)); the last entry of each row is its end.
+std::vector<int32_t> block_bounds(const ConvArgs& a, int64_t c, int64_t ksize, int64_t k_blocks) {
+  const int64_t per = cdiv(c, k_blocks);
+  std::vector<int32_t> bounds(a.oc_count * (k_blocks + 1));
+  for (int64_t oc = 0; oc < a.oc_count; ++oc) {
+    int32_t e = a.rp[oc];
+    for (int64_t b = 0; b < k_blocks; ++b) {
+      bounds[oc * (k_blocks + 1) + b] = e;
+      while (e < a.rp[oc + 1] && a.cols[e] < (b + 1) * per * ksize) ++e;
+    }
+    bounds[oc * (k_blocks + 1) + k_blocks] = a.rp[oc + 1];
+  }
+  return bounds;
+}
+
 }  // namespace
 
-at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optional<at::Tensor>& residual) {
-  TORCH_CHECK(a.stride_h == a.stride_w, "sparse_conv2d: the tiled algorithm needs equal strides");
-  const int64_t S = a.stride_h, kh = a.kh, kw = a.kw, oc_count = a.oc_count;
-  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
-  const int64_t hp = h + 2 * a.pad_h, wp = w + 2 * a.pad_w;
-  const int64_t ho = (hp - kh) / S + 1, wo = (wp - kw) / S + 1;
-  const bool pool = a.pool, relu = a.relu;
-  const int64_t oh = pool ? ho / 2 : ho, ow = pool ? wo / 2 : wo;
-  at::Tensor out = at::empty({oc_count, oh, ow, n}, x.options());
-  const at::Tensor res = residual_batch_innermost(residual, out, pool);
-  if (out.numel() == 0) return out.permute({3, 0, 1, 2});
-  const Isa isa = pick_isa();
-  const int64_t rows_out = pool ? 2 * oh : ho, cols_out = pool ? 2 * ow : wo;  // pooling drops an odd edge
-  const int64_t gh = cdiv(hp, S), gw = cdiv(wp, S), nb = batch_block(n, isa), blocks = cdiv(n, nb);
-  const int64_t plane = gh * gw * nb, phase_planes = S * S * c;
-  // Reads past a plane's end: a run's last vector (lanes) and the shifts of the last taps.
-  const int64_t tail = (kw / S + 2) * nb + 2 * isa.lanes;
-  const int64_t block_len = phase_planes * plane + tail;
-  at::Tensor staged = at::empty({blocks * block_len}, x.options());
-  float* sp = staged.mutable_data_ptr<float>();
+namespace {
+
+// The input in batch blocks of nb images, each zero-padded and split into stride phases, batch
+// innermost: block b at staged + b * block_len holds
+// [(phase * C + ic) * plane + (i * gw + j) * nb + k] = x[b nb + k][ic][S i + a - pad_h][S j + b - pad_w]
+// (phase = a * S + b), zero outside the image and for the padding images of a partial last block.
+// One input channel a task, read once in memory order (each position's N values, when the batch is
+// innermost, go to all blocks at once: reading the blocks one at a time costs several times more).
+void stage_blocks(const at::Tensor& x, int64_t nb, int64_t S, int64_t pad_h, int64_t pad_w, int64_t gh, int64_t gw,
+                  int64_t block_len, float* staged) {
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), plane = gh * gw * nb;
+  const int64_t blocks = (n + nb - 1) / nb;
   const float* src = x.const_data_ptr<float>();
   const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
-  const int64_t pad_h = a.pad_h, pad_w = a.pad_w;
-  // Staging, one input channel a task: its border (and the padding images of a last, partial batch
-  // block) zeroed, then each input position's N values scattered to the blocks, read in memory order.
   at::parallel_for(0, c, 1, [=](int64_t begin, int64_t end) {
     for (int64_t ci = begin; ci < end; ++ci) {
       for (int64_t bb = 0; bb < blocks; ++bb) {
-        float* block = sp + bb * block_len;
-        if (ci == 0) std::fill_n(block + phase_planes * plane, tail, 0.f);
+        float* block = staged + bb * block_len;
         if (S == 1 && (bb + 1) * nb <= n) {  // only the border: the copy below writes the interior
           float* p = block + ci * plane;
           std::fill_n(p, pad_h * gw * nb, 0.f);
@@ -188,7 +217,7 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
         const int64_t yp = y + pad_h, pa = yp % S, i = yp / S;
         for (int64_t xx = 0; xx < w; ++xx) {
           const int64_t xp = xx + pad_w, pb = xp % S, j = xp / S;
-          float* d = sp + ((pa * S + pb) * c + ci) * plane + (i * gw + j) * nb;
+          float* d = staged + ((pa * S + pb) * c + ci) * plane + (i * gw + j) * nb;
           const float* s = src + ci * sc + y * sh + xx * sw;
           for (int64_t bb = 0; bb < blocks; ++bb, d += block_len, s += nb * sn) {
             const int64_t nbv = std::min(nb, n - bb * nb);
@@ -203,52 +232,139 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
       }
     }
   });
-  // Each non-zero's offset in a staged block: phase (r % S, s % S) of channel ic, shifted by (r / S, s / S).
-  const int64_t nnz = a.rp[oc_count], ksize = kh * kw;
-  std::vector<int32_t> offs(nnz);
-  for (int64_t e = 0; e < nnz; ++e) {
-    const int64_t col = a.cols[e], ic = col / ksize, r = (col % ksize) / kw, s = col % kw;
-    offs[e] = static_cast<int32_t>((((((r % S) * S + s % S) * c + ic) * gh + r / S) * gw + s / S) * nb);
+}
+
+// The staged input's memory, kept per calling thread between calls: a fresh buffer of this size
+// costs a page fault every 4 KiB on each call (as long as the copy itself on a 32 x 32 map at batch
+// 64). Grown as needed, never beyond kWorkspaceMaxFloats (larger stagings get a buffer of their own).
+constexpr int64_t kWorkspaceMaxFloats = int64_t{64} << 20;  // 256 MiB
+
+struct Workspace {
+  float* data = nullptr;
+  int64_t floats = 0;
+  ~Workspace() { std::free(data); }
+};
+
+float* staging_memory(int64_t floats, at::Tensor& fallback, const at::TensorOptions& options) {
+  thread_local Workspace ws;
+  if (floats > kWorkspaceMaxFloats) {
+    fallback = at::empty({floats}, options);
+    return fallback.mutable_data_ptr<float>();
   }
+  if (ws.floats < floats) {
+    std::free(ws.data);
+    const int64_t bytes = (floats * static_cast<int64_t>(sizeof(float)) + 63) / 64 * 64;
+    ws.data = static_cast<float*>(std::aligned_alloc(64, bytes));
+    TORCH_CHECK(ws.data != nullptr, "sparse_conv2d: out of memory for the tiled algorithm's staging");
+    ws.floats = floats;
+  }
+  return ws.data;
+}
+
+}  // namespace
+
+at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(a.stride_h == a.stride_w, "sparse_conv2d: the tiled algorithm needs equal strides");
+  const int64_t S = a.stride_h, kh = a.kh, kw = a.kw, oc_count = a.oc_count;
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t hp = h + 2 * a.pad_h, wp = w + 2 * a.pad_w;
+  const int64_t ho = (hp - kh) / S + 1, wo = (wp - kw) / S + 1;
+  const bool pool = a.pool, relu = a.relu;
+  const int64_t oh = pool ? ho / 2 : ho, ow = pool ? wo / 2 : wo;
+  at::Tensor out = at::empty({oc_count, oh, ow, n}, x.options());
+  const at::Tensor res = residual_batch_innermost(residual, out, pool);
+  if (out.numel() == 0) return out.permute({3, 0, 1, 2});
+  const Isa isa = pick_isa();
+  const int64_t rows_out = pool ? 2 * oh : ho, cols_out = pool ? 2 * ow : wo;  // pooling drops an odd edge
+  const int64_t gh = cdiv(hp, S), gw = cdiv(wp, S), nb = batch_block(n, isa), blocks = cdiv(n, nb);
+  const int64_t plane = gh * gw * nb;
+  // Reads past the last plane's end: a run's last vector (lanes) and the shifts of the last taps.
+  const int64_t tail = (kw / S + 2) * nb + 2 * isa.lanes;
+  const int64_t block_len = S * S * c * plane + tail;
+
+  // The pattern, specialised for this geometry: each non-zero's offset in a staged block (phase
+  // (r % S, s % S) of channel ic, shifted by (r / S, s / S)), from a table per weight column (C kh kw
+  // entries, fewer than the non-zeros) so the divisions stay out of the per-non-zero loop.
+  const int64_t nnz = a.rp[oc_count], ksize = kh * kw;
+  std::vector<int32_t> column_offset(c * ksize), offs(nnz);
+  for (int64_t col = 0; col < c * ksize; ++col) {
+    const int64_t ic = col / ksize, r = (col % ksize) / kw, s = col % kw;
+    column_offset[col] = static_cast<int32_t>((((((r % S) * S + s % S) * c + ic) * gh + r / S) * gw + s / S) * nb);
+  }
+  at::parallel_for(0, nnz, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) offs[e] = column_offset[a.cols[e]];
+  });
   const TileShape tile = choose_tile(rows_out, cols_out, gw, nb, isa, pool);
   TORCH_CHECK((tile.merged ? isa.kernel_for(1, cdiv(tile.rows * gw * nb, isa.lanes))
                            : isa.kernel_for(tile.rows, cdiv(tile.cols * nb, isa.lanes))) != nullptr,
               "sparse_conv2d: internal error, no micro-kernel for the tiled algorithm's tile");
   const int64_t row_tiles = cdiv(rows_out, tile.rows), col_tiles = tile.merged ? 1 : cdiv(cols_out, tile.cols);
   const int64_t tiles = row_tiles * col_tiles;
+  // Input-channel blocks: a tile's input window over a block of channels stays in L1 while every
+  // output channel of the task adds that block's non-zeros to its partial sums (kept in a per-task
+  // buffer between blocks). Blocks are as large as L1 allows, but hold at least 8 non-zeros per
+  // output channel on average (fewer, and reloading the partial sums costs more than L1 saves).
+  const int64_t tile_floats = tile.merged ? cdiv(tile.rows * gw * nb, isa.lanes) * isa.lanes
+                                          : tile.rows * cdiv(tile.cols * nb, isa.lanes) * isa.lanes;
+  const int64_t window = S * S * (tile.merged ? (tile.rows + (kh - 1) / S + 1) * gw
+                                              : (tile.rows + (kh - 1) / S) * (tile.cols + (kw - 1) / S)) * nb;
+  const int64_t by_l1 = std::max<int64_t>(1, kL1InputFloats / window);
+  const int64_t by_nnz = nnz == 0 ? c : cdiv(8 * c * oc_count, nnz);
+  const int64_t k_blocks = channel_blocks(a, c, ksize, std::min(c, std::max(by_l1, by_nnz)));
+  const std::vector<int32_t> bounds = block_bounds(a, c, ksize, k_blocks);
+  // Tasks: (batch block, tile, chunk of output channels): chunks whose partial sums stay within
+  // kSumsFloats (L2), and enough tasks for every thread.
+  const int64_t oc_chunks = std::min(oc_count, std::max(cdiv(oc_count * tile_floats, kSumsFloats),
+                                                        cdiv(4 * at::get_num_threads(), blocks * tiles)));
+  const int64_t oc_per_task = cdiv(oc_count, oc_chunks);
+
+  at::Tensor staged_fallback;
+  float* sp = staging_memory(blocks * block_len, staged_fallback, x.options());
+  stage_blocks(x, nb, S, a.pad_h, a.pad_w, gh, gw, block_len, sp);
+  for (int64_t bb = 0; bb < blocks; ++bb) std::fill_n(sp + bb * block_len + S * S * c * plane, tail, 0.f);
   float* op = out.mutable_data_ptr<float>();
   const float* rsp = res.defined() ? res.const_data_ptr<float>() : nullptr;
   const int32_t* offp = offs.data();
-  at::parallel_for(0, blocks * tiles * oc_count, 1, [=, &a](int64_t begin, int64_t end) {
-    std::vector<float> scratch((isa.max_acc + 1) * isa.lanes);
+  const int32_t* bp = bounds.data();
+  at::parallel_for(0, blocks * tiles * oc_chunks, 1, [=, &a](int64_t begin, int64_t end) {
+    std::vector<float> sums(oc_per_task * tile_floats + isa.lanes);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t oc = task % oc_count, tl = (task / oc_count) % tiles, bb = task / oc_count / tiles;
+      const int64_t chunk = task % oc_chunks, tl = (task / oc_chunks) % tiles, bb = task / oc_chunks / tiles;
+      const int64_t b0 = bb * nb, nbv = std::min(nb, n - b0);
+      const int64_t oc0 = chunk * oc_per_task, oc1 = std::min(oc_count, oc0 + oc_per_task);
       const int64_t y0 = (tl / col_tiles) * tile.rows, kk = std::min(tile.rows, rows_out - y0);
       const int64_t x0 = tile.merged ? 0 : (tl % col_tiles) * tile.cols;
       const int64_t tt = tile.merged ? cols_out : std::min(tile.cols, cols_out - x0);
-      const int64_t b0 = bb * nb, nbv = std::min(nb, n - b0);
       const float* base = sp + bb * block_len + (y0 * gw + x0) * nb;
-      const float bias = a.bias ? a.bias[oc] : 0.f;
-      int64_t pitch;
-      if (tile.merged) {
-        pitch = gw * nb;
-        isa.kernel_for(1, cdiv(kk * gw * nb, isa.lanes))(base, pitch, offp, a.vals, a.rp[oc], a.rp[oc + 1], bias,
-                                                         scratch.data(), pitch);
-      } else {
-        const int64_t vr = cdiv(tt * nb, isa.lanes);
-        pitch = vr * isa.lanes;
-        isa.kernel_for(kk, vr)(base, gw * nb, offp, a.vals, a.rp[oc], a.rp[oc + 1], bias, scratch.data(), pitch);
-      }
-      if (pool) {
-        for (int64_t i = 0; i < kk; i += 2) {
-          const float* row = scratch.data() + i * pitch;
-          store_pooled_row(op + ((oc * oh + (y0 + i) / 2) * ow + x0 / 2) * n + b0, n, row, row + pitch, nb, tt / 2, nbv);
+      const int64_t vr = tile.merged ? cdiv(kk * gw * nb, isa.lanes) : cdiv(tt * nb, isa.lanes);
+      const int64_t pitch = tile.merged ? gw * nb : vr * isa.lanes;
+      const TileFn kernel = tile.merged ? isa.kernel_for(1, vr) : isa.kernel_for(kk, vr);
+      // Whole vectors of one position each (a full batch block, no pooling): the last block of input
+      // channels writes the output from the registers; otherwise the epilogue below copies the sums.
+      const bool direct_out = !tile.merged && !pool && nbv == nb && nb % isa.lanes == 0;
+      for (int64_t kb = 0; kb < k_blocks; ++kb) {
+        for (int64_t oc = oc0; oc < oc1; ++oc) {
+          const int32_t* row = bp + oc * (k_blocks + 1);
+          const int64_t at_out = ((oc * oh + y0) * ow + x0) * n + b0;
+          const TileOutput to_out{op + at_out, ow * n, n, nb / isa.lanes, rsp ? rsp + at_out : nullptr, relu};
+          kernel(base, gw * nb, offp, a.vals, row[kb], row[kb + 1], a.bias ? a.bias[oc] : 0.f, kb == 0,
+                 sums.data() + (oc - oc0) * tile_floats, pitch,
+                 direct_out && kb == k_blocks - 1 ? &to_out : nullptr);
         }
-        continue;
       }
-      for (int64_t i = 0; i < kk; ++i) {
-        const int64_t at_out = ((oc * oh + y0 + i) * ow + x0) * n + b0;
-        store_row(op + at_out, n, scratch.data() + i * pitch, nb, tt, nbv, relu, rsp ? rsp + at_out : nullptr);
+      if (direct_out) continue;
+      for (int64_t oc = oc0; oc < oc1; ++oc) {  // the epilogue, from the finished sums
+        const float* acc = sums.data() + (oc - oc0) * tile_floats;
+        if (pool) {
+          for (int64_t i = 0; i < kk; i += 2)
+            store_pooled_row(op + ((oc * oh + (y0 + i) / 2) * ow + x0 / 2) * n + b0, n, acc + i * pitch,
+                             acc + (i + 1) * pitch, nb, tt / 2, nbv);
+          continue;
+        }
+        for (int64_t i = 0; i < kk; ++i) {
+          const int64_t at_out = ((oc * oh + y0 + i) * ow + x0) * n + b0;
+          store_row(op + at_out, n, acc + i * pitch, nb, tt, nbv, relu, rsp ? rsp + at_out : nullptr);
+        }
       }
     }
   });

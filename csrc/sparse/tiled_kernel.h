@@ -4,7 +4,7 @@
 //   FASTPRUNE_LANES    floats per vector register (16 for AVX-512, 8 for AVX2, 4 for SSE2),
 //   FASTPRUNE_MAX_ACC  how many accumulator registers a tile may take (the rest hold the weight and
 //                      the loads: 24 of AVX-512's 32, 12 of AVX2's 16, 12 of SSE's 16).
-// No includes here: the file is pasted into a namespace.
+// No includes here: the file is pasted into a namespace (TileOutput comes from tiled.cpp).
 
 constexpr int kLanes = FASTPRUNE_LANES;
 constexpr int kMaxAcc = FASTPRUNE_MAX_ACC;
@@ -12,34 +12,56 @@ typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef float uvec __attribute__((vector_size(kLanes * sizeof(float)), aligned(sizeof(float))));  // unaligned
 
 // One output channel over one tile: R runs of VR vectors each (run r starts run_stride floats after
-// run r - 1, in the input and in the staged layout alike), accumulated in registers over the
-// channel's non-zeros [e0, e1): acc[r][j] += vals[e] * base[offs[e] + r * run_stride + j * kLanes : + kLanes].
-// The sums (plus the bias) go to scratch, run r at scratch + r * pitch. Each non-zero costs one
-// broadcast and R * VR fused multiply-adds with a memory operand: no accumulator traffic at all.
+// run r - 1 in the staged input), accumulated in registers over the non-zeros [e0, e1):
+// acc[r][j] += vals[e] * base[offs[e] + r * run_stride + j * kLanes : + kLanes]. The accumulators
+// start from `sums` (the partial sums of earlier input-channel blocks, run r at sums + r * pitch) or,
+// with from_bias, from the bias; they end in sums, or, given `out`, in the output. Each non-zero costs one broadcast and R * VR
+// fused multiply-adds with a memory operand: no accumulator traffic inside the loop.
 template <int R, int VR>
 void tile_kernel(const float* __restrict__ base, int64_t run_stride, const int32_t* __restrict__ offs,
-                 const float* __restrict__ vals, int64_t e0, int64_t e1, float bias, float* __restrict__ scratch,
-                 int64_t pitch) {
+                 const float* __restrict__ vals, int64_t e0, int64_t e1, float bias, bool from_bias, float* sums,
+                 int64_t pitch, const TileOutput* out) {
   vec acc[R][VR];
 #pragma GCC unroll 24
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 24
-    for (int j = 0; j < VR; ++j) acc[r][j] = vec{} + bias;
+    for (int j = 0; j < VR; ++j)
+      acc[r][j] = from_bias ? vec{} + bias : *reinterpret_cast<const uvec*>(sums + r * pitch + j * kLanes);
+  // One base pointer per run, so that every load is [run base + offset * 4 + j * vector bytes]: one
+  // addressing mode, no address arithmetic in the loop.
+  const float* run_base[R];
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r) run_base[r] = base + r * run_stride;
   for (int64_t e = e0; e < e1; ++e) {
-    const float* p = base + offs[e];
-    const vec v = vec{} + vals[e];
+    const int64_t o = offs[e];
+    const float v = vals[e];  // broadcast by the multiplication
 #pragma GCC unroll 24
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 24
-      for (int j = 0; j < VR; ++j) acc[r][j] += v * *reinterpret_cast<const uvec*>(p + r * run_stride + j * kLanes);
+      for (int j = 0; j < VR; ++j) acc[r][j] += v * *reinterpret_cast<const uvec*>(run_base[r] + o + j * kLanes);
   }
+  if (out == nullptr) {
+#pragma GCC unroll 24
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 24
+      for (int j = 0; j < VR; ++j) *reinterpret_cast<uvec*>(sums + r * pitch + j * kLanes) = acc[r][j];
+    return;
+  }
+  const vec zero = {};
 #pragma GCC unroll 24
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 24
-    for (int j = 0; j < VR; ++j) *reinterpret_cast<uvec*>(scratch + r * pitch + j * kLanes) = acc[r][j];
+    for (int j = 0; j < VR; ++j) {
+      const int64_t at = r * out->run_stride + (j / out->per_position) * out->step + (j % out->per_position) * kLanes;
+      vec v = acc[r][j];
+      if (out->residual != nullptr) v += *reinterpret_cast<const uvec*>(out->residual + at);
+      if (out->relu || out->residual != nullptr) v = v < zero ? zero : v;  // NaN stays NaN, as std::max(v, 0)
+      *reinterpret_cast<uvec*>(out->dst + at) = v;
+    }
 }
 
-using TileFn = void (*)(const float*, int64_t, const int32_t*, const float*, int64_t, int64_t, float, float*, int64_t);
+using TileFn = void (*)(const float*, int64_t, const int32_t*, const float*, int64_t, int64_t, float, bool, float*,
+                        int64_t, const TileOutput*);
 
 template <int R, int VR>
 constexpr TileFn tile_entry() {
