@@ -149,40 +149,9 @@ int64_t batch_block(int64_t n, const Isa& isa) {
   return std::max<int64_t>(1, std::min({n, nb, isa.max_acc * isa.lanes / 4}));
 }
 
-// Input floats a tile may keep in L1 (of Zen 5's 48 KiB, Intel's 32-48 KiB): the rest holds the
-// partial sums passing through.
-constexpr int64_t kL1InputFloats = 6 * 1024;
-// Partial sums a task keeps (of its output channels' tiles), within L2 beside the input windows.
+// The sums a task keeps for the epilogue where the kernel cannot store the output itself (pooling,
+// whole-row runs, a partial batch block): its chunk of output channels keeps them within L2.
 constexpr int64_t kSumsFloats = 16 * 1024;
-
-// How many input-channel blocks of about `per_block` channels: 1 when some row's non-zeros are not
-// in column order (blocks are ranges of each row, found by a scan that needs that order).
-int64_t channel_blocks(const ConvArgs& a, int64_t c, int64_t ksize, int64_t per_block) {
-  for (int64_t oc = 0; oc < a.oc_count; ++oc)
-    for (int32_t e = a.rp[oc] + 1; e < a.rp[oc + 1]; ++e)
-      if (a.cols[e] < a.cols[e - 1]) return 1;
-  return cdiv(c, std::max<int64_t>(1, per_block));
-}
-
-// bounds[oc * (k_blocks + 1) + b]: the first non-zero of row oc in channel block b (channels
-// [b * per, (b + 1) * per), per = ceil(c / k_blocks)); the last entry of each row is its end.
-std::vector<int32_t> block_bounds(const ConvArgs& a, int64_t c, int64_t ksize, int64_t k_blocks) {
-  const int64_t per = cdiv(c, k_blocks);
-  std::vector<int32_t> bounds(a.oc_count * (k_blocks + 1));
-  for (int64_t oc = 0; oc < a.oc_count; ++oc) {
-    int32_t e = a.rp[oc];
-    for (int64_t b = 0; b < k_blocks; ++b) {
-      bounds[oc * (k_blocks + 1) + b] = e;
-      while (e < a.rp[oc + 1] && a.cols[e] < (b + 1) * per * ksize) ++e;
-    }
-    bounds[oc * (k_blocks + 1) + k_blocks] = a.rp[oc + 1];
-  }
-  return bounds;
-}
-
-}  // namespace
-
-namespace {
 
 // The input in batch blocks of nb images, each zero-padded and split into stride phases, batch
 // innermost: block b at staged + b * block_len holds
@@ -215,6 +184,10 @@ void stage_blocks(const at::Tensor& x, int64_t nb, int64_t S, int64_t pad_h, int
       }
       for (int64_t y = 0; y < h; ++y) {
         const int64_t yp = y + pad_h, pa = yp % S, i = yp / S;
+        if (n == 1 && S == 1 && sw == 1) {  // batch 1, a contiguous input row: one row copy
+          std::copy_n(src + ci * sc + y * sh, w, staged + (ci * gh + i) * gw + pad_w);
+          continue;
+        }
         for (int64_t xx = 0; xx < w; ++xx) {
           const int64_t xp = xx + pad_w, pb = xp % S, j = xp / S;
           float* d = staged + ((pa * S + pb) * c + ci) * plane + (i * gw + j) * nb;
@@ -300,18 +273,8 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
               "sparse_conv2d: internal error, no micro-kernel for the tiled algorithm's tile");
   const int64_t row_tiles = cdiv(rows_out, tile.rows), col_tiles = tile.merged ? 1 : cdiv(cols_out, tile.cols);
   const int64_t tiles = row_tiles * col_tiles;
-  // Input-channel blocks: a tile's input window over a block of channels stays in L1 while every
-  // output channel of the task adds that block's non-zeros to its partial sums (kept in a per-task
-  // buffer between blocks). Blocks are as large as L1 allows, but hold at least 8 non-zeros per
-  // output channel on average (fewer, and reloading the partial sums costs more than L1 saves).
   const int64_t tile_floats = tile.merged ? cdiv(tile.rows * gw * nb, isa.lanes) * isa.lanes
                                           : tile.rows * cdiv(tile.cols * nb, isa.lanes) * isa.lanes;
-  const int64_t window = S * S * (tile.merged ? (tile.rows + (kh - 1) / S + 1) * gw
-                                              : (tile.rows + (kh - 1) / S) * (tile.cols + (kw - 1) / S)) * nb;
-  const int64_t by_l1 = std::max<int64_t>(1, kL1InputFloats / window);
-  const int64_t by_nnz = nnz == 0 ? c : cdiv(8 * c * oc_count, nnz);
-  const int64_t k_blocks = channel_blocks(a, c, ksize, std::min(c, std::max(by_l1, by_nnz)));
-  const std::vector<int32_t> bounds = block_bounds(a, c, ksize, k_blocks);
   // Tasks: (batch block, tile, chunk of output channels): chunks whose partial sums stay within
   // kSumsFloats (L2), and enough tasks for every thread.
   const int64_t oc_chunks = std::min(oc_count, std::max(cdiv(oc_count * tile_floats, kSumsFloats),
@@ -325,7 +288,6 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
   float* op = out.mutable_data_ptr<float>();
   const float* rsp = res.defined() ? res.const_data_ptr<float>() : nullptr;
   const int32_t* offp = offs.data();
-  const int32_t* bp = bounds.data();
   at::parallel_for(0, blocks * tiles * oc_chunks, 1, [=, &a](int64_t begin, int64_t end) {
     std::vector<float> sums(oc_per_task * tile_floats + isa.lanes);
     for (int64_t task = begin; task < end; ++task) {
@@ -339,18 +301,14 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
       const int64_t vr = tile.merged ? cdiv(kk * gw * nb, isa.lanes) : cdiv(tt * nb, isa.lanes);
       const int64_t pitch = tile.merged ? gw * nb : vr * isa.lanes;
       const TileFn kernel = tile.merged ? isa.kernel_for(1, vr) : isa.kernel_for(kk, vr);
-      // Whole vectors of one position each (a full batch block, no pooling): the last block of input
-      // channels writes the output from the registers; otherwise the epilogue below copies the sums.
+      // Whole vectors of one position each (a full batch block, no pooling): the kernel writes the
+      // output from the registers; otherwise the epilogue below copies the sums.
       const bool direct_out = !tile.merged && !pool && nbv == nb && nb % isa.lanes == 0;
-      for (int64_t kb = 0; kb < k_blocks; ++kb) {
-        for (int64_t oc = oc0; oc < oc1; ++oc) {
-          const int32_t* row = bp + oc * (k_blocks + 1);
-          const int64_t at_out = ((oc * oh + y0) * ow + x0) * n + b0;
-          const TileOutput to_out{op + at_out, ow * n, n, nb / isa.lanes, rsp ? rsp + at_out : nullptr, relu};
-          kernel(base, gw * nb, offp, a.vals, row[kb], row[kb + 1], a.bias ? a.bias[oc] : 0.f, kb == 0,
-                 sums.data() + (oc - oc0) * tile_floats, pitch,
-                 direct_out && kb == k_blocks - 1 ? &to_out : nullptr);
-        }
+      for (int64_t oc = oc0; oc < oc1; ++oc) {
+        const int64_t at_out = ((oc * oh + y0) * ow + x0) * n + b0;
+        const TileOutput to_out{op + at_out, ow * n, n, nb / isa.lanes, rsp ? rsp + at_out : nullptr, relu};
+        kernel(base, gw * nb, offp, a.vals, a.rp[oc], a.rp[oc + 1], a.bias ? a.bias[oc] : 0.f,
+               sums.data() + (oc - oc0) * tile_floats, pitch, direct_out ? &to_out : nullptr);
       }
       if (direct_out) continue;
       for (int64_t oc = oc0; oc < oc1; ++oc) {  // the epilogue, from the finished sums

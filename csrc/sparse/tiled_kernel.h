@@ -13,20 +13,18 @@ typedef float uvec __attribute__((vector_size(kLanes * sizeof(float)), aligned(s
 
 // One output channel over one tile: R runs of VR vectors each (run r starts run_stride floats after
 // run r - 1 in the staged input), accumulated in registers over the non-zeros [e0, e1):
-// acc[r][j] += vals[e] * base[offs[e] + r * run_stride + j * kLanes : + kLanes]. The accumulators
-// start from `sums` (the partial sums of earlier input-channel blocks, run r at sums + r * pitch) or,
-// with from_bias, from the bias; they end in sums, or, given `out`, in the output. Each non-zero costs one broadcast and R * VR
+// acc[r][j] += vals[e] * base[offs[e] + r * run_stride + j * kLanes : + kLanes], from the bias. The
+// sums end in `sums` (run r at sums + r * pitch) or, given `out`, in the output. Each non-zero costs one broadcast and R * VR
 // fused multiply-adds with a memory operand: no accumulator traffic inside the loop.
 template <int R, int VR>
 void tile_kernel(const float* __restrict__ base, int64_t run_stride, const int32_t* __restrict__ offs,
-                 const float* __restrict__ vals, int64_t e0, int64_t e1, float bias, bool from_bias, float* sums,
+                 const float* __restrict__ vals, int64_t e0, int64_t e1, float bias, float* __restrict__ sums,
                  int64_t pitch, const TileOutput* out) {
   vec acc[R][VR];
 #pragma GCC unroll 24
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 24
-    for (int j = 0; j < VR; ++j)
-      acc[r][j] = from_bias ? vec{} + bias : *reinterpret_cast<const uvec*>(sums + r * pitch + j * kLanes);
+    for (int j = 0; j < VR; ++j) acc[r][j] = vec{} + bias;
   // One base pointer per run, so that every load is [run base + offset * 4 + j * vector bytes]: one
   // addressing mode, no address arithmetic in the loop.
   const float* run_base[R];
@@ -60,8 +58,8 @@ void tile_kernel(const float* __restrict__ base, int64_t run_stride, const int32
     }
 }
 
-using TileFn = void (*)(const float*, int64_t, const int32_t*, const float*, int64_t, int64_t, float, bool, float*,
-                        int64_t, const TileOutput*);
+using TileFn = void (*)(const float*, int64_t, const int32_t*, const float*, int64_t, int64_t, float, float*, int64_t,
+                        const TileOutput*);
 
 template <int R, int VR>
 constexpr TileFn tile_entry() {

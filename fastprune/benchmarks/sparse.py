@@ -8,11 +8,17 @@ oneDNN on the CPU contiguous and channels_last, each with and without BatchNorm 
 (torch.fx), the fastest of the four counting (on CUDA: float16 and TF32, channels_last, and float16
 replayed as a CUDA graph); the sparse model is ``fastprune.nn.sparsify(model, example)`` with its
 default batch sizes (one per bucket: 1, 4, 16, 64, 256), the documented call. Latencies are
-medians of interleaved rounds. Outputs are checked equal (1e-4 relative).
+medians of interleaved rounds (on the CPU each round runs every contender in a burst: one untimed
+call, then three timed back to back). Outputs are checked equal (1e-4 relative).
 
 Extra rows (unless --no-extras): a plan tuned on 64 only, run on 1 and 256, and one tuned on 1 only,
 run on 64 (the untuned bucket is tuned on its first call: ``first_call_s``); ``sparsify(model)``
 with no example; torch.compile of the sparse and of the dense model. Writes a CSV and a plot.
+
+DeepSparse (optional, CPU): where a Python that imports deepsparse is found (this one,
+``--deepsparse-python`` or $FASTPRUNE_DEEPSPARSE_PYTHON), the same pruned model exported to ONNX runs
+on DeepSparse in a worker process, interleaved with the rows above (fastprune/benchmarks/
+deepsparse_baseline.py); its outputs are checked against the dense model's (max_rel_err).
 """
 from __future__ import annotations
 
@@ -87,16 +93,22 @@ def _first_and_warm(model, x: torch.Tensor, repeats: int) -> tuple[float, float]
     return first, warm
 
 
+# Calls per contender per round on the CPU: one untimed, then timed ones back to back.
+_CPU_BURST = 4
+
+
 def _sparse_layers(sparse, x: torch.Tensor) -> str:
     config = sparse.config_for(x)
     return f"{sum(c != 'dense' for c in config['layers'].values())}/{len(config['layers'])}"
 
 
 def run(models, sparsities, batches, device: torch.device, repeats: int = 7, seed: int = 0,
-        extras: bool = True) -> list[dict]:
+        extras: bool = True, deepsparse_python: str | None = None) -> list[dict]:
     """Rows of the benchmark: per model, sparsity and batch, the dense variants and sparsify's model
     (tuned with the library's default batch sizes); with ``extras``, a plan used on batch sizes it
-    was not tuned on, sparsify without an example, and torch.compile of both sides."""
+    was not tuned on, sparsify without an example, and torch.compile of both sides. With
+    ``deepsparse_python`` (a Python that imports deepsparse; CPU only), DeepSparse on the same pruned
+    model, interleaved with the others."""
     import time
 
     rows = []
@@ -128,6 +140,9 @@ def run(models, sparsities, batches, device: torch.device, repeats: int = 7, see
                 fns["fastprune sparse"] = lambda: sparse(x)
                 if sparse_half is not None:
                     fns["fastprune sparse fp16"] = lambda: sparse_half(x.half())
+                engine = _deepsparse_engine(deepsparse_python, dense, x, name, sparsity)
+                if engine is not None:
+                    fns[f"DeepSparse {engine.version}"] = engine
                 if device.type == "cuda":  # launch-bound at small batches: replay both sides as CUDA graphs
                     half, to_half = variants["dense fp16 channels_last"]
                     fns.update(graphed({"dense fp16 channels_last, CUDA graph": lambda t: half(to_half(t)),
@@ -140,7 +155,16 @@ def run(models, sparsities, batches, device: torch.device, repeats: int = 7, see
                     if sparse_half is not None:
                         got_half = sparse_half(x.half()).float()
                         err_half = ((got_half - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
-                    seconds = interleaved_medians(fns, device, repeats=repeats, warmup=2)
+                    # CPU: bursts of back-to-back calls per contender (see interleaved_medians): DeepSparse
+                    # runs in another process, whose threads sleep while ours run, and ours while its run.
+                    seconds = interleaved_medians(fns, device, repeats=repeats, warmup=2,
+                                                  burst=_CPU_BURST if device.type == "cpu" else 1)
+                    errors = {}
+                    if engine is not None:
+                        theirs = engine.output()
+                        errors[f"DeepSparse {engine.version}"] = ((theirs - want).abs().max()
+                                                                  / want.abs().max().clamp_min(1e-12)).item()
+                        engine.close()
                 best_dense[batch] = min(v for k, v in seconds.items() if k.startswith("dense"))
                 for impl, sec in seconds.items():
                     mine = impl.startswith("fastprune")
@@ -150,14 +174,28 @@ def run(models, sparsities, batches, device: torch.device, repeats: int = 7, see
                                  "latency_ms": sec * 1e3, "speedup_vs_best_dense": best_dense[batch] / sec,
                                  "weight_MB": weight_bytes(ours if mine else dense) / 2**20,
                                  "sparse_layers": _sparse_layers(ours, x.half() if half else x) if mine else "",
-                                 "max_rel_err": (err_half if half else err) if mine else "",
+                                 "max_rel_err": (err_half if half else err) if mine else errors.get(impl, ""),
                                  "tune_s": tune_s if mine else ""})
+                theirs = "".join(f", {k} {v * 1e3:.1f} ms" for k, v in seconds.items() if k.startswith("DeepSparse"))
                 print(f"  {name} sparsity={sparsity} batch={batch}: best dense {best_dense[batch] * 1e3:.1f} ms, "
                       f"sparse {seconds['fastprune sparse'] * 1e3:.1f} ms "
-                      f"({best_dense[batch] / seconds['fastprune sparse']:.2f}x)", flush=True)
+                      f"({best_dense[batch] / seconds['fastprune sparse']:.2f}x){theirs}", flush=True)
             if extras:
                 rows += _extra_rows(name, sparsity, dense, sparse, example, best_dense, device, repeats)
     return rows
+
+
+def _deepsparse_engine(python, dense, x, name, sparsity):
+    """DeepSparse compiled for x's batch, or None (no DeepSparse, or it failed: said, not fatal)."""
+    if python is None:
+        return None
+    from .deepsparse_baseline import DeepSparseEngine
+
+    try:
+        return DeepSparseEngine(python, dense, x, torch.get_num_threads())
+    except (RuntimeError, OSError) as exc:
+        print(f"  {name} sparsity={sparsity} batch={x.shape[0]}: DeepSparse skipped: {exc}", flush=True)
+        return None
 
 
 def _extra_rows(name, sparsity, dense, sparse, example, best_dense: dict, device, repeats: int) -> list[dict]:
@@ -296,6 +334,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default=os.path.join("bench", "results"))
+    parser.add_argument("--deepsparse-python", default=None,
+                        help="a Python that imports deepsparse (default: this one if it does, else "
+                             "$FASTPRUNE_DEEPSPARSE_PYTHON): DeepSparse joins the CPU rows; without one, skipped")
+    parser.add_argument("--no-deepsparse", action="store_true", help="leave DeepSparse out even where it is found")
     args = parser.parse_args(argv)
     for s in args.sparsity:
         if not 0 <= s < 1:
@@ -315,7 +357,16 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     meta = {"device": device_label(device), **versions()}
     print(f"# sparse inference on {meta['device']} (torch {meta['torch']})", flush=True)
-    rows = run(args.model, args.sparsity, args.batch, device, repeats=args.repeats, extras=not args.no_extras)
+    deepsparse_python = None
+    if device.type == "cpu" and not args.no_deepsparse:
+        from .deepsparse_baseline import find_python
+
+        deepsparse_python = find_python(args.deepsparse_python)
+        print("# DeepSparse: " + (f"with {deepsparse_python}" if deepsparse_python else
+                                  "not found (--deepsparse-python or $FASTPRUNE_DEEPSPARSE_PYTHON), skipped"),
+              flush=True)
+    rows = run(args.model, args.sparsity, args.batch, device, repeats=args.repeats, extras=not args.no_extras,
+               deepsparse_python=deepsparse_python)
     if device.type == "cpu" and not args.no_extras and os.path.exists("/proc/self/clear_refs"):
         for name in args.model:
             found = sparsify_memory(name, max(args.sparsity))
@@ -323,7 +374,7 @@ def main(argv=None) -> int:
                   f"({found['peak_vs_budget']:.2f} of 2 x weights + activations)", flush=True)
             rows.append(found)
     print(markdown_table(rows, ["model", "sparsity", "batch", "impl", "latency_ms", "speedup_vs_best_dense",
-                                "first_call_s", "weight_MB", "sparse_layers"]))
+                                "first_call_s", "weight_MB", "sparse_layers", "max_rel_err"]))
     base = os.path.join(args.out, f"sparse-{device_slug(device)}")
     write_csv([{**row, **meta} for row in rows], base + ".csv")
     plot(rows, base + ".png")

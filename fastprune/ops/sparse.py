@@ -244,6 +244,21 @@ def sparse_conv2d(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
     return _sparse_conv2d_cpu_op(*args, algo, epilogue, residual)
 
 
+def sparse_conv2d_cpu_inference(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+                                bias: Optional[torch.Tensor], geometry: tuple, algo: int, epilogue: int,
+                                residual: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """:func:`sparse_conv2d` on the CPU's C++ kernels called directly, or None where that path does not
+    apply (another backend chosen, autograd recording, torch.compile tracing: use sparse_conv2d).
+    The same output and layout as the op; what it skips is the custom op's dispatch, tens of
+    microseconds a call, which at batch 1 is as long as a small layer's kernel. geometry: (kh, kw,
+    stride_h, stride_w, pad_h, pad_w)."""
+    if (x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or backends.choose(_CONV_SPEC, x.device) != "cpp"):
+        return None
+    y, fused = _conv_cpp(x, row_ptr, col_idx, values, bias, geometry, algo, epilogue, residual)
+    return in_layout(finish_epilogue(y, epilogue, fused, residual), output_layout(x, algo))
+
+
 def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     """2x2, stride-2 max pooling of (N, C, H, W) as the maximum of four strided views (odd edges
     dropped, as nn.MaxPool2d does): the same values as PyTorch's, several times faster on NCHW CPU

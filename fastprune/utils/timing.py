@@ -53,14 +53,29 @@ def cuda_graphed(fn: Callable[[torch.Tensor], object], example: torch.Tensor) ->
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.device, *, repeats: int = 10,
-                        warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each fn, timed in interleaved rounds (every fn once per round), so that
-    drift in the machine's speed (shared or throttled CPUs) hits every contender alike."""
+                        warmup: int = 1, burst: int = 1) -> dict[str, float]:
+    """Median seconds of each fn, timed in interleaved rounds (every fn in turn each round), so that
+    drift in the machine's speed (shared or throttled CPUs) hits every contender alike. ``burst`` > 1:
+    in each round a fn runs one untimed call and then burst - 1 timed ones back to back, the round
+    counting their median: each contender is timed in its steady state, not on the caches and the
+    sleeping or still-spinning thread pools the previous contender left behind (which matters where
+    contenders run in different processes). A fn with a true ``reports_seconds`` attribute times
+    itself (another process's engine behind a pipe): it is called as fn(burst), runs its burst
+    where the engine lives (no pipe between the runs) and returns the round's seconds, which count
+    instead of the wall time around the call."""
+    if burst < 1:
+        raise ValueError(f"burst must be at least 1, got {burst}")
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(median_time(fn, device, repeats=1, warmup=0))
+            if getattr(fn, "reports_seconds", False):
+                times[name].append(float(fn(burst)))
+                continue
+            if burst > 1:
+                fn()
+            times[name].append(statistics.median(median_time(fn, device, repeats=1, warmup=0)
+                                                 for _ in range(max(1, burst - 1))))
     return {name: statistics.median(ts) for name, ts in times.items()}

@@ -7,7 +7,8 @@ from torch import nn
 
 import torch.nn.functional as F
 
-from ...ops.sparse import ALGORITHMS, EPILOGUES, direct_applicable, finish_epilogue, sparse_conv2d, sparse_linear
+from ...ops.sparse import (ALGORITHMS, EPILOGUES, direct_applicable, finish_epilogue, sparse_conv2d,
+                           sparse_conv2d_cpu_inference, sparse_linear)
 from ...reference.sparse import check_csr, csr_to_dense, dense_to_csr
 from ..masked import effective_weight
 
@@ -162,6 +163,12 @@ class SparseConv2d(_CSRWeight):
             y = F.conv2d(x, self.dense_for(x), self._bias_for(x), self.stride, self.padding)
             return finish_epilogue(y, self.epilogue, EPILOGUES["none"], residual)
         algo = self.algo if self.applicable(x) else 0
+        if algo != 0 and x.device.type == "cpu":  # inference on a chosen CPU kernel: no op dispatch
+            y = sparse_conv2d_cpu_inference(x, self.row_ptr, self.col_idx, self.values, self.bias,
+                                            (*self.kernel_size, *self.stride, *self.padding), algo, self.epilogue,
+                                            residual)
+            if y is not None:
+                return y
         recording = torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad
                                                  or (residual is not None and residual.requires_grad))
         # Under autograd (attacks, finetuning) ReLU and the residual stay fused (differentiated through
