@@ -9,7 +9,8 @@ oneDNN on the CPU contiguous and channels_last, each with and without BatchNorm 
 replayed as a CUDA graph); the sparse model is ``fastprune.nn.sparsify(model, example)`` with its
 default batch sizes (one per bucket: 1, 4, 16, 64, 256), the documented call. Latencies are
 medians of interleaved rounds (on the CPU each round runs every contender in a burst: one untimed
-call, then three timed back to back). Outputs are checked equal (1e-4 relative).
+call, then three timed back to back; with DeepSparse, after a 50 ms pause each, so that no
+contender's threads still spin while the next runs). Outputs are checked equal (1e-4 relative).
 
 Extra rows (unless --no-extras): a plan tuned on 64 only, run on 1 and 256, and one tuned on 1 only,
 run on 64 (the untuned bucket is tuned on its first call: ``first_call_s``); ``sparsify(model)``
@@ -93,8 +94,10 @@ def _first_and_warm(model, x: torch.Tensor, repeats: int) -> tuple[float, float]
     return first, warm
 
 
-# Calls per contender per round on the CPU: one untimed, then timed ones back to back.
+# Calls per contender per round on the CPU: one untimed, then timed ones back to back. With DeepSparse
+# (another process), a pause before each turn lets the previous contender's spinning threads sleep.
 _CPU_BURST = 4
+_CPU_GAP_S = 0.05
 
 
 def _sparse_layers(sparse, x: torch.Tensor) -> str:
@@ -157,8 +160,9 @@ def run(models, sparsities, batches, device: torch.device, repeats: int = 7, see
                         err_half = ((got_half - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
                     # CPU: bursts of back-to-back calls per contender (see interleaved_medians): DeepSparse
                     # runs in another process, whose threads sleep while ours run, and ours while its run.
-                    seconds = interleaved_medians(fns, device, repeats=repeats, warmup=2,
-                                                  burst=_CPU_BURST if device.type == "cpu" else 1)
+                    cpu = device.type == "cpu"
+                    seconds = interleaved_medians(fns, device, repeats=repeats, warmup=2, burst=_CPU_BURST if cpu else 1,
+                                                  gap_s=_CPU_GAP_S if cpu and engine is not None else 0.0)
                     errors = {}
                     if engine is not None:
                         theirs = engine.output()

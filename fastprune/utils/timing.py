@@ -53,7 +53,7 @@ def cuda_graphed(fn: Callable[[torch.Tensor], object], example: torch.Tensor) ->
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.device, *, repeats: int = 10,
-                        warmup: int = 1, burst: int = 1) -> dict[str, float]:
+                        warmup: int = 1, burst: int = 1, gap_s: float = 0.0) -> dict[str, float]:
     """Median seconds of each fn, timed in interleaved rounds (every fn in turn each round), so that
     drift in the machine's speed (shared or throttled CPUs) hits every contender alike. ``burst`` > 1:
     in each round a fn runs one untimed call and then burst - 1 timed ones back to back, the round
@@ -62,7 +62,10 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.devi
     contenders run in different processes). A fn with a true ``reports_seconds`` attribute times
     itself (another process's engine behind a pipe): it is called as fn(burst), runs its burst
     where the engine lives (no pipe between the runs) and returns the round's seconds, which count
-    instead of the wall time around the call."""
+    instead of the wall time around the call. ``gap_s``: a pause before each contender's turn, so
+    that the thread pools of the one before (OpenMP's spin for milliseconds after a parallel region)
+    are asleep before the next one starts: on a machine with few cores a spinning pool of another
+    process takes a core from the one being timed."""
     if burst < 1:
         raise ValueError(f"burst must be at least 1, got {burst}")
     for fn in fns.values():
@@ -71,6 +74,8 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.devi
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if gap_s > 0:
+                time.sleep(gap_s)
             if getattr(fn, "reports_seconds", False):
                 times[name].append(float(fn(burst)))
                 continue

@@ -54,6 +54,15 @@ def test_sparsify_equals_the_masked_model_tuned_untuned_and_static(name, device)
     assert not any(type(m).__name__.startswith("Masked") for m in tuned.modules())
     if name == "vgg16":  # every conv -> ReLU (-> pool) pair fused, whatever algorithm runs it
         assert all(m.epilogue > 0 for m in static.sparse_layers().values() if isinstance(m, SparseConv2d))
+    # from batch 8 on, the untimed CPU config runs every equal-stride conv on the tiled algorithm
+    big = _input(name, 9, device)
+    choices = static.config_for(big)["layers"]
+    convs = {n: m for n, m in static.sparse_layers().items() if isinstance(m, SparseConv2d)}
+    expected = "tiled" if device.type == "cpu" else "auto"
+    assert all(choices[n] == (expected if m.stride[0] == m.stride[1] else "auto") for n, m in convs.items())
+    assert set(static.config_for(x)["layers"][n] for n in convs) == {"auto"}
+    with torch.no_grad():
+        _close(static(big), model(big))
 
 
 def _configs(sparse: SparseModel, seed: int) -> dict:

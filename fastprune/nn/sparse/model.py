@@ -23,9 +23,13 @@ DEFAULT_BATCH_SIZES = (1, 4, 16, 64, 256)
 
 LAYOUTS = ("contiguous", "channels_last", "batch_innermost")
 
+# From this batch size on, an untuned CPU bucket runs its convs on the tiled algorithm (see static_config).
+_TILED_MIN_BATCH = 8
+
 # What a bucket the plan does not cover runs: "tune" times it on its first call (that call takes
 # seconds), "dense" runs every layer dense (never slower than the dense model), "sparse" runs every
-# convertible layer sparse on the algorithm chosen by shape (sparsify(..., benchmark=False)).
+# convertible layer sparse on the algorithm chosen by shape (sparsify(..., benchmark=False); the tiled
+# one on CPU batches of _TILED_MIN_BATCH and more).
 UNTUNED = ("tune", "dense", "sparse")
 
 
@@ -130,9 +134,22 @@ class SparseModel(nn.Module):
         """{bucket: config} tuned for ``device``."""
         return self.plan["devices"].get(device_key(device), {})
 
-    def static_config(self, kind: str) -> dict:
-        """Every sparse layer dense ("dense") or on its default sparse kernel ("sparse"), contiguous."""
-        layers = {n: "dense" if kind == "dense" else m.choices[1] for n, m in self.sparse_layers().items()}
+    def static_config(self, kind: str, x: torch.Tensor | None = None) -> dict:
+        """Every sparse layer dense ("dense") or on its sparse kernel by shape ("sparse"), contiguous.
+        For a CPU batch x of _TILED_MIN_BATCH or more images, "sparse" puts every conv with equal
+        strides on the tiled algorithm (the fastest there in every layer of ResNet-18 and VGG16 that
+        bench/NOTES.md profiles; at smaller batches the padded and direct ones win)."""
+        tiled = (kind == "sparse" and x is not None and x.device.type == "cpu" and x.dim() == 4
+                 and x.shape[0] >= _TILED_MIN_BATCH)
+
+        def choice(m):
+            if kind == "dense":
+                return "dense"
+            if tiled and isinstance(m, SparseConv2d) and m.stride[0] == m.stride[1]:
+                return "tiled"
+            return m.choices[1]
+
+        layers = {n: choice(m) for n, m in self.sparse_layers().items()}
         return make_config("contiguous", None, layers, kind)
 
     def config_for(self, x: torch.Tensor) -> dict:
@@ -145,7 +162,7 @@ class SparseModel(nn.Module):
             from .tuner import tune_bucket
 
             return tune_bucket(self, x.detach(), repeats=self.repeats)
-        return self.static_config(self.untuned)
+        return self.static_config(self.untuned, x)
 
     def use_config(self, config: dict) -> None:
         """Set every sparse layer to its choice in ``config``."""

@@ -146,8 +146,8 @@ def tune_bucket(model: SparseModel, x: torch.Tensor, repeats: int = 5, channels_
     For each memory layout (contiguous and channels_last; batch-innermost on CPU batches of 8 or
     more): the layers are tuned on x (:func:`tune_layers`), giving a sparse candidate; contiguous
     and channels_last also give an all-dense candidate. On CPU batches of 64 and more the sparse
-    candidates run in micro-batches of 64 (layers tuned on 64 images): each slice's activations
-    stay in cache through the network, a larger batch in the bucket costs per image what the tuned
+    candidates run in micro-batches of 64 (layers tuned on 64 images), and each also in slices of
+    32 with the same choices: each slice's activations stay in cache through the network, a larger batch in the bucket costs per image what the tuned
     one did, and no whole-batch copy of the sparse kernels' activations (padded inputs, layout
     conversions) is ever held; kept only where slicing gives the whole batch's outputs (checked on
     two slices: no op mixes samples). The candidates are timed whole in interleaved rounds; the
@@ -162,6 +162,9 @@ def tune_bucket(model: SparseModel, x: torch.Tensor, repeats: int = 5, channels_
         choices = tune_layers(model, layers_x, layout, repeats)
         name = f"sparse, {layout}" + ("" if micro is None else f", micro-batches of {micro}")
         candidates[name] = make_config(layout, micro, choices, "sparse")
+        if micro is not None:  # the same choices on half-size slices: activations half as large in cache
+            candidates[f"sparse, {layout}, micro-batches of {micro // 2}"] = make_config(layout, micro // 2, choices,
+                                                                                        "sparse")
         if layout != "batch_innermost":  # oneDNN has no batch-innermost convolution: it would convert
             all_dense = {name: "dense" for name in choices}
             candidates[f"dense, {layout}"] = make_config(layout, None, all_dense, "dense")
@@ -221,7 +224,8 @@ def sparsify(model: nn.Module, example_input: torch.Tensor | None = None, *,
 
     A bucket not tuned here is, by ``untuned``: "tune" (the default when timing is allowed) timed
     on its first call, which takes seconds; "dense", every layer dense; "sparse" (the default with
-    ``benchmark=False``), every converted layer on its sparse kernel by shape, untimed. The plan
+    ``benchmark=False``), every converted layer on its sparse kernel by shape, untimed (on the CPU
+    from batch 8 on, the tiled algorithm for every conv with equal strides). The plan
     is ``result.plan``; ``result.summary()`` says it in words; ``save_sparse`` keeps it.
     """
     check_sparsity(min_sparsity, "min_sparsity")
