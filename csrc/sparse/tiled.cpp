@@ -157,10 +157,12 @@ constexpr int64_t kSumsFloats = 16 * 1024;
 // innermost: block b at staged + b * block_len holds
 // [(phase * C + ic) * plane + (i * gw + j) * nb + k] = x[b nb + k][ic][S i + a - pad_h][S j + b - pad_w]
 // (phase = a * S + b), zero outside the image and for the padding images of a partial last block.
-// One input channel a task, read once in memory order (each position's N values, when the batch is
-// innermost, go to all blocks at once: reading the blocks one at a time costs several times more).
-void stage_blocks(const at::Tensor& x, int64_t nb, int64_t S, int64_t pad_h, int64_t pad_w, int64_t gh, int64_t gw,
-                  int64_t block_len, float* staged) {
+// Phases no tap reads (a >= kh or b >= kw: a 1x1 kernel with stride 2 reads one of four) are skipped.
+// One input channel a task, read once in memory order: each position's N values, when the batch is
+// innermost, go to all blocks at once (reading the blocks one at a time costs several times more);
+// otherwise image by image, row by row (a gather across images touches a page per value).
+void stage_blocks(const at::Tensor& x, int64_t nb, int64_t S, int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w,
+                  int64_t gh, int64_t gw, int64_t block_len, float* staged) {
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), plane = gh * gw * nb;
   const int64_t blocks = (n + nb - 1) / nb;
   const float* src = x.const_data_ptr<float>();
@@ -179,27 +181,40 @@ void stage_blocks(const at::Tensor& x, int64_t nb, int64_t S, int64_t pad_h, int
             std::fill_n(row + (pad_w + w) * nb, (gw - pad_w - w) * nb, 0.f);
           }
         } else {
-          for (int64_t ph = 0; ph < S * S; ++ph) std::fill_n(block + (ph * c + ci) * plane, plane, 0.f);
+          for (int64_t ph = 0; ph < S * S; ++ph)
+            if (ph / S < kh && ph % S < kw) std::fill_n(block + (ph * c + ci) * plane, plane, 0.f);
         }
       }
-      for (int64_t y = 0; y < h; ++y) {
-        const int64_t yp = y + pad_h, pa = yp % S, i = yp / S;
-        if (n == 1 && S == 1 && sw == 1) {  // batch 1, a contiguous input row: one row copy
-          std::copy_n(src + ci * sc + y * sh, w, staged + (ci * gh + i) * gw + pad_w);
-          continue;
+      if (sn != 1 || n == 1) {  // NCHW or channels_last (or one image): image by image, rows in order
+        for (int64_t k = 0; k < n; ++k) {
+          float* block = staged + (k / nb) * block_len + ci * plane + k % nb;
+          for (int64_t y = 0; y < h; ++y) {
+            const int64_t yp = y + pad_h, pa = yp % S, i = yp / S;
+            const float* row = src + k * sn + ci * sc + y * sh;
+            if (S == 1 && nb == 1 && sw == 1) {  // batch 1: one row copy
+              std::copy_n(row, w, block + i * gw + pad_w);
+              continue;
+            }
+            if (pa >= kh) continue;  // a phase no tap reads (a 1x1 kernel's, stride 2)
+            for (int64_t xx = 0; xx < w; ++xx) {
+              const int64_t xp = xx + pad_w, pb = xp % S;
+              if (pb < kw) block[(pa * S + pb) * c * plane + (i * gw + xp / S) * nb] = row[xx * sw];
+            }
+          }
         }
+        continue;
+      }
+      for (int64_t y = 0; y < h; ++y) {  // the batch innermost (the previous layer's output)
+        const int64_t yp = y + pad_h, pa = yp % S, i = yp / S;
         for (int64_t xx = 0; xx < w; ++xx) {
           const int64_t xp = xx + pad_w, pb = xp % S, j = xp / S;
+          if (pa >= kh || pb >= kw) continue;  // a phase no tap reads
           float* d = staged + ((pa * S + pb) * c + ci) * plane + (i * gw + j) * nb;
           const float* s = src + ci * sc + y * sh + xx * sw;
-          for (int64_t bb = 0; bb < blocks; ++bb, d += block_len, s += nb * sn) {
+          for (int64_t bb = 0; bb < blocks; ++bb, d += block_len, s += nb) {
             const int64_t nbv = std::min(nb, n - bb * nb);
-            if (sn == 1) {  // the batch innermost (the previous layer's output): vector copies, inlined
 #pragma omp simd
-              for (int64_t k = 0; k < nbv; ++k) d[k] = s[k];
-            } else {
-              for (int64_t k = 0; k < nbv; ++k) d[k] = s[k * sn];
-            }
+            for (int64_t k = 0; k < nbv; ++k) d[k] = s[k];  // a vector copy, inlined
           }
         }
       }
@@ -283,7 +298,7 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
 
   at::Tensor staged_fallback;
   float* sp = staging_memory(blocks * block_len, staged_fallback, x.options());
-  stage_blocks(x, nb, S, a.pad_h, a.pad_w, gh, gw, block_len, sp);
+  stage_blocks(x, nb, S, kh, kw, a.pad_h, a.pad_w, gh, gw, block_len, sp);
   for (int64_t bb = 0; bb < blocks; ++bb) std::fill_n(sp + bb * block_len + S * S * c * plane, tail, 0.f);
   float* op = out.mutable_data_ptr<float>();
   const float* rsp = res.defined() ? res.const_data_ptr<float>() : nullptr;
