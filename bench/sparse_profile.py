@@ -1,0 +1,91 @@
+"""Where sparse CPU inference spends its time (bench/NOTES.md, "CPU sparse inference"):
+
+  python bench/sparse_profile.py layers    per conv shape of ResNet-18 (CIFAR, batch 64): GFLOP on the
+                                           non-zeros, MB moved, ms and GFLOP/s of the batch-innermost
+                                           and tiled algorithms, at 90% and 99%
+  python bench/sparse_profile.py untuned   sparsify(model) (no example, nothing timed) against
+                                           sparsify(model, x) tuned, at batch 64, interleaved
+
+Magnitude-pruned random weights, medians of repeated runs; prints markdown tables.
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from fastprune.ops.sparse import ALGORITHMS, sparse_conv2d, to_batch_innermost  # noqa: E402
+from fastprune.reference.sparse import dense_to_csr  # noqa: E402
+
+# (name, in channels, out channels, map size, stride): every 3x3 conv shape of the CIFAR ResNet-18
+RESNET18_CONVS = [("conv1", 3, 64, 32, 1), ("layer1 conv", 64, 64, 32, 1), ("layer2.0.conv1", 64, 128, 32, 2),
+                  ("layer2 conv", 128, 128, 16, 1), ("layer3.0.conv1", 128, 256, 16, 2),
+                  ("layer3 conv", 256, 256, 8, 1), ("layer4.0.conv1", 256, 512, 8, 2),
+                  ("layer4 conv", 512, 512, 4, 1)]
+
+
+def _median_seconds(fn, repeats: int = 9) -> float:
+    fn(), fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def layers(batch: int = 64) -> None:
+    torch.manual_seed(0)
+    print("| layer | sparsity | GFLOP on non-zeros | MB moved (in + out + staged copy + weights) "
+          "| batch_innermost ms (GFLOP/s) | tiled ms (GFLOP/s, GB/s) |")
+    print("|---|---|---|---|---|---|")
+    for sparsity in (0.9, 0.99):
+        for name, c, oc, hw, stride in RESNET18_CONVS:
+            weight = torch.randn(oc, c, 3, 3)
+            weight[torch.rand_like(weight) < sparsity] = 0
+            row_ptr, col_idx, values = dense_to_csr(weight)
+            x = to_batch_innermost(torch.randn(batch, c, hw, hw))
+            ho = (hw + 2 - 3) // stride + 1
+            gflop = 2 * values.numel() * ho * ho * batch / 1e9
+            staged = c * (hw + 2) ** 2 * batch * 4  # the tiled algorithm's padded copy, written then read
+            moved = (x.numel() * 4 + oc * ho * ho * batch * 4 + 2 * staged + values.numel() * 8) / 2**20
+            sec = {a: _median_seconds(lambda a=a: sparse_conv2d(x, row_ptr, col_idx, values, None, c, 3, 3, stride,
+                                                                 stride, 1, 1, algo=ALGORITHMS[a]))
+                   for a in ("batch_innermost", "tiled")}
+            print(f"| {name} {c}->{oc} {hw}x{hw} s{stride} | {sparsity:.0%} | {gflop:.3f} | {moved:.1f} "
+                  f"| {sec['batch_innermost'] * 1e3:.2f} ({gflop / sec['batch_innermost']:.0f}) "
+                  f"| {sec['tiled'] * 1e3:.2f} ({gflop / sec['tiled']:.0f}, {moved * 2**20 / 1e9 / sec['tiled']:.1f}) |",
+                  flush=True)
+
+
+def untuned(batch: int = 64) -> None:
+    from fastprune.models import get_model
+    from fastprune.nn import fold_masks, prune_model, sparsify
+    from fastprune.utils.timing import interleaved_medians
+
+    print("| model | sparsity | tuned ms | untuned ms | untuned speed / tuned |")
+    print("|---|---|---|---|---|")
+    for name in ("resnet18", "vgg16"):
+        for sparsity in (0.9, 0.95, 0.99):
+            torch.manual_seed(0)
+            dense = fold_masks(prune_model(get_model(name, 10, 3).eval(), sparsity, method="magnitude"))
+            x = torch.rand(batch, 3, 32, 32)
+            tuned, plain = sparsify(dense, x, batch_sizes=(batch,)), sparsify(dense)
+            with torch.no_grad():
+                t = interleaved_medians({"tuned": lambda: tuned(x), "untuned": lambda: plain(x)}, x.device,
+                                        repeats=8, warmup=2, burst=4)
+            print(f"| {name} | {sparsity:.0%} | {t['tuned'] * 1e3:.1f} | {t['untuned'] * 1e3:.1f} "
+                  f"| {t['tuned'] / t['untuned']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["layers", "untuned"])
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    if args.batch < 1:
+        raise SystemExit(f"--batch must be at least 1, got {args.batch}")
+    {"layers": layers, "untuned": untuned}[args.what](args.batch)
