@@ -380,9 +380,19 @@ def conv_input_grad(grad, row_ptr, col_idx, values, x_shape, in_channels: int, k
         weight = csr_to_dense(row_ptr, col_idx, values, (row_ptr.shape[0] - 1, in_channels, kh, kw)).to(grad.dtype)
         return torch.nn.grad.conv2d_input(x_shape, weight, grad.contiguous(), stride=stride, padding=padding)
     t_ptr, t_cols, t_vals = transposed_weight(row_ptr, col_idx, values, in_channels, kh, kw)
-    algo = ALGORITHMS["batch_innermost"] if grad.device.type == "cpu" and is_batch_innermost(grad) else 0
     return sparse_conv2d(grad, t_ptr, t_cols, t_vals.to(grad.dtype), None, grad.shape[1], kh, kw, 1, 1,
-                         kh - 1 - ph, kw - 1 - pw, algo=algo)
+                         kh - 1 - ph, kw - 1 - pw, algo=_input_grad_algo(grad))
+
+
+def _input_grad_algo(grad: torch.Tensor) -> int:
+    """The CPU algorithm of the input gradient's (stride-1) sparse convolutions: the tiled one from
+    batch 8 on (the fastest there, see bench/NOTES.md), batch innermost on such a gradient below,
+    else by shape."""
+    if grad.device.type != "cpu":
+        return 0
+    if grad.shape[0] >= 8:
+        return ALGORITHMS["tiled"]
+    return ALGORITHMS["batch_innermost"] if is_batch_innermost(grad) else 0
 
 
 # Stride phases. With stride S, input row i = S q + a - p (a in [0, S)) receives the output gradient
@@ -437,7 +447,8 @@ def _strided_input_grad(grad, row_ptr, col_idx, values, x_shape, in_channels, kh
         if q1 < q0 or c1 < c0:
             continue
         vals = _gathered(values, order, (id(col_idx), col_idx._version, a, b, sh, sw)).to(grad.dtype)
-        part = sparse_conv2d(grad, ptr, cols, vals, None, grad.shape[1], th, tw, 1, 1, th - 1, tw - 1)
+        part = sparse_conv2d(grad, ptr, cols, vals, None, grad.shape[1], th, tw, 1, 1, th - 1, tw - 1,
+                             algo=_input_grad_algo(grad))
         # rows past the computed ones receive nothing: they stay zero
         q1, c1 = min(q1, part.shape[2] - 1), min(c1, part.shape[3] - 1)
         if q1 < q0 or c1 < c0:

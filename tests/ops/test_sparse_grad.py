@@ -17,10 +17,12 @@ from .test_sparse import CONV_CASES, sparse_weight
 LAYOUTS = {"contiguous": lambda t: t, "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
            "batch_innermost": to_batch_innermost}
 
-# Beyond the forward's cases: unequal strides, stride 3, padding wider than half the kernel, and a
-# 1x1 kernel with padding (its input gradient falls back to the dense transposed convolution).
+# Beyond the forward's cases: unequal strides, stride 3, padding wider than half the kernel, a 1x1
+# kernel with padding (its input gradient falls back to the dense transposed convolution), and
+# batches of 8 and more (the input gradient runs on the tiled algorithm there; 17: a partial block).
 GRAD_CASES = CONV_CASES + [(2, 3, 9, 10, 4, 3, (1, 2), 1, 0.6), (3, 2, 11, 11, 3, 3, 3, 2, 0.5),
-                           (2, 3, 7, 7, 4, 1, 1, 1, 0.5), (5, 4, 9, 9, 5, 5, 2, 2, 0.8)]
+                           (2, 3, 7, 7, 4, 1, 1, 1, 0.5), (5, 4, 9, 9, 5, 5, 2, 2, 0.8),
+                           (9, 4, 8, 8, 6, 3, 1, 1, 0.7), (17, 3, 9, 9, 5, 3, 2, 1, 0.6), (8, 5, 6, 6, 4, 1, 2, 0, 0.5)]
 
 
 def _pair(v):
