@@ -106,11 +106,13 @@ void conv_padded(const at::Tensor& x, const ConvArgs& a, at::Tensor& out) {
   const bool relu = a.relu, pool = a.pool;
   // Where a non-zero of weight column (ic, r, s) reads, relative to an output position: a table per
   // column, C kh kw entries (fewer than the non-zeros, so cheap to build even at batch 1).
-  std::vector<int64_t> col_offset(c * ksize);
-  for (int64_t col = 0; col < c * ksize; ++col) {
-    const int64_t ic = col / ksize, r = (col % ksize) / kw, sx = (col % ksize) % kw;
-    col_offset[col] = ((r % S) * S + sx % S) * c * row_len + ic * row_len + (r / S) * gw + sx / S;
-  }
+  // Built from a per-tap table: no division per entry (at batch 1 this table costs as much as the layer).
+  std::vector<int64_t> col_offset(c * ksize), tap_offset(ksize);
+  for (int64_t r = 0; r < a.kh; ++r)
+    for (int64_t sx = 0; sx < kw; ++sx)
+      tap_offset[r * kw + sx] = ((r % S) * S + sx % S) * c * row_len + (r / S) * gw + sx / S;
+  for (int64_t ic = 0; ic < c; ++ic)
+    for (int64_t t = 0; t < ksize; ++t) col_offset[ic * ksize + t] = ic * row_len + tap_offset[t];
   const int64_t* cop = col_offset.data();
 
   if (a.stride_h == a.stride_w) {

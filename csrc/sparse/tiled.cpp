@@ -149,6 +149,10 @@ int64_t batch_block(int64_t n, const Isa& isa) {
   return std::max<int64_t>(1, std::min({n, nb, isa.max_acc * isa.lanes / 4}));
 }
 
+// Below this much work (floats staged), a loop runs on the calling thread: an OpenMP region costs
+// several microseconds, as much as a batch-1 layer's staging.
+constexpr int64_t kMinTaskFloats = 32 * 1024;
+
 // The sums a task keeps for the epilogue where the kernel cannot store the output itself (pooling,
 // whole-row runs, a partial batch block): its chunk of output channels keeps them within L2.
 constexpr int64_t kSumsFloats = 16 * 1024;
@@ -167,7 +171,9 @@ void stage_blocks(const at::Tensor& x, int64_t nb, int64_t S, int64_t kh, int64_
   const int64_t blocks = (n + nb - 1) / nb;
   const float* src = x.const_data_ptr<float>();
   const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
-  at::parallel_for(0, c, 1, [=](int64_t begin, int64_t end) {
+  // Channels per task: at least kMinTaskFloats of staged data, so a small staging runs inline.
+  const int64_t grain = std::max<int64_t>(1, kMinTaskFloats / (S * S * plane * blocks));
+  at::parallel_for(0, c, grain, [=](int64_t begin, int64_t end) {
     for (int64_t ci = begin; ci < end; ++ci) {
       for (int64_t bb = 0; bb < blocks; ++bb) {
         float* block = staged + bb * block_len;
@@ -272,13 +278,15 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
 
   // The pattern, specialised for this geometry: each non-zero's offset in a staged block (phase
   // (r % S, s % S) of channel ic, shifted by (r / S, s / S)), from a table per weight column (C kh kw
-  // entries, fewer than the non-zeros) so the divisions stay out of the per-non-zero loop.
+  // entries, fewer than the non-zeros) so that no per-non-zero work divides.
   const int64_t nnz = a.rp[oc_count], ksize = kh * kw;
   std::vector<int32_t> column_offset(c * ksize), offs(nnz);
-  for (int64_t col = 0; col < c * ksize; ++col) {
-    const int64_t ic = col / ksize, r = (col % ksize) / kw, s = col % kw;
-    column_offset[col] = static_cast<int32_t>((((((r % S) * S + s % S) * c + ic) * gh + r / S) * gw + s / S) * nb);
-  }
+  std::vector<int64_t> tap_offset(ksize);  // column (ic, r, s) is at ic * plane + tap_offset[r * kw + s]
+  for (int64_t r = 0; r < kh; ++r)
+    for (int64_t s = 0; s < kw; ++s)
+      tap_offset[r * kw + s] = ((r % S) * S + s % S) * c * plane + ((r / S) * gw + s / S) * nb;
+  for (int64_t ic = 0; ic < c; ++ic)  // no division per entry: at batch 1 this loop is a layer's cost
+    for (int64_t t = 0; t < ksize; ++t) column_offset[ic * ksize + t] = static_cast<int32_t>(ic * plane + tap_offset[t]);
   at::parallel_for(0, nnz, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t e = begin; e < end; ++e) offs[e] = column_offset[a.cols[e]];
   });
