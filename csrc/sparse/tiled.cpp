@@ -142,11 +142,9 @@ TileShape choose_tile(int64_t rows_out, int64_t cols_out, int64_t gw, int64_t nb
 
 // The batch block: a tile's input window over all channels must stay in cache across the output
 // channels, so blocks of at most 16 images; and a 2 x 2 tile (pooling's smallest) must fit in the
-// accumulator registers. FASTPRUNE_TILED_NB overrides the 16 (experiments).
+// accumulator registers (8, 32 and 64 measured slower: bench/NOTES.md).
 int64_t batch_block(int64_t n, const Isa& isa) {
-  const char* forced = std::getenv("FASTPRUNE_TILED_NB");
-  const int64_t nb = forced != nullptr ? std::atoll(forced) : 16;
-  return std::max<int64_t>(1, std::min({n, nb, isa.max_acc * isa.lanes / 4}));
+  return std::max<int64_t>(1, std::min({n, int64_t{16}, isa.max_acc * isa.lanes / 4}));
 }
 
 // Below this much work (floats staged), a loop runs on the calling thread: an OpenMP region costs

@@ -47,15 +47,18 @@ void tile_kernel(const float* __restrict__ base, int64_t run_stride, const int32
   }
   const vec zero = {};
 #pragma GCC unroll 24
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < R; ++r) {
+    int64_t position = 0, part = 0;  // vector j's position and its part of it, counted (no division)
 #pragma GCC unroll 24
     for (int j = 0; j < VR; ++j) {
-      const int64_t at = r * out->run_stride + (j / out->per_position) * out->step + (j % out->per_position) * kLanes;
+      const int64_t at = r * out->run_stride + position * out->step + part * kLanes;
+      if (++part == out->per_position) part = 0, ++position;
       vec v = acc[r][j];
       if (out->residual != nullptr) v += *reinterpret_cast<const uvec*>(out->residual + at);
       if (out->relu || out->residual != nullptr) v = v < zero ? zero : v;  // NaN stays NaN, as std::max(v, 0)
       *reinterpret_cast<uvec*>(out->dst + at) = v;
     }
+  }
 }
 
 using TileFn = void (*)(const float*, int64_t, const int32_t*, const float*, int64_t, int64_t, float, float*, int64_t,
