@@ -32,6 +32,12 @@ TORCH_LIBRARY(fastprune, m) {
   m.def(
       "sparse_conv2d_ext(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias, int kh, int kw, "
       "int stride_h, int stride_w, int pad_h, int pad_w, int algo, int epilogue, Tensor? residual=None) -> Tensor");
+  // The same convolution with ReLU then 2x2 max pooling fused (epilogue 2), returning also each
+  // pooled output's window position (uint8, the output's sizes and strides; 2 dy + dx of the first
+  // maximum) for the backward pass. (CPU.)
+  m.def(
+      "sparse_conv2d_pool_ext(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias, int kh, "
+      "int kw, int stride_h, int stride_w, int pad_h, int pad_w, int algo) -> (Tensor, Tensor)");
   // The gradient w.r.t. the CSR values of that convolution (the pattern frozen): (nnz,) float32, from
   // its input x and the gradient of its (un-fused) output. (CPU.)
   m.def(

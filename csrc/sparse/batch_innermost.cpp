@@ -71,6 +71,7 @@ at::Tensor conv_batch_innermost(const at::Tensor& x_in, const ConvArgs& a, const
   const int64_t ksize = kh * kw;
   const float* src = x.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
+  uint8_t* ip = pool_index_like(a, out);
   const at::Tensor res = residual_batch_innermost(residual, out, pool);
   const float* rsp = res.defined() ? res.const_data_ptr<float>() : nullptr;
   // Tasks run (batch block, row block)-major so all output channels of a block run while its slice
@@ -115,7 +116,8 @@ at::Tensor conv_batch_innermost(const at::Tensor& x_in, const ConvArgs& a, const
       if (pool) {
         for (int64_t py = y0 / 2; py < y1 / 2; ++py) {
           const float* r0 = acc.data() + (2 * py - y0) * wo * nb;
-          store_pooled_row(op + (oc * oh + py) * ow * n + b0, n, r0, r0 + wo * nb, nb, ow, nb);
+          const int64_t at_out = (oc * oh + py) * ow * n + b0;
+          store_pooled_row(op + at_out, n, r0, r0 + wo * nb, nb, ow, nb, ip ? ip + at_out : nullptr);
         }
         continue;
       }

@@ -35,10 +35,12 @@ namespace {
 // rows to vectorise).
 constexpr int64_t kDirectMinWidth = 16;
 
-at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                             const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t kh, int64_t kw,
-                             int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t algo,
-                             int64_t epilogue, const std::optional<at::Tensor>& residual) {
+// The convolution; with the pooling epilogue and pool_index given, also the pooling's window
+// positions (uint8, the output's sizes and strides) for its backward pass.
+at::Tensor run_conv(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                    const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t kh, int64_t kw,
+                    int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t algo, int64_t epilogue,
+                    const std::optional<at::Tensor>& residual, at::Tensor* pool_index) {
   TORCH_CHECK(algo >= 0 && algo <= 4,
               "sparse_conv2d: algo must be 0 (auto), 1 (padded), 2 (direct), 3 (batch innermost) or 4 (tiled)");
   TORCH_CHECK(epilogue >= 0 && epilogue <= 3,
@@ -54,11 +56,20 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   TORCH_CHECK(x.size(2) + 2 * pad_h >= kh && x.size(3) + 2 * pad_w >= kw,
               "sparse_conv2d: the kernel is larger than the padded input");
   const bool relu = epilogue >= 1, pool = epilogue == 2;
-  const ConvArgs args{row_ptr.const_data_ptr<int32_t>(), col_idx.const_data_ptr<int32_t>(),
-                      values.const_data_ptr<float>(), bias.has_value() ? bias->const_data_ptr<float>() : nullptr,
-                      oc_count, kh, kw, stride_h, stride_w, pad_h, pad_w, relu, pool};
-  if (algo == 3) return conv_batch_innermost(x, args, residual);
-  if (algo == 4) return conv_tiled(x, args, residual);
+  ConvArgs args{row_ptr.const_data_ptr<int32_t>(), col_idx.const_data_ptr<int32_t>(),
+                values.const_data_ptr<float>(), bias.has_value() ? bias->const_data_ptr<float>() : nullptr,
+                oc_count, kh, kw, stride_h, stride_w, pad_h, pad_w, relu, pool};
+  args.pool_index = pool_index;
+  if (algo == 3 || algo == 4) {
+    // Both return a (N, OC, H', W') view of their (OC, H', W', N) output; the index gets the same view.
+    at::Tensor out = algo == 3 ? conv_batch_innermost(x, args, residual) : conv_tiled(x, args, residual);
+    if (pool_index != nullptr && pool_index->defined()) {
+      *pool_index = pool_index->as_strided(out.sizes(), out.strides());
+    } else if (pool_index != nullptr) {  // an empty output: nothing was allocated
+      *pool_index = at::empty_strided(out.sizes(), out.strides(), out.options().dtype(at::kByte));
+    }
+    return out;
+  }
   // channels_last in, channels_last out (so that pooling and BatchNorm around the layer stay on
   // their fast path); any other layout is read through its strides and gives a contiguous output.
   const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
@@ -72,6 +83,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   at::Tensor out = at::empty({n, oc_count, pool ? ho / 2 : ho, pool ? wo / 2 : wo},
                              x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
                                                                      : at::MemoryFormat::Contiguous));
+  if (pool_index != nullptr) *pool_index = at::empty_like(out, out.options().dtype(at::kByte));
   if (out.numel() == 0) return out;
   if (direct) {
     conv_direct(x, args, out);
@@ -81,9 +93,32 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
   return out;
 }
 
+at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                             const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t kh, int64_t kw,
+                             int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t algo,
+                             int64_t epilogue, const std::optional<at::Tensor>& residual) {
+  return run_conv(x, row_ptr, col_idx, values, bias, kh, kw, stride_h, stride_w, pad_h, pad_w, algo, epilogue,
+                  residual, nullptr);
+}
+
+// ReLU then 2x2 max pooling fused, with the pooling's window positions for the backward pass.
+std::tuple<at::Tensor, at::Tensor> sparse_conv2d_pool_cpu(const at::Tensor& x, const at::Tensor& row_ptr,
+                                                          const at::Tensor& col_idx, const at::Tensor& values,
+                                                          const std::optional<at::Tensor>& bias, int64_t kh,
+                                                          int64_t kw, int64_t stride_h, int64_t stride_w,
+                                                          int64_t pad_h, int64_t pad_w, int64_t algo) {
+  at::Tensor index;
+  at::Tensor out = run_conv(x, row_ptr, col_idx, values, bias, kh, kw, stride_h, stride_w, pad_h, pad_w, algo, 2,
+                            std::nullopt, &index);
+  return {out, index};
+}
+
 }  // namespace
 }  // namespace sparse_cpu
 
-TORCH_LIBRARY_IMPL(fastprune, CPU, m) { m.impl("sparse_conv2d_ext", &sparse_cpu::sparse_conv2d_cpu); }
+TORCH_LIBRARY_IMPL(fastprune, CPU, m) {
+  m.impl("sparse_conv2d_ext", &sparse_cpu::sparse_conv2d_cpu);
+  m.impl("sparse_conv2d_pool_ext", &sparse_cpu::sparse_conv2d_pool_cpu);
+}
 
 }  // namespace fastprune

@@ -46,6 +46,7 @@ void conv_direct(const at::Tensor& x, const ConvArgs& a, at::Tensor& out) {
   const int64_t ksize = a.kh * a.kw, oc_count = a.oc_count, plane_out = out.size(2) * out.size(3);
   const float* src = x.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
+  uint8_t* ip = pool_index_like(a, out);
   at::parallel_for(0, n * oc_count, 1, [=](int64_t begin, int64_t end) {
     std::vector<float> acc(ho * wo);
     for (int64_t task = begin; task < end; ++task) {
@@ -61,8 +62,11 @@ void conv_direct(const at::Tensor& x, const ConvArgs& a, at::Tensor& out) {
       }
       float* dst = op + (ni * oc_count + oc) * plane_out;
       if (a.pool) {
-        for (int64_t y = 0; y < ho / 2; ++y)
-          store_pooled_row(dst + y * (wo / 2), 1, acc.data() + 2 * y * wo, acc.data() + (2 * y + 1) * wo, 1, wo / 2, 1);
+        for (int64_t y = 0; y < ho / 2; ++y) {
+          const int64_t at_out = (ni * oc_count + oc) * plane_out + y * (wo / 2);
+          store_pooled_row(op + at_out, 1, acc.data() + 2 * y * wo, acc.data() + (2 * y + 1) * wo, 1, wo / 2, 1,
+                           ip ? ip + at_out : nullptr);
+        }
       } else {
         store_row(dst, 1, acc.data(), 1, ho * wo, 1, a.relu, nullptr);
       }

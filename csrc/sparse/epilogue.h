@@ -39,12 +39,27 @@ inline void store_row(float* dst, int64_t dst_step, const float* acc, int64_t ac
 
 // ReLU then 2x2 max pooling of two consecutive accumulator rows a and b into pw outputs:
 // max(0, max of the four). An odd last position of the rows is dropped, as nn.MaxPool2d does.
+// With `index` (dst's offsets, or nullptr) each output's window position is kept too, for the
+// backward pass: 0..3 = 2 dy + dx, the first maximum in that order (PyTorch's tie rule).
 inline void store_pooled_row(float* dst, int64_t dst_step, const float* a, const float* b, int64_t acc_step,
-                             int64_t pw, int64_t nb) {
+                             int64_t pw, int64_t nb, uint8_t* index = nullptr) {
   for (int64_t px = 0; px < pw; ++px) {
     float* d = dst + px * dst_step;
     const float *a0 = a + 2 * px * acc_step, *a1 = a0 + acc_step, *b0 = b + 2 * px * acc_step, *b1 = b0 + acc_step;
-    for (int64_t j = 0; j < nb; ++j) d[j] = std::max(std::max(std::max(a0[j], a1[j]), std::max(b0[j], b1[j])), 0.f);
+    if (index == nullptr) {
+      for (int64_t j = 0; j < nb; ++j) d[j] = std::max(std::max(std::max(a0[j], a1[j]), std::max(b0[j], b1[j])), 0.f);
+      continue;
+    }
+    uint8_t* k = index + px * dst_step;
+    for (int64_t j = 0; j < nb; ++j) {
+      float m = a0[j];
+      uint8_t at = 0;
+      if (a1[j] > m) m = a1[j], at = 1;
+      if (b0[j] > m) m = b0[j], at = 2;
+      if (b1[j] > m) m = b1[j], at = 3;
+      d[j] = std::max(m, 0.f);
+      k[j] = at;
+    }
   }
 }
 

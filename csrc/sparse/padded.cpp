@@ -98,6 +98,7 @@ void conv_padded(const at::Tensor& x, const ConvArgs& a, at::Tensor& out) {
   // Output strides: (n, oc, y, x) -> offset, for either layout.
   const int64_t on = out.stride(0), ocs = out.stride(1), oys = out.stride(2), oxs = out.stride(3);
   float* op = out.mutable_data_ptr<float>();
+  uint8_t* ip = pool_index_like(a, out);
   const float* xpp = xp.const_data_ptr<float>();
   const int32_t* rp = a.rp;
   const int32_t* ci_ = a.cols;
@@ -148,7 +149,8 @@ void conv_padded(const at::Tensor& x, const ConvArgs& a, at::Tensor& out) {
             const int64_t ni = r / gh;
             for (int64_t py = 0; py < ho / 2; ++py) {
               const float* rows = acc.data() + (r - r0 + 2 * py) * gw;
-              store_pooled_row(op + ni * on + oc * ocs + py * oys, oxs, rows, rows + gw, 1, wo / 2, 1);
+              const int64_t at_out = ni * on + oc * ocs + py * oys;
+              store_pooled_row(op + at_out, oxs, rows, rows + gw, 1, wo / 2, 1, ip ? ip + at_out : nullptr);
             }
           }
           continue;

@@ -37,7 +37,18 @@ struct ConvArgs {
   const float* bias;    // or nullptr
   int64_t oc_count, kh, kw, stride_h, stride_w, pad_h, pad_w;
   bool relu, pool;      // ReLU; ReLU then 2x2 max pooling
+  // Where the pooling's window positions go (for its backward pass), or nullptr: the algorithm
+  // allocates it with its output's sizes and strides (pool_index_like).
+  at::Tensor* pool_index = nullptr;
 };
+
+// The uint8 tensor of the pooling's window positions, out's sizes and strides, when the caller
+// asked for it (a.pool_index); nullptr otherwise.
+inline uint8_t* pool_index_like(const ConvArgs& a, const at::Tensor& out) {
+  if (a.pool_index == nullptr || !a.pool) return nullptr;
+  *a.pool_index = at::empty_strided(out.sizes(), out.strides(), out.options().dtype(at::kByte));
+  return a.pool_index->mutable_data_ptr<uint8_t>();
+}
 
 // Algorithm 1 (padded) and 2 (direct) write into ``out`` (N, OC, H', W'), contiguous or
 // channels_last; algorithms 3 and 4 return their (C, H, W, N)-laid output, with the residual epilogue.

@@ -307,6 +307,7 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
   stage_blocks(x, nb, S, kh, kw, a.pad_h, a.pad_w, gh, gw, block_len, sp);
   for (int64_t bb = 0; bb < blocks; ++bb) std::fill_n(sp + bb * block_len + S * S * c * plane, tail, 0.f);
   float* op = out.mutable_data_ptr<float>();
+  uint8_t* ip = pool_index_like(a, out);
   const float* rsp = res.defined() ? res.const_data_ptr<float>() : nullptr;
   const int32_t* offp = offs.data();
   at::parallel_for(0, blocks * tiles * oc_chunks, 1, [=, &a](int64_t begin, int64_t end) {
@@ -335,9 +336,11 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
       for (int64_t oc = oc0; oc < oc1; ++oc) {  // the epilogue, from the finished sums
         const float* acc = sums.data() + (oc - oc0) * tile_floats;
         if (pool) {
-          for (int64_t i = 0; i < kk; i += 2)
-            store_pooled_row(op + ((oc * oh + (y0 + i) / 2) * ow + x0 / 2) * n + b0, n, acc + i * pitch,
-                             acc + (i + 1) * pitch, nb, tt / 2, nbv);
+          for (int64_t i = 0; i < kk; i += 2) {
+            const int64_t at_out = ((oc * oh + (y0 + i) / 2) * ow + x0 / 2) * n + b0;
+            store_pooled_row(op + at_out, n, acc + i * pitch, acc + (i + 1) * pitch, nb, tt / 2, nbv,
+                             ip ? ip + at_out : nullptr);
+          }
           continue;
         }
         for (int64_t i = 0; i < kk; ++i) {

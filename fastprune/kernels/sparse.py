@@ -119,6 +119,105 @@ def sparse_linear_fwd(x, weight):
     return sparse_conv2d_fwd(x[:, :, None, None], weight, 1, 1, 1, 1, 0, 0).view(x.shape[0], -1)
 
 
+# The weight gradient at the non-zeros (finetuning with a frozen pattern), on the same tiled form:
+# for a tile's 16 output channels and a block of BLOCK_K of its union columns, the (OC_TILE, BLOCK_K)
+# block of d loss / d weight is the sum over output positions p of grad[oc, p] * x[col, p], one
+# ``tl.dot`` of a (OC_TILE, BLOCK_P) slice of the output gradient with the gathered (BLOCK_P,
+# BLOCK_K) input per step. The positions (N * H' * W', up to 262144 for a 32x32 map at batch 256)
+# are split over several programs, each writing its partial block; the partials are summed after
+# (deterministic, no atomics) and the blocks gathered into the CSR order by the pattern's slots.
+# Its cost is the forward's: the products at the tile's union columns only.
+WGRAD_BLOCK_P = 64
+WGRAD_PROGRAMS = 1024  # enough programs for any GPU's SMs (132 on an H100), so the splits follow
+
+
+@triton.jit
+def _sparse_conv2d_weight_grad_kernel(
+    x_ptr, g_ptr, kblock_ptr, tile_col_ptr, out_ptr,
+    OC, HO, WO, total_p, p_per_split, n_union, KW, KSIZE, SH, SW, PH, PW, H, W,
+    sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
+    BLOCK_P: tl.constexpr, OC_TILE: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    kb = tl.program_id(0)
+    split = tl.program_id(1)
+    tile = tl.load(kblock_ptr + 3 * kb)
+    k0 = tl.load(kblock_ptr + 3 * kb + 1)
+    k1 = tl.load(kblock_ptr + 3 * kb + 2)
+    ks = k0 + tl.arange(0, BLOCK_K)
+    kmask = ks < k1
+    col = tl.load(tile_col_ptr + ks, mask=kmask, other=0)
+    ic = col // KSIZE
+    rs = col % KSIZE
+    ky = rs // KW
+    kx = rs % KW
+    oc = tile * OC_TILE + tl.arange(0, OC_TILE)
+    ocmask = oc < OC
+    acc = tl.zeros((OC_TILE, BLOCK_K), dtype=tl.float32)
+    p_start = split.to(tl.int64) * p_per_split
+    p_end = tl.minimum(p_start + p_per_split, total_p)
+    for p0 in range(p_start, p_end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pmask = p < p_end
+        n = p // (HO * WO)
+        rem = p % (HO * WO)
+        oy = rem // WO
+        ox = rem % WO
+        g = tl.load(g_ptr + n[None, :] * sgn + oc[:, None].to(tl.int64) * sgc + oy[None, :] * sgh + ox[None, :] * sgw,
+                    mask=ocmask[:, None] & pmask[None, :], other=0.0)
+        iy = (oy * SH - PH)[:, None] + ky[None, :]
+        ix = (ox * SW - PW)[:, None] + kx[None, :]
+        m = pmask[:, None] & kmask[None, :] & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+        xv = tl.load(x_ptr + n[:, None] * sxn + ic[None, :].to(tl.int64) * sxc + iy * sxh + ix * sxw,
+                     mask=m, other=0.0)
+        acc += tl.dot(g.to(xv.dtype), xv, input_precision=PRECISION)
+    offs = (split.to(tl.int64) * n_union + ks[None, :]) * OC_TILE + tl.arange(0, OC_TILE)[:, None]
+    tl.store(out_ptr + offs, acc, mask=kmask[None, :])
+
+
+def weight_grad_blocks(pattern) -> torch.Tensor:
+    """(blocks, 3) int32 on the pattern's device: (tile, first, end) union-column ranges of at most
+    BLOCK_K columns, never straddling two tiles. Built once per pattern (one host sync), cached on it."""
+    blocks = getattr(pattern, "_wgrad_blocks", None)
+    if blocks is None:
+        starts = pattern.tile_ptr.cpu().long()
+        counts = starts[1:] - starts[:-1]
+        per_tile = (counts + BLOCK_K - 1) // BLOCK_K
+        tile = torch.repeat_interleave(torch.arange(pattern.tiles), per_tile)
+        first_block = torch.cumsum(per_tile, 0) - per_tile
+        first = starts[tile] + (torch.arange(tile.numel()) - first_block[tile]) * BLOCK_K
+        end = torch.minimum(first + BLOCK_K, starts[tile + 1])
+        blocks = torch.stack([tile, first, end], 1).to(torch.int32).contiguous().to(pattern.tile_cols.device)
+        pattern._wgrad_blocks = blocks
+    return blocks
+
+
+def sparse_conv2d_weight_grad(x, grad, pattern, kh, kw, stride_h, stride_w, pad_h, pad_w) -> torch.Tensor:
+    """d loss / d values (nnz,) float32 in the CSR order of ``pattern`` (TiledPattern), from the input
+    x (N, C, H, W) and the output gradient (N, OC, H', W') in any strides (one dtype; float32,
+    float16 or bfloat16, float32 accumulation). No host synchronisation after the pattern's first use."""
+    n, _, h, w = x.shape
+    _, oc, ho, wo = grad.shape
+    grad = grad.to(x.dtype)
+    blocks = weight_grad_blocks(pattern)
+    n_union = pattern.tile_cols.numel()
+    total = n * ho * wo
+    if blocks.shape[0] == 0 or total == 0:
+        return torch.zeros(pattern.nnz, device=x.device, dtype=torch.float32)
+    splits = max(1, min(cdiv(total, 4 * WGRAD_BLOCK_P), cdiv(WGRAD_PROGRAMS, blocks.shape[0])))
+    p_per_split = cdiv(cdiv(total, splits), WGRAD_BLOCK_P) * WGRAD_BLOCK_P
+    splits = cdiv(total, p_per_split)
+    partial = torch.empty((splits, n_union, OC_TILE), device=x.device, dtype=torch.float32)
+    interpreted = not x.is_cuda
+    _sparse_conv2d_weight_grad_kernel[(blocks.shape[0], splits)](
+        x, grad, blocks, pattern.tile_cols, partial,
+        oc, ho, wo, total, p_per_split, n_union, kw, kh * kw, stride_h, stride_w, pad_h, pad_w, h, w,
+        *x.stride(), *grad.stride(),
+        BLOCK_P=WGRAD_BLOCK_P, OC_TILE=OC_TILE, BLOCK_K=BLOCK_K,
+        PRECISION="ieee" if interpreted else _precision(x.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )
+    return partial.sum(0).view(-1)[pattern.slot]
+
+
 def aot_variants():
     """Every (kernel, signature, constexprs, options) the launcher can launch on a GPU."""
     sizes = {k: "i32" for k in ("OC", "HO", "WO", "total_p", "n_pblocks", "KW", "KSIZE", "SH", "SW", "PH", "PW",
@@ -132,3 +231,13 @@ def aot_variants():
                        {"RELU": relu, "BLOCK_P": bp, "OC_TILE": OC_TILE, "BLOCK_K": BLOCK_K,
                         "PRECISION": _precision(getattr(torch, dtype))},
                        {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES})
+    wgrad_sizes = {k: "i32" for k in ("OC", "HO", "WO", "total_p", "p_per_split", "n_union", "KW", "KSIZE", "SH",
+                                      "SW", "PH", "PW", "H", "W", "sxn", "sxc", "sxh", "sxw", "sgn", "sgc", "sgh",
+                                      "sgw")}
+    for dtype, ty in (("float32", "fp32"), ("float16", "fp16"), ("bfloat16", "bf16")):
+        yield (f"weight grad {dtype}", _sparse_conv2d_weight_grad_kernel,
+               {"x_ptr": f"*{ty}", "g_ptr": f"*{ty}", "kblock_ptr": "*i32", "tile_col_ptr": "*i32",
+                "out_ptr": "*fp32", **wgrad_sizes},
+               {"BLOCK_P": WGRAD_BLOCK_P, "OC_TILE": OC_TILE, "BLOCK_K": BLOCK_K,
+                "PRECISION": _precision(getattr(torch, dtype))},
+               {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES})

@@ -18,29 +18,46 @@ import torch
 
 from .. import backends
 from ..utils.autograd import parameter_gradients_wanted
-from ..reference.sparse import TiledWeight, csr_to_dense, sparse_conv2d_ref, sparse_linear_ref
+from ..reference.sparse import TiledPattern, TiledWeight, check_csr, csr_to_dense, sparse_conv2d_ref, sparse_linear_ref
 
 _CONV_SPEC = backends.OpSpec("sparse_conv2d", {"cuda": ("triton", "cuda"), "cpu": ("cpp",)},
                              native={"cpp": "sparse_conv2d_ext", "cuda": "sparse_conv2d_tiled_ext"})
 _LINEAR_SPEC = backends.OpSpec("sparse_linear", {"cuda": ("triton", "cuda"), "cpu": ("cpp",)},
                                native={"cpp": "sparse_linear_ext", "cuda": "sparse_conv2d_tiled_ext"})
 
-# The tiled forms of the weights the GPU kernels have seen, one per weight (keyed by the CSR tensors'
-# identity), rebuilt when the values' version changes (a finetune step) and gone with the values
-# tensor. Building one syncs with the host once per weight (and per update while finetuning): run a
-# model once before capturing it in a CUDA graph (sparsify's timing does).
+# The tiled forms of the weights the GPU kernels have seen. The pattern part (TiledPattern, keyed by
+# the CSR index tensors' identity, gone with col_idx) is built once per pattern: that syncs with the
+# host (run a model once before capturing it in a CUDA graph; sparsify's timing does). The values
+# part, one per weight (gone with the values tensor), is refreshed from the cached pattern by one
+# scatter, without a host sync, when the values or bias change (a finetune step bumps their version).
+_PATTERNS: dict[tuple, tuple[tuple, TiledPattern]] = {}
 _TILED: dict[tuple, tuple[tuple, TiledWeight]] = {}
 
 
+def tiled_pattern(row_ptr, col_idx, columns: int, values: Optional[torch.Tensor] = None) -> TiledPattern:
+    """The cached :class:`TiledPattern` of a CSR pattern (built and checked on first use)."""
+    key = (id(row_ptr), id(col_idx), columns)
+    versions = (row_ptr._version, col_idx._version)
+    found = _PATTERNS.get(key)
+    if found is None or found[0] != versions:
+        if found is None:
+            weakref.finalize(col_idx, _PATTERNS.pop, key, None)
+        check_csr(row_ptr, col_idx, values, columns)
+        found = _PATTERNS[key] = (versions, TiledPattern(row_ptr, col_idx, columns))
+    return found[1]
+
+
 def tiled_weight(row_ptr, col_idx, values, bias, columns: int) -> TiledWeight:
+    """The cached tiled form of a CSR weight (and bias) for the GPU kernels."""
+    pattern = tiled_pattern(row_ptr, col_idx, columns, values)
     key = (id(values), id(row_ptr), id(col_idx), columns, None if bias is None else id(bias))
-    versions = (values._version, None if bias is None else bias._version)
+    versions = (values._version, None if bias is None else bias._version, id(pattern))
     found = _TILED.get(key)
-    if found is None or found[0] != versions:  # one entry per weight, rebuilt when it is updated
+    if found is None or found[0] != versions:
         if found is None:
             weakref.finalize(values, _TILED.pop, key, None)
-        found = _TILED[key] = (versions, TiledWeight(row_ptr, col_idx, values.detach(),
-                                                     None if bias is None else bias.detach(), columns))
+        found = _TILED[key] = (versions, TiledWeight.from_pattern(pattern, values.detach(),
+                                                                   None if bias is None else bias.detach()))
     return found[1]
 
 
@@ -232,13 +249,17 @@ def sparse_conv2d(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
     with ``residual`` (N, OC, H', W'); fused into the kernel where the device's kernel can, applied
     after otherwise. algo: the CPU algorithm (see fastprune::sparse_conv2d_cpu); 0, by shape, is
     the only choice on a GPU. Output layout (every backend alike): batch innermost from algorithms 3 and 4,
-    channels_last from a channels_last input, contiguous otherwise. Differentiable w.r.t. x when the
-    epilogue is 0.
+    channels_last from a channels_last input, contiguous otherwise. Differentiable w.r.t. x, values and
+    bias (and the residual) with every epilogue: the fused ReLU through its output's sign, the fused
+    pooling through its window positions (:func:`sparse_conv2d_relu_pool`).
     """
     _check_epilogue(epilogue, residual)
     if algo not in ALGORITHMS.values() and algo != 0:
         raise ValueError(f"algo must be 0 or one of {ALGORITHMS}, got {algo!r}")
     args = (x, row_ptr, col_idx, values, bias, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w)
+    if epilogue == EPILOGUES["relu_pool"] and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, values, bias)):
+        return sparse_conv2d_relu_pool(*args, algo)[0]  # keeps the window positions for the backward pass
     if algo == 0 or x.device.type != "cpu":
         return _sparse_conv2d_op(*args, epilogue, residual)
     return _sparse_conv2d_cpu_op(*args, algo, epilogue, residual)
@@ -477,13 +498,20 @@ def sparse_conv2d_weight_grad(x: torch.Tensor, grad: torch.Tensor, row_ptr: torc
     return _weight_grad_reference(x, grad, row_ptr, col_idx, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w)
 
 
-@sparse_conv2d_weight_grad.register_kernel("cpu")
-def _sparse_conv2d_weight_grad_cpu(x, grad, row_ptr, col_idx, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w):
-    if backends.choose(_CONV_SPEC, x.device) != "cpp" or x.dtype != torch.float32:
-        return _weight_grad_reference(x, grad, row_ptr, col_idx, in_channels, kh, kw, stride_h, stride_w, pad_h,
-                                      pad_w)
-    return torch.ops.fastprune.sparse_conv2d_weight_grad_ext(x, grad, row_ptr, col_idx, kh, kw, stride_h, stride_w,
-                                                             pad_h, pad_w)
+@sparse_conv2d_weight_grad.register_kernel(("cpu", "cuda"))
+def _sparse_conv2d_weight_grad_device(x, grad, row_ptr, col_idx, in_channels, kh, kw, stride_h, stride_w, pad_h,
+                                      pad_w):
+    backend = backends.choose(_CONV_SPEC, x.device)
+    if backend == "cpp" and x.dtype == torch.float32:
+        return torch.ops.fastprune.sparse_conv2d_weight_grad_ext(x, grad, row_ptr, col_idx, kh, kw, stride_h,
+                                                                 stride_w, pad_h, pad_w)
+    if backend in ("triton", "cuda") and backends.triton_importable():
+        # Both GPU backends take the Triton kernel: there is no CUDA C++ weight gradient.
+        from fastprune.kernels.sparse import sparse_conv2d_weight_grad as triton_weight_grad
+
+        pattern = tiled_pattern(row_ptr, col_idx, in_channels * kh * kw)
+        return triton_weight_grad(x, grad, pattern, kh, kw, stride_h, stride_w, pad_h, pad_w)
+    return _weight_grad_reference(x, grad, row_ptr, col_idx, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w)
 
 
 @sparse_conv2d_weight_grad.register_fake
@@ -518,13 +546,22 @@ def _conv_backward(ctx, grad):
     row_ptr, col_idx, values, x, output = ctx.saved_tensors
     x_shape, in_channels, kh, kw, stride, padding, epilogue = ctx.geometry
     if epilogue == EPILOGUES["relu_pool"]:
-        raise RuntimeError("sparse_conv2d: the fused pooling epilogue has no gradient; call it with epilogue 1 "
-                           "(ReLU) and pool after (SparseConv2d does so under autograd)")
+        raise RuntimeError("sparse_conv2d: this op's fused pooling epilogue has no gradient; the public "
+                           "fastprune.ops.sparse.sparse_conv2d (and SparseConv2d) differentiate it through "
+                           "fastprune::sparse_conv2d_relu_pool, which keeps the pooling's window positions")
     grad_residual = None
     if output is not None:  # through the fused ReLU: its mask is the saved output's sign
         grad = torch.ops.aten.threshold_backward(grad, output, 0)  # ReLU's own backward: one pass
         if epilogue == EPILOGUES["add_relu"] and ctx.needs_input_grad[ctx.n_inputs - 1]:
             grad_residual = grad
+    grad_x, grad_values, grad_bias = _conv_grads(ctx, grad, row_ptr, col_idx, values, x)
+    return (grad_x, None, None, grad_values, grad_bias) + (None,) * (ctx.n_inputs - 6) + (grad_residual,)
+
+
+def _conv_grads(ctx, grad, row_ptr, col_idx, values, x):
+    """(d/dx, d/dvalues, d/dbias) of the convolution (before its epilogue) from the gradient of its
+    output, each only where this backward pass needs it (inputs 0, 3 and 4 of the op)."""
+    x_shape, in_channels, kh, kw, stride, padding = ctx.geometry[:6]
     grad_x = grad_values = grad_bias = None
     if ctx.needs_input_grad[0]:
         grad_x = conv_input_grad(grad, row_ptr, col_idx, values, x_shape, in_channels, kh, kw, stride, padding)
@@ -532,11 +569,102 @@ def _conv_backward(ctx, grad):
         grad_values = sparse_conv2d_weight_grad(x, grad, row_ptr, col_idx, in_channels, kh, kw, *stride, *padding)
     if _grad_wanted(ctx, 4):
         grad_bias = grad.sum((0, 2, 3))
-    return (grad_x, None, None, grad_values, grad_bias) + (None,) * (ctx.n_inputs - 6) + (grad_residual,)
+    return grad_x, grad_values, grad_bias
 
 
 _sparse_conv2d_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
 _sparse_conv2d_cpu_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+
+
+# ReLU then 2x2 max pooling fused, differentiably: the op also returns each pooled output's window
+# position (uint8, 2 dy + dx of the first maximum, as PyTorch's max pooling picks), and the backward
+# pass sends the gradient there (where the output is positive: ReLU's mask), without the pre-pooling
+# activations. The public sparse_conv2d takes this op for epilogue 2 whenever autograd records.
+def pool_2x2_with_index(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C, H, W) -> its 2x2 stride-2 max pooling (odd edges dropped) and the window positions
+    (N, C, H/2, W/2) uint8 (2 dy + dx; the first maximum)."""
+    h, w = y.shape[2] // 2 * 2, y.shape[3] // 2 * 2
+    y = y[:, :, :h, :w]
+    windows = torch.stack([y[:, :, 0::2, 0::2], y[:, :, 0::2, 1::2], y[:, :, 1::2, 0::2], y[:, :, 1::2, 1::2]])
+    return windows.amax(0), windows.argmax(0).to(torch.uint8)
+
+
+def unpool_2x2(grad: torch.Tensor, index: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The backward of a 2x2 stride-2 max pooling: grad (N, C, H/2, W/2) to the window positions
+    ``index`` (uint8, 2 dy + dx) in an (N, C, H, W) gradient, ``size`` = (H, W) (an odd edge: zero)."""
+    n, c, oh, ow = grad.shape
+    positions = torch.arange(4, device=grad.device, dtype=torch.uint8)
+    spread = torch.where(index.unsqueeze(-1) == positions, grad.unsqueeze(-1), grad.new_zeros(()))
+    full = spread.reshape(n, c, oh, ow, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, 2 * oh, 2 * ow)
+    if (2 * oh, 2 * ow) != tuple(size):
+        full = torch.nn.functional.pad(full, (0, size[1] - 2 * ow, 0, size[0] - 2 * oh))
+    return full
+
+
+def _relu_pool_unfused(y: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    pooled, index = pool_2x2_with_index(torch.relu(y))
+    return in_layout(pooled, layout), in_layout(index, layout)
+
+
+@torch.library.custom_op("fastprune::sparse_conv2d_relu_pool", mutates_args=())
+def sparse_conv2d_relu_pool(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+                            bias: Optional[torch.Tensor], in_channels: int, kh: int, kw: int, stride_h: int,
+                            stride_w: int, pad_h: int, pad_w: int, algo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sparse_conv2d` with epilogue 2 (ReLU, then 2x2 max pooling), differentiable: returns the
+    pooled output (N, OC, H'/2, W'/2) and the pooling's window positions (the same shape and strides,
+    uint8: 2 dy + dx of each window's first maximum) that its backward pass uses. ``algo``: the CPU
+    algorithm (ignored on a GPU). Default implementation (any device): the PyTorch reference."""
+    geometry = (kh, kw, stride_h, stride_w, pad_h, pad_w)
+    return _relu_pool_unfused(_reference_conv(x, row_ptr, col_idx, values, bias, in_channels, geometry),
+                              output_layout(x, 0))
+
+
+@sparse_conv2d_relu_pool.register_kernel(("cpu", "cuda"))
+def _sparse_conv2d_relu_pool_device(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, stride_h, stride_w,
+                                    pad_h, pad_w, algo=0):
+    geometry = (kh, kw, stride_h, stride_w, pad_h, pad_w)
+    algo = algo if x.device.type == "cpu" else 0
+    backend = backends.choose(_CONV_SPEC, x.device)
+    if backend == "cpp" and pool_fusable(x, (stride_h, stride_w), algo):  # fused in the kernel's epilogue
+        pool_algo = algo if algo in (ALGORITHMS["padded"], *_BATCH_INNERMOST_OUT) else ALGORITHMS["direct"]
+        out, index = torch.ops.fastprune.sparse_conv2d_pool_ext(x, row_ptr, col_idx, values, bias, *geometry,
+                                                                 pool_algo)
+        return out, index
+    if x.device.type == "cpu":
+        y = _conv_on_cpu(x, row_ptr, col_idx, values, bias, in_channels, geometry, algo, EPILOGUES["relu"], None)
+    elif backend == "reference":
+        y = torch.relu(_reference_conv(x, row_ptr, col_idx, values, bias, in_channels, geometry))
+    else:
+        y, _ = _conv_gpu(backend, x, row_ptr, col_idx, values, bias, in_channels, geometry, EPILOGUES["relu"])
+    return _relu_pool_unfused(y, output_layout(x, algo))
+
+
+@sparse_conv2d_relu_pool.register_fake
+def _sparse_conv2d_relu_pool_fake(x, row_ptr, col_idx, values, bias, in_channels, kh, kw, stride_h, stride_w, pad_h,
+                                  pad_w, algo=0):
+    out = _conv_fake(x, row_ptr, kh, kw, stride_h, stride_w, pad_h, pad_w, algo, EPILOGUES["relu_pool"])
+    return out, torch.empty_strided(out.shape, out.stride(), dtype=torch.uint8, device=out.device)
+
+
+def _relu_pool_setup_context(ctx, inputs, output):
+    x, row_ptr, col_idx, values, bias, in_channels, kh, kw, stride_h, stride_w, pad_h, pad_w = inputs[:12]
+    pooled, index = output
+    ctx.mark_non_differentiable(index)
+    ctx.save_for_backward(row_ptr, col_idx, values, x if values.requires_grad else None, pooled, index)
+    ctx.geometry = (x.shape, in_channels, kh, kw, (stride_h, stride_w), (pad_h, pad_w))
+    ctx.conv_size = (conv_output_size(x.shape[2], kh, stride_h, pad_h), conv_output_size(x.shape[3], kw, stride_w,
+                                                                                            pad_w))
+
+
+def _relu_pool_backward(ctx, grad, _grad_index):
+    row_ptr, col_idx, values, x, pooled, index = ctx.saved_tensors
+    grad = torch.ops.aten.threshold_backward(grad, pooled, 0)  # ReLU's mask: the pooled output is positive
+    grad = unpool_2x2(grad, index, ctx.conv_size)
+    grad_x, grad_values, grad_bias = _conv_grads(ctx, grad, row_ptr, col_idx, values, x)
+    return (grad_x, None, None, grad_values, grad_bias) + (None,) * 8
+
+
+sparse_conv2d_relu_pool.register_autograd(_relu_pool_backward, setup_context=_relu_pool_setup_context)
 
 
 @torch.library.custom_op("fastprune::sparse_linear", mutates_args=())

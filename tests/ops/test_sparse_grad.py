@@ -38,16 +38,22 @@ def _reference(x, weight, bias, stride, pad, grad):
     return torch.autograd.grad(y, (xd, wd, bd), grad.double())
 
 
-@pytest.mark.parametrize("backend,device", backend_device_pairs(_CONV_SPEC))
-@pytest.mark.parametrize("case", GRAD_CASES, ids=str)
-def test_input_and_value_gradients_match_the_dense_convolution(backend, device, case):
+def _case_inputs(case, device):
+    """x, the sparse weight (dense), bias, its CSR arrays, stride and padding of a case, seeded by it;
+    and the generator, for the gradient drawn next."""
     n, c, h, w, oc, k, stride, pad, sparsity = case
-    stride, pad = _pair(stride), _pair(pad)
     gen = torch.Generator().manual_seed(hash(str(case)) % 2**31)
     x = torch.randn(n, c, h, w, generator=gen).to(device)
     weight = sparse_weight((oc, c, k, k), sparsity, seed=n * 5 + c).to(device)
     bias = torch.randn(oc, generator=gen).to(device)
-    row_ptr, col_idx, values = dense_to_csr(weight)
+    return x, weight, bias, dense_to_csr(weight), _pair(stride), _pair(pad), gen
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_CONV_SPEC))
+@pytest.mark.parametrize("case", GRAD_CASES, ids=str)
+def test_input_and_value_gradients_match_the_dense_convolution(backend, device, case):
+    n, c, h, w, oc, k = case[:6]
+    x, weight, bias, (row_ptr, col_idx, values), stride, pad, gen = _case_inputs(case, device)
     ho, wo = ((h + 2 * pad[0] - k) // stride[0] + 1), ((w + 2 * pad[1] - k) // stride[1] + 1)
     grad = torch.randn(n, oc, ho, wo, generator=gen).to(device)
     want_x, want_w, want_b = _reference(x, weight, bias, stride, pad, grad)
@@ -186,3 +192,128 @@ def test_attacks_on_a_model_being_finetuned_compute_no_weight_gradient(monkeypat
     TRADES(0.1, 0.02, 3)(model.train(), x, y).backward()  # the training step's own backward: computed
     convs = sum(isinstance(m, SparseConv2d) for m in model.modules())
     assert convs > 0 and len(calls) == 2 * convs  # TRADES' loss runs each conv on x and on x_adv
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_device_pairs(_CONV_SPEC) if p.values[0] != "cpp"])
+@pytest.mark.parametrize("case", [
+    # (n, c, h, w, oc, k, stride, pad, sparsity): several tiles (oc 37), several column blocks per
+    # tile, positions split over programs (n*h'*w' > 256) with a partial last block, strides 2 and 3
+    (3, 4, 16, 15, 37, 3, 1, 1, 0.5), (2, 6, 13, 13, 20, 3, 2, 1, 0.8), (1, 3, 9, 11, 5, 5, (3, 2), 2, 0.3),
+    (5, 2, 7, 7, 17, 1, 1, 0, 0.0), (2, 3, 6, 6, 16, 3, 1, 1, 1.0)], ids=str)
+def test_gpu_weight_gradient_samples_the_dense_gradient_at_the_non_zeros(backend, device, case, monkeypatch):
+    # The GPU weight gradient (Triton, on the tiled form): the float64 dense weight gradient at the
+    # CSR entries, in CSR order, for contiguous and channels_last inputs.
+    import fastprune.kernels.sparse as kernels
+
+    calls = []
+    real = kernels.sparse_conv2d_weight_grad
+    monkeypatch.setattr(kernels, "sparse_conv2d_weight_grad", lambda *a: calls.append(1) or real(*a))
+    n, c, h, w, oc, k, stride, pad, sparsity = case
+    stride, pad = _pair(stride), _pair(pad)
+    gen = torch.Generator().manual_seed(n * 100 + oc)
+    x = torch.randn(n, c, h, w, generator=gen).to(device)
+    weight = sparse_weight((oc, c, k, k), sparsity, seed=oc + c).to(device)
+    row_ptr, col_idx, _ = dense_to_csr(weight)
+    ho, wo = (h + 2 * pad[0] - k) // stride[0] + 1, (w + 2 * pad[1] - k) // stride[1] + 1
+    grad = torch.randn(n, oc, ho, wo, generator=gen).to(device)
+    _, want_w, _ = _reference(x, weight, torch.zeros(oc, device=device), stride, pad, grad)
+    rows = torch.repeat_interleave(torch.arange(oc, device=device), (row_ptr[1:] - row_ptr[:-1]).long())
+    want = want_w.reshape(oc, -1)[rows, col_idx.long()]
+    with fastprune.use_backend(backend):
+        for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+            got = sparse_conv2d_weight_grad(xin, grad, row_ptr, col_idx, c, k, k, *stride, *pad)
+            assert got.shape == want.shape and got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), want, atol=1e-4 * (want.abs().max().item() + 1) if want.numel()
+                                       else 0, rtol=1e-5)
+    assert len(calls) == 2
+
+
+def test_the_gpu_weight_form_follows_value_updates_on_its_cached_pattern():
+    # A finetune step updates the values in place: the tiled form must follow them, rebuilt from the
+    # cached pattern (the part that syncs with the host), with an explicit zero kept in its slot.
+    from fastprune.ops.sparse import tiled_pattern, tiled_weight
+
+    weight = sparse_weight((21, 3, 3, 3), 0.7, seed=9)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    bias = torch.randn(21)
+    first = tiled_weight(row_ptr, col_idx, values, bias, 27)
+    assert torch.equal(first.to_dense(), weight.reshape(21, -1))
+    with torch.no_grad():
+        values.mul_(-2.0)
+        values[0] = 0.0
+        bias.add_(1.0)
+    second = tiled_weight(row_ptr, col_idx, values, bias, 27)
+    want = weight.reshape(21, -1) * -2.0
+    want[0, col_idx[0]] = 0.0
+    assert second is not first and second.pattern is first.pattern is tiled_pattern(row_ptr, col_idx, 27)
+    assert torch.equal(second.to_dense(), want) and torch.equal(second.bias[:21], bias)
+    assert torch.equal(second.tile_cols, first.tile_cols)  # the zero keeps its column: the pattern is frozen
+    assert tiled_weight(row_ptr, col_idx, values, bias, 27) is second  # unchanged values: the cached form
+
+
+# ReLU then 2x2 max pooling fused (epilogue 2): odd edges, stride 2, the direct algorithm's width,
+# batches on the tiled algorithm (9, 17), unequal strides (pooled after the kernel there).
+POOL_CASES = [(2, 5, 9, 7, 6, 3, 1, 1, 0.5), (3, 4, 8, 8, 6, 3, 2, 1, 0.7), (2, 3, 17, 20, 5, 3, 1, 1, 0.8),
+              (9, 4, 8, 8, 6, 3, 1, 1, 0.7), (17, 3, 9, 9, 5, 3, 2, 1, 0.6), (2, 3, 6, 9, 4, 3, (1, 2), 1, 0.5)]
+
+
+def _window_positions(y: torch.Tensor) -> torch.Tensor:
+    """2 dy + dx of each 2x2 window's maximum, from PyTorch's own max pooling indices."""
+    _, flat = F.max_pool2d(y, 2, return_indices=True)
+    py = torch.arange(flat.shape[2], device=y.device)[:, None]
+    px = torch.arange(flat.shape[3], device=y.device)[None, :]
+    return 2 * (flat // y.shape[3] - 2 * py) + (flat % y.shape[3] - 2 * px)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs(_CONV_SPEC))
+@pytest.mark.parametrize("case", POOL_CASES, ids=str)
+def test_the_fused_pooling_is_differentiated_through_its_window_positions(backend, device, case):
+    from fastprune.ops.sparse import sparse_conv2d_relu_pool
+
+    c, oc, k = case[1], case[4], case[5]
+    x, weight, bias, (row_ptr, col_idx, values), stride, pad, gen = _case_inputs(case, device)
+    xd, wd, bd = (t.double().requires_grad_() for t in (x, weight, bias))
+    conv = F.relu(F.conv2d(xd, wd, bd, stride=stride, padding=pad))
+    want_y = F.max_pool2d(conv, 2)
+    grad = torch.randn(want_y.shape, generator=gen, dtype=torch.float64).to(device)
+    want_x, want_w, want_b = torch.autograd.grad(want_y, (xd, wd, bd), grad)
+    rows = torch.repeat_interleave(torch.arange(oc, device=device), (row_ptr[1:] - row_ptr[:-1]).long())
+    want_values = want_w.reshape(oc, -1)[rows, col_idx.long()]
+    positions = _window_positions(conv.detach())
+    algos = [0] if device.type == "cuda" else [0, 1, 3] + ([2] if stride in ((1, 1), (2, 2)) else []) + (
+        [4] if stride[0] == stride[1] else [])
+    with fastprune.use_backend(backend):
+        for algo in algos:
+            for layout, to_layout in LAYOUTS.items():
+                if algo == 2 and layout != "contiguous":
+                    continue
+                where = f"algo {algo}, {layout}"
+                xin = to_layout(x).requires_grad_()
+                v, b = values.clone().requires_grad_(), bias.clone().requires_grad_()
+                y = sparse_conv2d(xin, row_ptr, col_idx, v, b, c, k, k, *stride, *pad, 2, algo=algo)
+                torch.testing.assert_close(y.double(), want_y.detach(), atol=1e-5, rtol=1e-5, msg=where)
+                got_x, got_v, got_b = torch.autograd.grad(y, (xin, v, b), grad.float())
+                torch.testing.assert_close(got_x.double(), want_x, atol=1e-5 * (want_x.abs().max().item() + 1),
+                                           rtol=1e-5, msg=where)
+                torch.testing.assert_close(got_v.double(), want_values, rtol=1e-5,
+                                           atol=1e-4 * (want_values.abs().max().item() + 1), msg=where)
+                torch.testing.assert_close(got_b.double(), want_b, atol=1e-4, rtol=1e-5, msg=where)
+                # the window positions the backward pass uses: PyTorch's wherever the output is positive
+                pooled, index = sparse_conv2d_relu_pool(to_layout(x), row_ptr, col_idx, values, bias, c, k, k,
+                                                        *stride, *pad, algo)
+                assert index.dtype == torch.uint8 and index.shape == pooled.shape
+                assert index.stride() == pooled.stride(), where
+                live = pooled > 0
+                assert torch.equal(index[live].long(), positions[live]), where
+
+
+def test_opcheck_of_the_fused_pooling_op():
+    from fastprune.ops.sparse import sparse_conv2d_relu_pool
+
+    gen = torch.Generator().manual_seed(7)
+    row_ptr, col_idx, values = dense_to_csr(sparse_weight((4, 3, 3, 3), 0.5, seed=7))
+    values.requires_grad_()
+    bias = torch.randn(4, generator=gen, requires_grad=True)
+    for algo, x in ((0, torch.randn(2, 3, 8, 8, generator=gen)), (4, to_batch_innermost(torch.randn(3, 3, 7, 9)))):
+        torch.library.opcheck(sparse_conv2d_relu_pool,
+                              (x.requires_grad_(), row_ptr, col_idx, values, bias, 3, 3, 3, 1, 1, 1, 1, algo))

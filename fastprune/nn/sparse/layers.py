@@ -169,16 +169,11 @@ class SparseConv2d(_CSRWeight):
                                             residual)
             if y is not None:
                 return y
-        recording = torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad
-                                                 or (residual is not None and residual.requires_grad))
-        # Under autograd (attacks, finetuning) ReLU and the residual stay fused (differentiated through
-        # the output's sign); 2x2 pooling runs after the fused ReLU, in PyTorch ops.
-        epilogue = EPILOGUES["relu"] if recording and self.epilogue == EPILOGUES["relu_pool"] else self.epilogue
-        y = sparse_conv2d(x, self.row_ptr, self.col_idx, self.values, self.bias, self.in_channels,
-                          *self.kernel_size, *self.stride, *self.padding, epilogue,
-                          residual if epilogue == EPILOGUES["add_relu"] else None,
-                          algo=algo if x.device.type == "cpu" else 0)
-        return finish_epilogue(y, self.epilogue, epilogue, residual)
+        # Under autograd (attacks, finetuning) the epilogues stay fused: ReLU and the residual are
+        # differentiated through the output's sign, the pooling through its saved window positions.
+        return sparse_conv2d(x, self.row_ptr, self.col_idx, self.values, self.bias, self.in_channels,
+                             *self.kernel_size, *self.stride, *self.padding, self.epilogue, residual,
+                             algo=algo if x.device.type == "cpu" else 0)
 
     def extra_repr(self) -> str:
         total = 1
