@@ -131,19 +131,25 @@ def test_opcheck_of_the_sparse_conv_with_trainable_values():
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs a CUDA device")
 def test_sparse_backward_does_not_synchronise_with_the_host():
+    # A finetune step on the GPU: forward (ReLU and pooling fused), input and weight gradients, and
+    # the values updated in place, after which the next step refreshes the weight's tiled form.
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(8, 16, 16, 16, generator=gen).cuda().requires_grad_()
     row_ptr, col_idx, values = (t.cuda() for t in dense_to_csr(sparse_weight((32, 16, 3, 3), 0.9, seed=5)))
     values.requires_grad_()
 
     def step():
-        y = sparse_conv2d(x, row_ptr, col_idx, values, None, 16, 3, 3, 2, 2, 1, 1)
-        return torch.autograd.grad(y.square().sum(), (x, values))
+        for stride, epilogue in ((2, 0), (1, 2)):
+            y = sparse_conv2d(x, row_ptr, col_idx, values, None, 16, 3, 3, stride, stride, 1, 1, epilogue)
+            grad_x, grad_values = torch.autograd.grad(y.square().sum(), (x, values))
+            with torch.no_grad():
+                values.sub_(1e-3 * grad_values)
 
-    step()  # builds the cached weight forms (one sync per weight, before any capture)
+    step()  # builds the cached weight patterns (one sync per pattern, before any capture)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
+        step()
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
