@@ -130,6 +130,8 @@ step bench-attacks 120 help "$PY" bench/attacks.py --device cuda --quick --out "
 step bench-hsic 60 help "$PY" bench/hsic.py --device cuda --quick --out "$WORK/results"
 step bench-sparse 200 help "$PY" -m fastprune.cli bench sparse --device cuda --model resnet18 vgg16 \
   --sparsity 0.9 0.99 --batch 1 64 256 --repeats 5 --out "$WORK/results"
+step bench-sparse-grad 60 help "$PY" -m fastprune.cli bench sparse-grad --device cuda --sparsity 0.99 --batch 128 \
+  --repeats 3 --out "$WORK/results"
 step profile 40 help "$PY" bench/profile_gpu.py --device cuda --out "$WORK/results"
 step bench-train 60 help "$PY" bench/train.py --device cuda --quick --out "$WORK/results"
 
