@@ -34,6 +34,17 @@ struct TileOutput {
   bool relu;
 };
 
+// How many independent sets of accumulators (chains) a tile of `vectors` registers splits an output
+// channel's non-zeros over: a fused multiply-add waits 4 cycles for its accumulator's previous one,
+// so a tile of fewer than 8 vectors (two FMAs a cycle) would wait on that latency; K chains, each
+// taking every K-th non-zero and summed at the end, hide it (at most 4, within max_acc registers).
+constexpr int tile_chains(int vectors, int max_acc) {
+  int k = vectors >= 8 ? 1 : (8 + vectors - 1) / vectors;
+  if (k > 4) k = 4;
+  while (k > 1 && k * vectors > max_acc) --k;
+  return k;
+}
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTPRUNE_X86_ISAS 1
 #pragma GCC push_options
@@ -104,14 +115,18 @@ struct TileShape {
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The micro-kernel's cost per non-zero, in cycles, over the whole output for a tile shape: a tile of
-// V vectors costs V / 2 (two FMAs a cycle) but never less than 4 (the FMA latency with fewer than 8
-// independent accumulators), plus 2 for the weight's broadcast and offset; edge tiles counted as
-// they are. The cheapest shape wins.
-double tile_cost(const TileShape& t, int64_t rows_out, int64_t cols_out, int64_t gw, int64_t nb, int64_t lanes) {
+// V vectors costs V / 2 (two FMAs a cycle) but never less than 4 / K (the FMA latency, spread over
+// the kernel's K chains of accumulators), plus 2 for the weight's broadcast and offset; edge tiles
+// counted as they are. The cheapest shape wins.
+double tile_cost(const TileShape& t, int64_t rows_out, int64_t cols_out, int64_t gw, int64_t nb, int64_t lanes,
+                 int64_t max_acc) {
   auto vectors = [&](int64_t k, int64_t c) {
     return t.merged ? cdiv(k * gw * nb, lanes) : k * cdiv(c * nb, lanes);
   };
-  auto one = [&](int64_t k, int64_t c) { return std::max<double>(0.5 * vectors(k, c), 4.0) + 2.0; };
+  auto one = [&](int64_t k, int64_t c) {
+    const int64_t v = vectors(k, c);
+    return std::max<double>(0.5 * v, 4.0 / tile_chains(static_cast<int>(v), static_cast<int>(max_acc))) + 2.0;
+  };
   const int64_t full_r = rows_out / t.rows, edge_r = rows_out % t.rows;
   const int64_t full_c = t.merged ? 1 : cols_out / t.cols, edge_c = t.merged ? 0 : cols_out % t.cols;
   const int64_t cw = t.merged ? cols_out : t.cols;
@@ -125,7 +140,7 @@ TileShape choose_tile(int64_t rows_out, int64_t cols_out, int64_t gw, int64_t nb
   TileShape best{step, step, false};
   double best_cost = -1;
   auto consider = [&](const TileShape& t) {
-    const double c = tile_cost(t, rows_out, cols_out, gw, nb, isa.lanes);
+    const double c = tile_cost(t, rows_out, cols_out, gw, nb, isa.lanes, isa.max_acc);
     if (best_cost < 0 || c < best_cost) best = t, best_cost = c;
   };
   for (int64_t cols = step; cols <= cols_out; cols += step) {

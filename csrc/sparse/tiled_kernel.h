@@ -14,35 +14,61 @@ typedef float uvec __attribute__((vector_size(kLanes * sizeof(float)), aligned(s
 // One output channel over one tile: R runs of VR vectors each (run r starts run_stride floats after
 // run r - 1 in the staged input), accumulated in registers over the non-zeros [e0, e1):
 // acc[r][j] += vals[e] * base[offs[e] + r * run_stride + j * kLanes : + kLanes], from the bias. The
-// sums end in `sums` (run r at sums + r * pitch) or, given `out`, in the output. Each non-zero costs one broadcast and R * VR
-// fused multiply-adds with a memory operand: no accumulator traffic inside the loop.
+// sums end in `sums` (run r at sums + r * pitch) or, given `out`, in the output. Each non-zero costs one
+// broadcast and R * VR fused multiply-adds with a memory operand: no accumulator traffic inside the
+// loop. A small tile takes the non-zeros K at a time into K sets of accumulators (tile_chains), so
+// consecutive FMAs do not wait on each other; the sets are summed at the end.
 template <int R, int VR>
 void tile_kernel(const float* __restrict__ base, int64_t run_stride, const int32_t* __restrict__ offs,
                  const float* __restrict__ vals, int64_t e0, int64_t e1, float bias, float* __restrict__ sums,
                  int64_t pitch, const TileOutput* out) {
-  vec acc[R][VR];
+  constexpr int K = tile_chains(R * VR, kMaxAcc);
+  vec acc[K][R][VR];
 #pragma GCC unroll 24
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 24
-    for (int j = 0; j < VR; ++j) acc[r][j] = vec{} + bias;
+    for (int j = 0; j < VR; ++j) {
+      acc[0][r][j] = vec{} + bias;
+#pragma GCC unroll 4
+      for (int k = 1; k < K; ++k) acc[k][r][j] = vec{};
+    }
   // One base pointer per run, so that every load is [run base + offset * 4 + j * vector bytes]: one
   // addressing mode, no address arithmetic in the loop.
   const float* run_base[R];
 #pragma GCC unroll 24
   for (int r = 0; r < R; ++r) run_base[r] = base + r * run_stride;
-  for (int64_t e = e0; e < e1; ++e) {
+  int64_t e = e0;
+  for (; e + K <= e1; e += K) {
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) {
+      const int64_t o = offs[e + k];
+      const float v = vals[e + k];  // broadcast by the multiplication
+#pragma GCC unroll 24
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 24
+        for (int j = 0; j < VR; ++j)
+          acc[k][r][j] += v * *reinterpret_cast<const uvec*>(run_base[r] + o + j * kLanes);
+    }
+  }
+  for (; e < e1; ++e) {
     const int64_t o = offs[e];
-    const float v = vals[e];  // broadcast by the multiplication
+    const float v = vals[e];
 #pragma GCC unroll 24
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 24
-      for (int j = 0; j < VR; ++j) acc[r][j] += v * *reinterpret_cast<const uvec*>(run_base[r] + o + j * kLanes);
+      for (int j = 0; j < VR; ++j) acc[0][r][j] += v * *reinterpret_cast<const uvec*>(run_base[r] + o + j * kLanes);
   }
+#pragma GCC unroll 4
+  for (int k = 1; k < K; ++k)
+#pragma GCC unroll 24
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 24
+      for (int j = 0; j < VR; ++j) acc[0][r][j] += acc[k][r][j];
   if (out == nullptr) {
 #pragma GCC unroll 24
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 24
-      for (int j = 0; j < VR; ++j) *reinterpret_cast<uvec*>(sums + r * pitch + j * kLanes) = acc[r][j];
+      for (int j = 0; j < VR; ++j) *reinterpret_cast<uvec*>(sums + r * pitch + j * kLanes) = acc[0][r][j];
     return;
   }
   const vec zero = {};
@@ -53,7 +79,7 @@ void tile_kernel(const float* __restrict__ base, int64_t run_stride, const int32
     for (int j = 0; j < VR; ++j) {
       const int64_t at = r * out->run_stride + position * out->step + part * kLanes;
       if (++part == out->per_position) part = 0, ++position;
-      vec v = acc[r][j];
+      vec v = acc[0][r][j];
       if (out->residual != nullptr) v += *reinterpret_cast<const uvec*>(out->residual + at);
       if (out->relu || out->residual != nullptr) v = v < zero ? zero : v;  // NaN stays NaN, as std::max(v, 0)
       *reinterpret_cast<uvec*>(out->dst + at) = v;
