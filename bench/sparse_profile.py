@@ -5,6 +5,9 @@
                                            and tiled algorithms, at 90% and 99%
   python bench/sparse_profile.py untuned   sparsify(model) (no example, nothing timed) against
                                            sparsify(model, x) tuned, at batch 64, interleaved
+  python bench/sparse_profile.py window    the cache's share: a 256->256 8x8 conv (batch 64, tiled)
+                                           with its non-zeros packed into a few input channels (the
+                                           input window stays in L1) against as many spread at random
 
 Magnitude-pruned random weights, medians of repeated runs; prints markdown tables.
 """
@@ -81,11 +84,35 @@ def untuned(batch: int = 64) -> None:
                   f"| {t['tuned'] / t['untuned']:.2f} |", flush=True)
 
 
+def window(batch: int = 64) -> None:
+    c = oc = 256
+    hw = 8
+    print("| non-zeros per output channel | threads | packed into k channels (L1) GFLOP/s "
+          "| spread over 256 channels (L2) GFLOP/s |")
+    print("|---|---|---|---|")
+    x = to_batch_innermost(torch.randn(batch, c, hw, hw))
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for k in (16, 8):
+            torch.manual_seed(k)
+            packed = torch.zeros(oc, c, 3, 3)
+            packed[:, :k] = torch.randn(oc, k, 3, 3)  # every output channel reads the same k input channels
+            spread = torch.randn(oc, c, 3, 3)
+            spread[torch.rand_like(spread) >= k / c] = 0  # about as many non-zeros, anywhere
+            rates = []
+            for weight in (packed, spread):
+                row_ptr, col_idx, values = dense_to_csr(weight)
+                sec = _median_seconds(lambda: sparse_conv2d(x, row_ptr, col_idx, values, None, c, 3, 3, 1, 1, 1, 1,
+                                                            1, algo=ALGORITHMS["tiled"]))
+                rates.append(2 * values.numel() * hw * hw * batch / 1e9 / sec)
+            print(f"| {9 * k} | {threads} | {rates[0]:.0f} | {rates[1]:.0f} |", flush=True)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["layers", "untuned"])
+    parser.add_argument("what", choices=["layers", "untuned", "window"])
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
     if args.batch < 1:
         raise SystemExit(f"--batch must be at least 1, got {args.batch}")
-    {"layers": layers, "untuned": untuned}[args.what](args.batch)
+    {"layers": layers, "untuned": untuned, "window": window}[args.what](args.batch)
