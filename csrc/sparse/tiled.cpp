@@ -115,9 +115,10 @@ struct TileShape {
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The micro-kernel's cost per non-zero, in cycles, over the whole output for a tile shape: a tile of
-// V vectors costs V / 2 (two FMAs a cycle) but never less than 4 / K (the FMA latency, spread over
-// the kernel's K chains of accumulators), plus 2 for the weight's broadcast and offset; edge tiles
-// counted as they are. The cheapest shape wins.
+// V vectors costs the most of V / 2 (two FMAs a cycle), 4 / K (the FMA latency, spread over the
+// kernel's K chains of accumulators) and (V + 2) / 2 (two loads a cycle: V input vectors, the
+// weight's offset and value), plus 1 for the loop; edge tiles counted as they are. The cheapest
+// shape wins. (A 2 x 2 map at batch 1: one vector of both rows, 2.5, rather than a vector a row, 3.)
 double tile_cost(const TileShape& t, int64_t rows_out, int64_t cols_out, int64_t gw, int64_t nb, int64_t lanes,
                  int64_t max_acc) {
   auto vectors = [&](int64_t k, int64_t c) {
@@ -125,7 +126,9 @@ double tile_cost(const TileShape& t, int64_t rows_out, int64_t cols_out, int64_t
   };
   auto one = [&](int64_t k, int64_t c) {
     const int64_t v = vectors(k, c);
-    return std::max<double>(0.5 * v, 4.0 / tile_chains(static_cast<int>(v), static_cast<int>(max_acc))) + 2.0;
+    const double fma = 0.5 * v, latency = 4.0 / tile_chains(static_cast<int>(v), static_cast<int>(max_acc));
+    const double loads = 0.5 * (v + 2);  // v input vectors, the offset and the weight: two loads a cycle
+    return std::max({fma, latency, loads}) + 1.0;
   };
   const int64_t full_r = rows_out / t.rows, edge_r = rows_out % t.rows;
   const int64_t full_c = t.merged ? 1 : cols_out / t.cols, edge_c = t.merged ? 0 : cols_out % t.cols;
