@@ -60,6 +60,7 @@ at::Tensor run_conv(const at::Tensor& x, const at::Tensor& row_ptr, const at::Te
                 values.const_data_ptr<float>(), bias.has_value() ? bias->const_data_ptr<float>() : nullptr,
                 oc_count, kh, kw, stride_h, stride_w, pad_h, pad_w, relu, pool};
   args.pool_index = pool_index;
+  args.cols_tensor = &col_idx;
   if (algo == 3 || algo == 4) {
     // Both return a (N, OC, H', W') view of their (OC, H', W', N) output; the index gets the same view.
     at::Tensor out = algo == 3 ? conv_batch_innermost(x, args, residual) : conv_tiled(x, args, residual);

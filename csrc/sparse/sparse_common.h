@@ -40,6 +40,9 @@ struct ConvArgs {
   // Where the pooling's window positions go (for its backward pass), or nullptr: the algorithm
   // allocates it with its output's sizes and strides (pool_index_like).
   at::Tensor* pool_index = nullptr;
+  // The col_idx tensor itself (or nullptr): lets the tiled algorithm cache what it derives from the
+  // pattern per weight and geometry.
+  const at::Tensor* cols_tensor = nullptr;
 };
 
 // The uint8 tensor of the pooling's window positions, out's sizes and strides, when the caller

@@ -16,7 +16,13 @@
 // batch-innermost algorithm's (for N = 1 that is NCHW), with its ReLU / pooling / residual epilogues.
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
 #include <utility>
+
+#include <c10/util/intrusive_ptr.h>
 
 #include "epilogue.h"
 #include "sparse_common.h"
@@ -271,6 +277,70 @@ float* staging_memory(int64_t floats, at::Tensor& fallback, const at::TensorOpti
   return ws.data;
 }
 
+// The pattern, specialised for a geometry: each non-zero's offset in a staged block (phase
+// (r % S, s % S) of channel ic, shifted by (r / S, s / S)), from a table per weight column (C kh kw
+// entries, fewer than the non-zeros) so that no per-non-zero work divides.
+std::vector<int32_t> compute_offsets(const ConvArgs& a, int64_t c, int64_t S, int64_t gw, int64_t nb, int64_t plane,
+                                     int64_t nnz) {
+  const int64_t kh = a.kh, kw = a.kw, ksize = kh * kw;
+  std::vector<int32_t> column_offset(c * ksize), offs(nnz);
+  std::vector<int64_t> tap_offset(ksize);  // column (ic, r, s) is at ic * plane + tap_offset[r * kw + s]
+  for (int64_t r = 0; r < kh; ++r)
+    for (int64_t s = 0; s < kw; ++s)
+      tap_offset[r * kw + s] = ((r % S) * S + s % S) * c * plane + ((r / S) * gw + s / S) * nb;
+  for (int64_t ic = 0; ic < c; ++ic)  // no division per entry
+    for (int64_t t = 0; t < ksize; ++t) column_offset[ic * ksize + t] = static_cast<int32_t>(ic * plane + tap_offset[t]);
+  at::parallel_for(0, nnz, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) offs[e] = column_offset[a.cols[e]];
+  });
+  return offs;
+}
+
+// The offsets of the weights seen, per (col_idx tensor, its version, geometry): at batch 1 building
+// them is a tenth of a large layer's time, and a model runs the same weights on the same shapes
+// call after call. An entry holds a weak reference to its col_idx tensor, so a new tensor at a freed
+// one's address never matches; at most kOffsetsCacheInts entries in all (then the cache starts over).
+constexpr int64_t kOffsetsCacheInts = int64_t{64} << 20;  // 256 MiB
+
+struct OffsetsEntry {
+  c10::weak_intrusive_ptr<c10::TensorImpl> cols;
+  std::shared_ptr<const std::vector<int32_t>> offs;
+};
+
+std::shared_ptr<const std::vector<int32_t>> pattern_offsets(const ConvArgs& a, int64_t c, int64_t S, int64_t gw,
+                                                            int64_t nb, int64_t plane, int64_t nnz, int64_t limit) {
+  TORCH_CHECK(S * S * c * plane < limit, "sparse_conv2d: the tiled algorithm's staged block is too large");
+  if (a.cols_tensor == nullptr || !a.cols_tensor->defined()) {
+    return std::make_shared<const std::vector<int32_t>>(compute_offsets(a, c, S, gw, nb, plane, nnz));
+  }
+  using Key = std::tuple<const c10::TensorImpl*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                         int64_t>;
+  static std::mutex mutex;
+  static std::map<Key, OffsetsEntry> cache;
+  static int64_t cached_ints = 0;
+  const c10::TensorImpl* impl = a.cols_tensor->unsafeGetTensorImpl();
+  const Key key{impl, static_cast<int64_t>(impl->version_counter().current_version()), c, S, gw, nb, plane, a.kh,
+                a.kw};
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto found = cache.find(key);
+    if (found != cache.end()) {
+      const auto alive = found->second.cols.lock();
+      if (alive.get() == impl && found->second.offs->size() == static_cast<size_t>(nnz)) return found->second.offs;
+      cached_ints -= static_cast<int64_t>(found->second.offs->size());
+      cache.erase(found);
+    }
+  }
+  auto offs = std::make_shared<const std::vector<int32_t>>(compute_offsets(a, c, S, gw, nb, plane, nnz));
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cached_ints + nnz > kOffsetsCacheInts) cache.clear(), cached_ints = 0;
+  if (nnz <= kOffsetsCacheInts) {
+    cache.insert_or_assign(key, OffsetsEntry{c10::weak_intrusive_ptr<c10::TensorImpl>(a.cols_tensor->getIntrusivePtr()), offs});
+    cached_ints += nnz;
+  }
+  return offs;
+}
+
 }  // namespace
 
 at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optional<at::Tensor>& residual) {
@@ -292,20 +362,9 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
   const int64_t tail = (kw / S + 2) * nb + 2 * isa.lanes;
   const int64_t block_len = S * S * c * plane + tail;
 
-  // The pattern, specialised for this geometry: each non-zero's offset in a staged block (phase
-  // (r % S, s % S) of channel ic, shifted by (r / S, s / S)), from a table per weight column (C kh kw
-  // entries, fewer than the non-zeros) so that no per-non-zero work divides.
-  const int64_t nnz = a.rp[oc_count], ksize = kh * kw;
-  std::vector<int32_t> column_offset(c * ksize), offs(nnz);
-  std::vector<int64_t> tap_offset(ksize);  // column (ic, r, s) is at ic * plane + tap_offset[r * kw + s]
-  for (int64_t r = 0; r < kh; ++r)
-    for (int64_t s = 0; s < kw; ++s)
-      tap_offset[r * kw + s] = ((r % S) * S + s % S) * c * plane + ((r / S) * gw + s / S) * nb;
-  for (int64_t ic = 0; ic < c; ++ic)  // no division per entry: at batch 1 this loop is a layer's cost
-    for (int64_t t = 0; t < ksize; ++t) column_offset[ic * ksize + t] = static_cast<int32_t>(ic * plane + tap_offset[t]);
-  at::parallel_for(0, nnz, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) offs[e] = column_offset[a.cols[e]];
-  });
+  const int64_t nnz = a.rp[oc_count];
+  const std::shared_ptr<const std::vector<int32_t>> offs =
+      pattern_offsets(a, c, S, gw, nb, plane, nnz, static_cast<int64_t>(INT32_MAX));
   const TileShape tile = choose_tile(rows_out, cols_out, gw, nb, isa, pool);
   TORCH_CHECK((tile.merged ? isa.kernel_for(1, cdiv(tile.rows * gw * nb, isa.lanes))
                            : isa.kernel_for(tile.rows, cdiv(tile.cols * nb, isa.lanes))) != nullptr,
@@ -327,7 +386,7 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
   float* op = out.mutable_data_ptr<float>();
   uint8_t* ip = pool_index_like(a, out);
   const float* rsp = res.defined() ? res.const_data_ptr<float>() : nullptr;
-  const int32_t* offp = offs.data();
+  const int32_t* offp = offs->data();
   at::parallel_for(0, blocks * tiles * oc_chunks, 1, [=, &a](int64_t begin, int64_t end) {
     std::vector<float> sums(oc_per_task * tile_floats + isa.lanes);
     for (int64_t task = begin; task < end; ++task) {

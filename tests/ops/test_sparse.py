@@ -297,6 +297,36 @@ def test_tiled_algorithm_tiles_blocks_and_epilogues(case, isa, monkeypatch):
             torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
+def test_tiled_algorithm_follows_patterns_that_change_under_its_offset_cache():
+    # The tiled algorithm caches each pattern's offsets per col_idx tensor and geometry: a pattern
+    # edited in place, another batch size or map size, and a new col_idx tensor (perhaps at a freed
+    # one's address) must each give the convolution of the pattern they hold.
+    def check(x, row_ptr, col_idx, values, weight):
+        got = sparse_conv2d(x, row_ptr, col_idx, values, None, 6, 3, 3, 1, 1, 1, 1, algo=4)
+        torch.testing.assert_close(got.double(), F.conv2d(x.double(), weight.double(), padding=1), atol=1e-5,
+                                   rtol=1e-5)
+
+    gen = torch.Generator().manual_seed(11)
+    weight = sparse_weight((5, 6, 3, 3), 0.6, seed=11)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    for n, size in ((1, 6), (1, 6), (17, 6), (1, 9)):
+        check(torch.randn(n, 6, size, size, generator=gen), row_ptr, col_idx, values, weight)
+    # the same tensor, its columns moved in place (each non-zero to the next tap, the rows stay sorted)
+    moved = torch.zeros_like(weight).reshape(5, -1)
+    rows = torch.repeat_interleave(torch.arange(5), (row_ptr[1:] - row_ptr[:-1]).long())
+    with torch.no_grad():
+        col_idx.copy_((col_idx + 1) % 54)
+        order = torch.argsort(rows * 54 + col_idx.long())
+        col_idx.copy_(col_idx[order])
+        values = values[order]
+    moved[rows, col_idx.long()] = values
+    check(torch.randn(1, 6, 6, 6, generator=gen), row_ptr, col_idx, values, moved.reshape(5, 6, 3, 3))
+    x = torch.randn(1, 6, 6, 6, generator=gen)
+    for shift in range(1, 6):  # fresh patterns of as many non-zeros, each freed before the next is made
+        rolled = torch.roll(weight, shift, dims=1)
+        check(x, *dense_to_csr(rolled), rolled)
+
+
 def test_tiled_algorithm_refuses_unequal_strides():
     row_ptr, col_idx, values = dense_to_csr(sparse_weight((4, 3, 3, 3), 0.5, seed=1))
     with pytest.raises(RuntimeError, match="equal strides"):
