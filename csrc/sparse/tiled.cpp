@@ -388,7 +388,8 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
   const float* rsp = res.defined() ? res.const_data_ptr<float>() : nullptr;
   const int32_t* offp = offs->data();
   at::parallel_for(0, blocks * tiles * oc_chunks, 1, [=, &a](int64_t begin, int64_t end) {
-    std::vector<float> sums(oc_per_task * tile_floats + isa.lanes);
+    // Uninitialised: the kernel writes every sum it keeps before the epilogue reads it.
+    const std::unique_ptr<float[]> sums(new float[oc_per_task * tile_floats + isa.lanes]);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t chunk = task % oc_chunks, tl = (task / oc_chunks) % tiles, bb = task / oc_chunks / tiles;
       const int64_t b0 = bb * nb, nbv = std::min(nb, n - b0);
@@ -400,18 +401,22 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
       const int64_t vr = tile.merged ? cdiv(kk * gw * nb, isa.lanes) : cdiv(tt * nb, isa.lanes);
       const int64_t pitch = tile.merged ? gw * nb : vr * isa.lanes;
       const TileFn kernel = tile.merged ? isa.kernel_for(1, vr) : isa.kernel_for(kk, vr);
-      // Whole vectors of one position each (a full batch block, no pooling): the kernel writes the
+      // Whole vectors of one position each (a full batch block), or, for one image, of a row's
+      // consecutive positions (the tile's run a whole number of vectors): the kernel writes the
       // output from the registers; otherwise the epilogue below copies the sums.
-      const bool direct_out = !tile.merged && !pool && nbv == nb && nb % isa.lanes == 0;
+      const bool whole_positions = nbv == nb && nb % isa.lanes == 0;
+      const bool whole_rows = n == 1 && (tt * nb) % isa.lanes == 0;
+      const bool direct_out = !tile.merged && !pool && (whole_positions || whole_rows);
+      const int64_t out_step = whole_positions ? n : isa.lanes, per_position = whole_positions ? nb / isa.lanes : 1;
       for (int64_t oc = oc0; oc < oc1; ++oc) {
         const int64_t at_out = ((oc * oh + y0) * ow + x0) * n + b0;
-        const TileOutput to_out{op + at_out, ow * n, n, nb / isa.lanes, rsp ? rsp + at_out : nullptr, relu};
+        const TileOutput to_out{op + at_out, ow * n, out_step, per_position, rsp ? rsp + at_out : nullptr, relu};
         kernel(base, gw * nb, offp, a.vals, a.rp[oc], a.rp[oc + 1], a.bias ? a.bias[oc] : 0.f,
-               sums.data() + (oc - oc0) * tile_floats, pitch, direct_out ? &to_out : nullptr);
+               sums.get() + (oc - oc0) * tile_floats, pitch, direct_out ? &to_out : nullptr);
       }
       if (direct_out) continue;
       for (int64_t oc = oc0; oc < oc1; ++oc) {  // the epilogue, from the finished sums
-        const float* acc = sums.data() + (oc - oc0) * tile_floats;
+        const float* acc = sums.get() + (oc - oc0) * tile_floats;
         if (pool) {
           for (int64_t i = 0; i < kk; i += 2) {
             const int64_t at_out = ((oc * oh + (y0 + i) / 2) * ow + x0 / 2) * n + b0;
