@@ -187,6 +187,33 @@ constexpr int64_t kSumsFloats = 16 * 1024;
 // One input channel a task, read once in memory order: each position's N values, when the batch is
 // innermost, go to all blocks at once (reading the blocks one at a time costs several times more);
 // otherwise image by image, row by row (a gather across images touches a page per value).
+// One image, stride 1: a channel's padded plane written row by row in one pass each (zeros, the
+// row, zeros), its row read with stride sw (1 for NCHW, C for channels_last). Plain loops, kept from
+// becoming memset/memcpy calls: a 32-float row costs less than the three library calls the general
+// path makes for it (which were a quarter of a small layer at batch 1).
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-tree-loop-distribute-patterns")))
+#endif
+void stage_plane(const float* __restrict__ image, int64_t sh, int64_t sw, int64_t h, int64_t w, int64_t pad_h,
+                 int64_t pad_w, int64_t gh, int64_t gw, float* __restrict__ plane) {
+  for (int64_t i = 0; i < gh; ++i) {
+    float* row = plane + i * gw;
+    const int64_t y = i - pad_h;
+    if (y < 0 || y >= h) {
+      for (int64_t j = 0; j < gw; ++j) row[j] = 0.f;
+      continue;
+    }
+    const float* in = image + y * sh;
+    for (int64_t j = 0; j < pad_w; ++j) row[j] = 0.f;
+    if (sw == 1) {
+      for (int64_t j = 0; j < w; ++j) row[pad_w + j] = in[j];
+    } else {
+      for (int64_t j = 0; j < w; ++j) row[pad_w + j] = in[j * sw];
+    }
+    for (int64_t j = pad_w + w; j < gw; ++j) row[j] = 0.f;
+  }
+}
+
 void stage_blocks(const at::Tensor& x, int64_t nb, int64_t S, int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w,
                   int64_t gh, int64_t gw, int64_t block_len, float* staged) {
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), plane = gh * gw * nb;
@@ -197,6 +224,10 @@ void stage_blocks(const at::Tensor& x, int64_t nb, int64_t S, int64_t kh, int64_
   const int64_t grain = std::max<int64_t>(1, kMinTaskFloats / (S * S * plane * blocks));
   at::parallel_for(0, c, grain, [=](int64_t begin, int64_t end) {
     for (int64_t ci = begin; ci < end; ++ci) {
+      if (n == 1 && S == 1) {
+        stage_plane(src + ci * sc, sh, sw, h, w, pad_h, pad_w, gh, gw, staged + ci * plane);
+        continue;
+      }
       for (int64_t bb = 0; bb < blocks; ++bb) {
         float* block = staged + bb * block_len;
         if (S == 1 && (bb + 1) * nb <= n) {  // only the border: the copy below writes the interior

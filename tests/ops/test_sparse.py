@@ -55,15 +55,20 @@ def test_sparse_conv_matches_conv2d(backend, device, case):
     assert torch.equal(csr_to_dense(row_ptr, col_idx, values, weight.shape), weight)
     want = F.conv2d(x.double(), weight.double(), bias.double(), stride=stride, padding=pad)
     algos = [0, 1, 3, 4] + ([2] if stride in (1, 2) else [])
-    # every algorithm, on contiguous, channels_last and batch-innermost inputs
+    # every algorithm, on contiguous, channels_last and batch-innermost inputs; each layout gets its
+    # own values (x scaled), so a kernel that left part of its staged copy from the previous call
+    # (the same shape: the same workspace) cannot pass
     for algo in algos:
-        for xin in (x, x.contiguous(memory_format=torch.channels_last), to_batch_innermost(x)):
-            if algo == 2 and not xin.is_contiguous():
+        for scale, to_layout in enumerate((lambda t: t, lambda t: t.contiguous(memory_format=torch.channels_last),
+                                           to_batch_innermost), start=1):
+            if algo == 2 and scale > 1:
                 continue
+            xin = to_layout(x * scale)
             with fastprune.use_backend(backend):
                 got = sparse_conv2d(xin, row_ptr, col_idx, values, bias, c, k, k, stride, stride, pad, pad, algo=algo)
             assert got.shape == want.shape
-            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got.double(), scale * want - (scale - 1) * bias.double()[:, None, None],
+                                       atol=1e-5 * scale, rtol=1e-5)
             if backend == "cpp" and algo in (3, 4):
                 assert is_batch_innermost(got), "the batch-innermost and tiled algorithms write their own layout"
     if backend == "triton":  # half precision inputs (the GPU path), float32 accumulation
@@ -286,15 +291,19 @@ def test_tiled_algorithm_tiles_blocks_and_epilogues(case, isa, monkeypatch):
     weight = sparse_weight((oc, c, k, k), 0.5, seed=n, empty_row=True)
     bias = torch.randn(oc, generator=gen)
     row_ptr, col_idx, values = dense_to_csr(weight)
-    conv = F.conv2d(x.double(), weight.double(), bias.double(), stride=stride, padding=pad)
-    residual = torch.randn(conv.shape, generator=gen)
-    wants = {0: conv, 1: F.relu(conv), 2: F.max_pool2d(F.relu(conv), 2), 3: F.relu(conv + residual.double())}
-    for epilogue, want in wants.items():
-        for xin in (x, to_batch_innermost(x)):
-            got = sparse_conv2d(xin, row_ptr, col_idx, values, bias, c, k, k, stride, stride, pad, pad,
-                                epilogue, residual if epilogue == 3 else None, algo=4)
+    residual = None
+    # each call its own input values (x scaled): a staged copy left from the previous call cannot pass
+    for scale, to_layout in enumerate((lambda t: t, lambda t: t.contiguous(memory_format=torch.channels_last),
+                                       to_batch_innermost), start=1):
+        conv = F.conv2d(x.double() * scale, weight.double(), bias.double(), stride=stride, padding=pad)
+        if residual is None:
+            residual = torch.randn(conv.shape, generator=gen)
+        wants = {0: conv, 1: F.relu(conv), 2: F.max_pool2d(F.relu(conv), 2), 3: F.relu(conv + residual.double())}
+        for epilogue, want in wants.items():
+            got = sparse_conv2d(to_layout(x * scale), row_ptr, col_idx, values, bias, c, k, k, stride, stride, pad,
+                                pad, epilogue, residual if epilogue == 3 else None, algo=4)
             assert got.shape == want.shape and is_batch_innermost(got)
-            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got.double(), want, atol=1e-5 * scale, rtol=1e-5)
 
 
 def test_tiled_algorithm_follows_patterns_that_change_under_its_offset_cache():
