@@ -16,6 +16,7 @@ from ..utils.autograd import input_gradient, input_gradients_only
 from ..attacks.losses import logits_of
 from ..attacks.pgd import PGD
 from ..ops.pgd import pgd_step_
+from ..nn.sparse.training import attack_view
 
 OBJECTIVES = ("natural", "pgd", "trades", "mart")
 
@@ -74,12 +75,13 @@ class TRADES:
         alpha = torch.full((n,), self.alpha, device=x.device)
         eps = torch.full((n,), self.eps, device=x.device)
         with eval_mode(model), torch.enable_grad(), input_gradients_only():
+            net = attack_view(model)  # under sparse finetuning: BatchNorm folded, epilogues fused
             with torch.no_grad():
-                p_clean = F.softmax(logits_of(model(x)), dim=1)  # once per batch, not once per step
+                p_clean = F.softmax(logits_of(net(x)), dim=1)  # once per batch, not once per step
             x_adv = (x + 0.001 * torch.randn_like(x)).detach()
             for _ in range(self.steps):
                 xg = x_adv.requires_grad_(True)
-                logits = logits_of(model(xg)).float()
+                logits = logits_of(net(xg)).float()
                 kl = F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="none").sum(dim=1)
                 grad = input_gradient(kl, logits, xg)  # under fit(amp=True) on CUDA the KL's gradient starts tiny
                 x_adv = xg.detach()
@@ -131,10 +133,11 @@ class MART:
         alpha = torch.full((n,), self.alpha, device=x.device)
         eps = torch.full((n,), self.eps, device=x.device)
         with eval_mode(model), torch.enable_grad(), input_gradients_only():
+            net = attack_view(model)  # under sparse finetuning: BatchNorm folded, epilogues fused
             x_adv = (x + 0.001 * torch.randn_like(x)).detach()
             for _ in range(self.steps):
                 xg = x_adv.requires_grad_(True)
-                logits = logits_of(model(xg)).float()
+                logits = logits_of(net(xg)).float()
                 loss = F.cross_entropy(logits, y, reduction="none")
                 grad = input_gradient(loss, logits, xg)
                 x_adv = xg.detach()

@@ -112,3 +112,63 @@ def test_sparse_training_restores_masked_layers_when_the_block_raises():
         pass
     assert any(isinstance(m, MaskedConv2d) for m in model.modules())
     assert not any(isinstance(m, SparseConv2d) for m in model.modules())
+
+
+def _outputs_and_input_grads(model, x):
+    xg = x.clone().requires_grad_()
+    out = model(xg)
+    (grad,) = torch.autograd.grad(out.square().sum(), xg)
+    return out.detach(), grad
+
+
+def _assert_same_function(got, want):
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5 * (w.abs().max().item() + 1e-12), rtol=1e-4)
+
+
+def test_attack_view_folds_batchnorm_and_follows_every_update():
+    # TRADES' and MART's inner attacks run on attack_view(model): BatchNorm folded into the sparse
+    # convs, ReLU and residual sums fused. It must be the eval model's function, before and after the
+    # values, biases and BatchNorm parameters and statistics change (one training step's worth).
+    from fastprune.nn.sparse.training import attack_view
+
+    model = to_sparse_training(_pruned("resnet18", 0.9))
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        model.train()(x)  # BatchNorm statistics away from their initial values
+    assert attack_view(model) is model  # train mode: nothing to fold
+    model.eval()
+    view = attack_view(model)
+    assert view is not model
+    _assert_same_function(_outputs_and_input_grads(view, x), _outputs_and_input_grads(model, x))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        model.train()(x * 0.5)  # new running statistics
+    model.eval()
+    assert attack_view(model) is view  # the same view, refreshed
+    _assert_same_function(_outputs_and_input_grads(view, x), _outputs_and_input_grads(model, x))
+    to_masked(model)  # no trainable sparse layer left: the model itself
+    assert attack_view(model) is model
+
+
+def test_attack_view_copies_the_numbers_it_does_not_fold():
+    # A PReLU's weight is neither a sparse layer's nor a folded BatchNorm's: the view copies it on
+    # every refresh. A BatchNorm without running statistics normalises by the batch even in eval
+    # mode: then there is no view.
+    from fastprune.nn.sparse.training import attack_view
+
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.PReLU(8), nn.Flatten(),
+                        nn.Linear(8 * 6 * 6, 5))
+    model = to_sparse_training(prune_model(net, 0.7, method="magnitude")).eval()
+    x = torch.rand(3, 3, 6, 6)
+    view = attack_view(model)
+    assert view is not model
+    with torch.no_grad():
+        model[2].weight.mul_(-3.0)
+    _assert_same_function(_outputs_and_input_grads(attack_view(model), x), _outputs_and_input_grads(model, x))
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, track_running_stats=False), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    model = to_sparse_training(prune_model(plain, 0.7, method="magnitude")).eval()
+    assert attack_view(model) is model
