@@ -339,8 +339,9 @@ struct OffsetsEntry {
 };
 
 std::shared_ptr<const std::vector<int32_t>> pattern_offsets(const ConvArgs& a, int64_t c, int64_t S, int64_t gw,
-                                                            int64_t nb, int64_t plane, int64_t nnz, int64_t limit) {
-  TORCH_CHECK(S * S * c * plane < limit, "sparse_conv2d: the tiled algorithm's staged block is too large");
+                                                            int64_t nb, int64_t plane, int64_t nnz) {
+  // Offsets are int32: a staged block past that is refused rather than wrapped.
+  TORCH_CHECK(S * S * c * plane < INT32_MAX, "sparse_conv2d: the tiled algorithm's staged block is too large");
   if (a.cols_tensor == nullptr || !a.cols_tensor->defined()) {
     return std::make_shared<const std::vector<int32_t>>(compute_offsets(a, c, S, gw, nb, plane, nnz));
   }
@@ -395,7 +396,7 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
 
   const int64_t nnz = a.rp[oc_count];
   const std::shared_ptr<const std::vector<int32_t>> offs =
-      pattern_offsets(a, c, S, gw, nb, plane, nnz, static_cast<int64_t>(INT32_MAX));
+      pattern_offsets(a, c, S, gw, nb, plane, nnz);
   const TileShape tile = choose_tile(rows_out, cols_out, gw, nb, isa, pool);
   TORCH_CHECK((tile.merged ? isa.kernel_for(1, cdiv(tile.rows * gw * nb, isa.lanes))
                            : isa.kernel_for(tile.rows, cdiv(tile.cols * nb, isa.lanes))) != nullptr,

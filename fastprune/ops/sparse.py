@@ -284,10 +284,15 @@ def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     """2x2, stride-2 max pooling of (N, C, H, W) as the maximum of four strided views (odd edges
     dropped, as nn.MaxPool2d does): the same values as PyTorch's, several times faster on NCHW CPU
     tensors (the layout the sparse convolutions produce) and no slower on channels_last ones."""
+    a, b, c, d = _windows_2x2(x)
+    return torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
+
+
+def _windows_2x2(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four strided views of x's 2x2 windows, in window order 2 dy + dx (odd edges dropped)."""
     h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
     x = x[:, :, :h, :w]
-    return torch.maximum(torch.maximum(x[:, :, 0::2, 0::2], x[:, :, 0::2, 1::2]),
-                         torch.maximum(x[:, :, 1::2, 0::2], x[:, :, 1::2, 1::2]))
+    return x[:, :, 0::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 0::2], x[:, :, 1::2, 1::2]
 
 
 def finish_epilogue(y: torch.Tensor, epilogue: int, fused: int, residual: Optional[torch.Tensor] = None):
@@ -583,9 +588,7 @@ _sparse_conv2d_cpu_op.register_autograd(_conv_backward, setup_context=_conv_setu
 def pool_2x2_with_index(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, C, H, W) -> its 2x2 stride-2 max pooling (odd edges dropped) and the window positions
     (N, C, H/2, W/2) uint8 (2 dy + dx; the first maximum)."""
-    h, w = y.shape[2] // 2 * 2, y.shape[3] // 2 * 2
-    y = y[:, :, :h, :w]
-    windows = torch.stack([y[:, :, 0::2, 0::2], y[:, :, 0::2, 1::2], y[:, :, 1::2, 0::2], y[:, :, 1::2, 1::2]])
+    windows = torch.stack(_windows_2x2(y))
     return windows.amax(0), windows.argmax(0).to(torch.uint8)
 
 

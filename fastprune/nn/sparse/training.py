@@ -127,8 +127,8 @@ class _AttackView:
                    if isinstance(m, (SparseConv2d, SparseLinear)) and isinstance(m.values, nn.Parameter)}
         if not trained:
             return
-        masked = to_masked(copy.deepcopy(model)).eval()
-        graph = torch.fx.symbolic_trace(fold_masks(copy.deepcopy(masked)))
+        plain = fold_masks(to_masked(copy.deepcopy(model))).eval()  # Conv2d / Linear and BatchNorm
+        graph = torch.fx.symbolic_trace(plain)
         modules = dict(graph.named_modules())
         follows = {}  # conv name -> the BatchNorm that alone reads its output
         for node in graph.graph.nodes:
@@ -140,7 +140,7 @@ class _AttackView:
         for name, bn in ((b, model.get_submodule(b)) for b in follows.values()):
             if not bn.track_running_stats or bn.running_var is None:
                 return  # normalised by the batch's own statistics even in eval mode: not foldable
-        view = sparsify(masked)  # BatchNorms folded by torch.fx's fuse (the same pairs), epilogues fused
+        view = sparsify(plain)  # BatchNorms folded by torch.fx's fuse (the same pairs), epilogues fused
         # Any other numbers (an input normalisation's buffers, a layer left dense) are copied on each
         # refresh; one the view does not hold under the same name means no view.
         folded = set(follows.values())
