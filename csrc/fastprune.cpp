@@ -7,6 +7,12 @@
 #include <Python.h>
 #include <torch/library.h>
 
+namespace fastprune {
+namespace sparse_cpu {
+int64_t release_pooled_memory();  // csrc/sparse/memory_pool.cpp
+}  // namespace sparse_cpu
+}  // namespace fastprune
+
 TORCH_LIBRARY(fastprune, m) {
   // One projected-gradient step written into `out` (which may alias x_adv for the in-place form).
   // alpha and eps are float32 tensors of shape (N,), one value per sample; norm is "linf" or "l2".
@@ -52,6 +58,9 @@ TORCH_LIBRARY(fastprune, m) {
   m.def(
       "sparse_conv2d_tiled_ext(Tensor x, Tensor tile_ptr, Tensor tile_cols, Tensor tile_vals, Tensor bias, int oc, "
       "int kh, int kw, int stride_h, int stride_w, int pad_h, int pad_w, bool relu) -> Tensor");
+  // Free the memory the CPU sparse kernels keep for reuse (outputs of tensors that died); returns the
+  // bytes freed. (Any device: no tensor argument.)
+  m.def("sparse_release_memory_ext() -> int", &fastprune::sparse_cpu::release_pooled_memory);
 }
 
 // `import fastprune._C` only needs to load the library (its static initialisers register the ops);

@@ -59,7 +59,7 @@ at::Tensor conv_batch_innermost(const at::Tensor& x_in, const ConvArgs& a, const
   const int64_t h = x.size(1), w = x.size(2), n = x.size(3);
   const int64_t ho = (h + 2 * pad_h - kh) / stride_h + 1, wo = (w + 2 * pad_w - kw) / stride_w + 1;
   const int64_t oh = pool ? ho / 2 : ho, ow = pool ? wo / 2 : wo;
-  at::Tensor out = at::empty({oc_count, oh, ow, n}, x.options());
+  at::Tensor out = pooled_empty({oc_count, oh, ow, n}, x.options());
   if (out.numel() == 0) return out.permute({3, 0, 1, 2});
   const int64_t rows_out = pool ? 2 * oh : ho;  // pooling drops an odd last row
   const int64_t batch_blocks = (n + kMaxBatchBlock - 1) / kMaxBatchBlock;

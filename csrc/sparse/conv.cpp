@@ -81,9 +81,10 @@ at::Tensor run_conv(const at::Tensor& x, const at::Tensor& row_ptr, const at::Te
   const bool direct = algo == 2 || (algo == 0 && direct_ok && w >= kDirectMinWidth);
   TORCH_CHECK(epilogue != 2 || direct || stride_h == stride_w,
               "sparse_conv2d: the pooling epilogue needs the direct algorithm or equal strides");
-  at::Tensor out = at::empty({n, oc_count, pool ? ho / 2 : ho, pool ? wo / 2 : wo},
-                             x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
-                                                                     : at::MemoryFormat::Contiguous));
+  const int64_t oh = pool ? ho / 2 : ho, ow = pool ? wo / 2 : wo;
+  at::Tensor out = channels_last ? pooled_empty({n, oc_count, oh, ow}, {oh * ow * oc_count, 1, ow * oc_count, oc_count},
+                                                x.options())
+                                 : pooled_empty({n, oc_count, oh, ow}, x.options());
   if (pool_index != nullptr) *pool_index = at::empty_like(out, out.options().dtype(at::kByte));
   if (out.numel() == 0) return out;
   if (direct) {

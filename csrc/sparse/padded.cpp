@@ -27,7 +27,7 @@ constexpr int64_t kMaxChunkFloats = 4096, kMinChunkFloats = 256;
 at::Tensor padded_phases(const at::Tensor& x, int64_t S, int64_t pad_h, int64_t pad_w, int64_t gh, int64_t gw,
                          int64_t row_len) {
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), gplane = gh * gw;
-  at::Tensor xp = at::empty({S * S * c, row_len}, x.options());
+  at::Tensor xp = pooled_empty({S * S * c, row_len}, x.options());
   const float* src = x.const_data_ptr<float>();
   float* dst = xp.mutable_data_ptr<float>();
   const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);

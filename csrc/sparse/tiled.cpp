@@ -164,11 +164,29 @@ TileShape choose_tile(int64_t rows_out, int64_t cols_out, int64_t gw, int64_t nb
   return best;
 }
 
-// The batch block: a tile's input window over all channels must stay in cache across the output
-// channels, so blocks of at most 16 images; and a 2 x 2 tile (pooling's smallest) must fit in the
-// accumulator registers (8, 32 and 64 measured slower: bench/NOTES.md).
-int64_t batch_block(int64_t n, const Isa& isa) {
-  return std::max<int64_t>(1, std::min({n, int64_t{16}, isa.max_acc * isa.lanes / 4}));
+// The batch block nb: the largest of 16, 32 and 64 images whose tiles' input window over all the
+// staged channels stays within kWindowBytes (L2: a tile's output channels reread it), wasting at most
+// an eighth of the work on a partial last block, and whose 2 x 2 tile (pooling's smallest) fits in the
+// accumulator registers; at most 16 images otherwise. Measured (bench/NOTES.md, session 10): 64 on
+// ResNet-18's 64-channel 32 x 32 layers, 32 on its 128-channel 16 x 16 ones, 16 on the rest (the
+// session-8 measurement, before the larger blocks staged a position's images in one run, had 16
+// everywhere). FASTPRUNE_TILED_BATCH_BLOCK=k forces min(k, N) (the tests run every block size).
+constexpr int64_t kWindowBytes = 512 * 1024;
+
+int64_t batch_block(int64_t n, const Isa& isa, int64_t S, int64_t c, int64_t kh, int64_t kw, int64_t rows_out,
+                    int64_t cols_out, int64_t gw, bool pool) {
+  const int64_t most = isa.max_acc * isa.lanes / 4, smallest = std::max<int64_t>(1, std::min({n, int64_t{16}, most}));
+  if (n <= smallest) return smallest;
+  if (const char* forced = std::getenv("FASTPRUNE_TILED_BATCH_BLOCK"); forced != nullptr && std::atoi(forced) > 0)
+    return std::min<int64_t>({n, most, std::atoi(forced)});
+  for (int64_t nb = 64; nb > smallest; nb /= 2) {
+    if (nb > std::min(n, most) || cdiv(n, nb) * nb * 8 > n * 9 || nb % isa.lanes != 0) continue;
+    const TileShape t = choose_tile(rows_out, cols_out, gw, nb, isa, pool);
+    const int64_t phases = std::min(S, kh) * std::min(S, kw);
+    const int64_t window = phases * c * (t.rows + (kh - 1) / S) * ((t.merged ? gw : t.cols) + (kw - 1) / S) * nb * 4;
+    if (window <= kWindowBytes) return nb;
+  }
+  return smallest;
 }
 
 // Below this much work (floats staged), a loop runs on the calling thread: an OpenMP region costs
@@ -263,19 +281,30 @@ void stage_blocks(const at::Tensor& x, int64_t nb, int64_t S, int64_t kh, int64_
         }
         continue;
       }
-      for (int64_t y = 0; y < h; ++y) {  // the batch innermost (the previous layer's output)
-        const int64_t yp = y + pad_h, pa = yp % S, i = yp / S;
-        for (int64_t xx = 0; xx < w; ++xx) {
-          const int64_t xp = xx + pad_w, pb = xp % S, j = xp / S;
-          if (pa >= kh || pb >= kw) continue;  // a phase no tap reads
-          float* d = staged + ((pa * S + pb) * c + ci) * plane + (i * gw + j) * nb;
-          const float* s = src + ci * sc + y * sh + xx * sw;
-          for (int64_t bb = 0; bb < blocks; ++bb, d += block_len, s += nb) {
-            const int64_t nbv = std::min(nb, n - bb * nb);
+      // The batch innermost (the previous layer's output). The phase and the phase grid's position of
+      // each row and column are counted along, not divided out (two divisions a position cost as much
+      // as the copy). One block of a contiguous row: the row is one run in the staged plane too.
+      const bool whole_rows = S == 1 && blocks == 1 && sw == n;
+      int64_t pa = pad_h % S, i = pad_h / S;
+      for (int64_t y = 0; y < h; ++y) {
+        if (whole_rows) {
+          std::memcpy(staged + ci * plane + (i * gw + pad_w) * nb, src + ci * sc + y * sh, w * n * sizeof(float));
+        } else if (pa < kh) {  // else a phase no tap reads
+          int64_t pb = pad_w % S, j = pad_w / S;
+          for (int64_t xx = 0; xx < w; ++xx) {
+            if (pb < kw) {
+              float* d = staged + ((pa * S + pb) * c + ci) * plane + (i * gw + j) * nb;
+              const float* s = src + ci * sc + y * sh + xx * sw;
+              for (int64_t bb = 0; bb < blocks; ++bb, d += block_len, s += nb) {
+                const int64_t nbv = std::min(nb, n - bb * nb);
 #pragma omp simd
-            for (int64_t k = 0; k < nbv; ++k) d[k] = s[k];  // a vector copy, inlined
+                for (int64_t k = 0; k < nbv; ++k) d[k] = s[k];  // a vector copy, inlined
+              }
+            }
+            if (++pb == S) pb = 0, ++j;
           }
         }
+        if (++pa == S) pa = 0, ++i;
       }
     }
   });
@@ -383,12 +412,13 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
   const int64_t ho = (hp - kh) / S + 1, wo = (wp - kw) / S + 1;
   const bool pool = a.pool, relu = a.relu;
   const int64_t oh = pool ? ho / 2 : ho, ow = pool ? wo / 2 : wo;
-  at::Tensor out = at::empty({oc_count, oh, ow, n}, x.options());
+  at::Tensor out = pooled_empty({oc_count, oh, ow, n}, x.options());
   const at::Tensor res = residual_batch_innermost(residual, out, pool);
   if (out.numel() == 0) return out.permute({3, 0, 1, 2});
   const Isa isa = pick_isa();
   const int64_t rows_out = pool ? 2 * oh : ho, cols_out = pool ? 2 * ow : wo;  // pooling drops an odd edge
-  const int64_t gh = cdiv(hp, S), gw = cdiv(wp, S), nb = batch_block(n, isa), blocks = cdiv(n, nb);
+  const int64_t gh = cdiv(hp, S), gw = cdiv(wp, S);
+  const int64_t nb = batch_block(n, isa, S, c, kh, kw, rows_out, cols_out, gw, pool), blocks = cdiv(n, nb);
   const int64_t plane = gh * gw * nb;
   // Reads past the last plane's end: a run's last vector (lanes) and the shifts of the last taps.
   const int64_t tail = (kw / S + 2) * nb + 2 * isa.lanes;

@@ -306,6 +306,37 @@ def test_tiled_algorithm_tiles_blocks_and_epilogues(case, isa, monkeypatch):
             torch.testing.assert_close(got.double(), want, atol=1e-5 * scale, rtol=1e-5)
 
 
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+@pytest.mark.parametrize("n,block", [(33, 32), (48, 32), (64, 64), (80, 64), (96, 32), (64, None), (48, None)],
+                         ids=str)
+def test_tiled_algorithm_batch_blocks_of_32_and_64(n, block, isa, monkeypatch):
+    # Batch blocks larger than one vector per position (2 and 4 AVX-512 vectors; the AVX2 kernels cap
+    # the block at 16): forced, with partial last blocks of 1 and 16 images, and as the block size
+    # heuristic picks them (a small layer's window fits: the largest block); strides 1 and 2, every
+    # epilogue, every input layout (one block of a batch-innermost input stages whole rows at once).
+    if block is not None:
+        monkeypatch.setenv("FASTPRUNE_TILED_BATCH_BLOCK", str(block))
+    if isa != "native":
+        monkeypatch.setenv("FASTPRUNE_TILED_ISA", isa)
+    gen = torch.Generator().manual_seed(n + (block or 0))
+    c, oc = 5, 7
+    weight = sparse_weight((oc, c, 3, 3), 0.5, seed=n, empty_row=True)
+    bias = torch.randn(oc, generator=gen)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    for stride, hw in ((1, 6), (2, 9)):
+        x = torch.randn(n, c, hw, hw, generator=gen)
+        conv = F.conv2d(x.double(), weight.double(), bias.double(), stride=stride, padding=1)
+        residual = torch.randn(conv.shape, generator=gen)
+        wants = {0: conv, 1: F.relu(conv), 2: F.max_pool2d(F.relu(conv), 2), 3: F.relu(conv + residual.double())}
+        layouts = (lambda t: t, lambda t: t.contiguous(memory_format=torch.channels_last), to_batch_innermost)
+        for scale, to_layout in enumerate(layouts, start=1):  # x scaled per layout: no stale staged copy passes
+            for epilogue, want in wants.items():
+                got = sparse_conv2d(to_layout(x * scale), row_ptr, col_idx, values, bias * scale, c, 3, 3, stride,
+                                    stride, 1, 1, epilogue, residual * scale if epilogue == 3 else None, algo=4)
+                assert got.shape == want.shape and is_batch_innermost(got)
+                torch.testing.assert_close(got.double(), want * scale, atol=1e-5 * scale, rtol=1e-5)
+
+
 def test_tiled_algorithm_follows_patterns_that_change_under_its_offset_cache():
     # The tiled algorithm caches each pattern's offsets per col_idx tensor and geometry: a pattern
     # edited in place, another batch size or map size, and a new col_idx tensor (perhaps at a freed
@@ -340,3 +371,42 @@ def test_tiled_algorithm_refuses_unequal_strides():
     row_ptr, col_idx, values = dense_to_csr(sparse_weight((4, 3, 3, 3), 0.5, seed=1))
     with pytest.raises(RuntimeError, match="equal strides"):
         sparse_conv2d(torch.randn(2, 3, 8, 8), row_ptr, col_idx, values, None, 3, 3, 3, 1, 2, 1, 1, algo=4)
+
+
+@pytest.mark.skipif(not fastprune.backends.extension_info()["cpp"], reason="needs the C++ extension")
+@pytest.mark.parametrize("algo,layout", [(4, "batch_innermost"), (3, "batch_innermost"), (1, "contiguous"),
+                                         (2, "contiguous"), (1, "channels_last")])
+def test_large_outputs_reuse_memory_without_aliasing_live_ones(algo, layout):
+    # Outputs of 1 MiB and more come from the kernels' memory pool: a dead output's block serves the
+    # next one of its size, a live one is never handed out again, and the layout is the usual one.
+    from fastprune.ops.sparse import release_cpu_memory
+    n, c, hw, oc = 16, 4, 32, 24  # outputs 16 * 24 * 32 * 32 floats: 1.5 MiB
+    weight = sparse_weight((oc, c, 3, 3), 0.5, seed=3)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    convert = {"batch_innermost": to_batch_innermost, "contiguous": lambda t: t.contiguous(),
+               "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last)}[layout]
+
+    def run(x):
+        return sparse_conv2d(convert(x), row_ptr, col_idx, values, None, c, 3, 3, 1, 1, 1, 1, 0, algo=algo)
+
+    xs = [torch.randn(n, c, hw, hw, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    wants = [F.conv2d(x.double(), weight.double(), padding=1) for x in xs]
+    first, second = run(xs[0]), run(xs[1])  # both alive: distinct memory
+    assert first.data_ptr() != second.data_ptr()
+    stride_of = {"batch_innermost": is_batch_innermost, "contiguous": lambda t: t.is_contiguous(),
+                 "channels_last": lambda t: t.is_contiguous(memory_format=torch.channels_last)}[layout]
+    for k, got in enumerate((first, second)):
+        assert stride_of(got)
+        torch.testing.assert_close(got.double(), wants[k], atol=1e-5, rtol=1e-5)
+    del got
+    reused = first.data_ptr()
+    del first
+    third = run(xs[2])  # the freed block, overwritten with the new output
+    assert third.data_ptr() == reused
+    torch.testing.assert_close(third.double(), wants[2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(second.double(), wants[1], atol=1e-5, rtol=1e-5)  # untouched
+    del second, third
+    assert release_cpu_memory() >= 2 * n * oc * hw * hw * 4
+    assert release_cpu_memory() == 0
+    fresh = run(xs[0])  # after the release: new memory, still right
+    torch.testing.assert_close(fresh.double(), wants[0], atol=1e-5, rtol=1e-5)
