@@ -11,6 +11,8 @@ speed is unmeasured, and ``sparsify`` keeps whichever of dense and sparse its ti
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import weakref
 from typing import Optional
 
@@ -273,11 +275,31 @@ def sparse_conv2d_cpu_inference(x: torch.Tensor, row_ptr: torch.Tensor, col_idx:
     The same output and layout as the op; what it skips is the custom op's dispatch, tens of
     microseconds a call, which at batch 1 is as long as a small layer's kernel. geometry: (kh, kw,
     stride_h, stride_w, pad_h, pad_w)."""
-    if (x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling()
-            or backends.choose(_CONV_SPEC, x.device) != "cpp"):
+    if x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    if (_network_cpu_backend.get() or backends.choose(_CONV_SPEC, x.device)) != "cpp":
         return None
     y, fused = _conv_cpp(x, row_ptr, col_idx, values, bias, geometry, algo, epilogue, residual)
+    if algo in _BATCH_INNERMOST_OUT:  # the kernel's own (OC, H', W', N) output: the layout by construction
+        return y if fused == epilogue else in_layout(finish_epilogue(y, epilogue, fused, residual), "batch_innermost")
     return in_layout(finish_epilogue(y, epilogue, fused, residual), output_layout(x, algo))
+
+
+# The CPU backend of the sparse convs, resolved once for a whole network call (SparseModel.run sets
+# it): choosing it reads the environment and the registered kernels, 2 us that at batch 1 were
+# repeated for every layer. None outside a network call: each call chooses.
+_network_cpu_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "fastprune_network_cpu_backend", default=None)
+
+
+@contextlib.contextmanager
+def cpu_backend_per_network_call():
+    """Within the block, the CPU sparse convs' inference path uses the backend chosen on entry."""
+    token = _network_cpu_backend.set(backends.choose(_CONV_SPEC, torch.device("cpu")))
+    try:
+        yield
+    finally:
+        _network_cpu_backend.reset(token)
 
 
 def release_cpu_memory() -> int:

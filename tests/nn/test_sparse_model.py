@@ -323,3 +323,26 @@ def test_an_attack_runs_on_a_sparsified_model(device):
     for innermost in (False, True) if device.type == "cpu" else (False,):
         sparse = sparsify(model, x, batch_sizes=(8,), repeats=1, channels_last=False, batch_innermost=innermost)
         torch.testing.assert_close(PGD(sparse, **attack)(x, y), want, atol=1e-5, rtol=0)
+
+
+def test_the_backend_chosen_at_a_network_call_holds_for_all_its_layers(monkeypatch):
+    # SparseModel resolves the CPU sparse convs' backend once per call (not per layer): a backend
+    # forced around the call still reaches every layer, and nothing of it outlives the call.
+    import fastprune.ops.sparse as sparse_ops
+    from fastprune import use_backend
+
+    model = _pruned("resnet18")
+    x = _input("resnet18", 8)
+    sparse = sparsify(model, benchmark=False)  # untuned "sparse": batch 8 puts the convs on the tiled kernel
+    calls = []
+    real = sparse_ops._conv_cpp
+    monkeypatch.setattr(sparse_ops, "_conv_cpp", lambda *args: calls.append(1) or real(*args))
+    with torch.no_grad():
+        want = model(x)
+        _close(sparse(x), want)
+        assert len(calls) >= 20  # every sparse conv on the C++ kernels' direct path
+        calls.clear()
+        with use_backend("reference"):
+            _close(sparse(x), want)
+        assert not calls
+    assert sparse_ops._network_cpu_backend.get() is None

@@ -45,6 +45,16 @@ class _CSRWeight(nn.Module):
             raise ValueError(f"choice must be one of {self.choices}, got {value!r}")
         self._choice = value
 
+    def _csr(self) -> tuple:
+        """(row_ptr, col_idx, values, bias), read from the buffers' dict where they are buffers (the
+        inference case): as attributes nn.Module looks each up in three dicts, 2 us for the four,
+        which at batch 1 is a noticeable part of a layer. Trainable values and bias are parameters."""
+        b = self._buffers
+        try:
+            return b["row_ptr"], b["col_idx"], b["values"], b["bias"]
+        except KeyError:
+            return self.row_ptr, self.col_idx, self.values, self.bias
+
     @property
     def nnz(self) -> int:
         return self.values.numel()
@@ -68,6 +78,11 @@ class _CSRWeight(nn.Module):
         return None if self.bias is None else self.bias.to(x.dtype)
 
     def _check_input(self, x: torch.Tensor, dims: int, name: str) -> None:
+        # The common case first, in the fewest attribute reads (at batch 1 a layer's Python is a
+        # sizeable part of its time): a float32 CPU tensor of the right rank for a CPU layer.
+        if (type(x) is torch.Tensor and x.dtype is torch.float32 and x.dim() == dims and not x.is_cuda
+                and not self._csr()[2].is_cuda and x.device.type == "cpu"):
+            return
         if not isinstance(x, torch.Tensor) or x.dim() != dims:
             raise ValueError(f"input to {name} must be {dims}D, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -163,10 +178,9 @@ class SparseConv2d(_CSRWeight):
             y = F.conv2d(x, self.dense_for(x), self._bias_for(x), self.stride, self.padding)
             return finish_epilogue(y, self.epilogue, EPILOGUES["none"], residual)
         algo = self.algo if self.applicable(x) else 0
-        if algo != 0 and x.device.type == "cpu":  # inference on a chosen CPU kernel: no op dispatch
-            y = sparse_conv2d_cpu_inference(x, self.row_ptr, self.col_idx, self.values, self.bias,
-                                            (*self.kernel_size, *self.stride, *self.padding), algo, self.epilogue,
-                                            residual)
+        if algo != 0 and not x.is_cuda:  # inference on a chosen CPU kernel: no op dispatch
+            y = sparse_conv2d_cpu_inference(x, *self._csr(), (*self.kernel_size, *self.stride, *self.padding), algo,
+                                            self.epilogue, residual)
             if y is not None:
                 return y
         # Under autograd (attacks, finetuning) the epilogues stay fused: ReLU and the residual are

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...ops.sparse import to_batch_innermost
+from ...ops.sparse import cpu_backend_per_network_call, to_batch_innermost
 from .layers import SparseConv2d, SparseLinear
 
 # Batch-size buckets (first, last or None: no end). A plan tuned on one batch size is used only for
@@ -186,6 +186,12 @@ class SparseModel(nn.Module):
         self.use_config(config)
         x = to_layout(x, config["layout"])
         micro = config["micro_batch"]
+        if torch.compiler.is_compiling():  # traced: the layers' inference path does not apply anyway
+            return self._run_net(x, micro)
+        with cpu_backend_per_network_call():  # chosen once here, not per layer
+            return self._run_net(x, micro)
+
+    def _run_net(self, x: torch.Tensor, micro: int | None) -> torch.Tensor:
         if micro is not None and x.shape[0] > micro:
             return torch.cat([self.net(part) for part in x.split(micro)])
         return self.net(x)
