@@ -33,11 +33,14 @@ namespace sparse_cpu {
 // Where a tile's finished sums go when the output can take them straight from the registers: vector j
 // of run r to dst + r * run_stride + (j / per_position) * step + (j % per_position) * lanes, with
 // the fused epilogue (the ReLU; or the ReLU of the sum with the residual, read at dst's offsets).
+// With `pool`, ReLU then 2x2 max pooling instead (tiled_kernel.h's store_pooled_tile): dst is then the
+// pooled output, run_stride its row stride, and runs pair up.
 struct TileOutput {
   float* dst;
   int64_t run_stride, step, per_position;
   const float* residual;
   bool relu;
+  bool pool = false;
 };
 
 // How many independent sets of accumulators (chains) a tile of `vectors` registers splits an output
@@ -468,11 +471,17 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
       // output from the registers; otherwise the epilogue below copies the sums.
       const bool whole_positions = nbv == nb && nb % isa.lanes == 0;
       const bool whole_rows = n == 1 && (tt * nb) % isa.lanes == 0;
-      const bool direct_out = !tile.merged && !pool && (whole_positions || whole_rows);
+      // Pooling from the registers: whole positions of 1, 2 or 4 vectors (the kernel's variants), row
+      // and column pairs (pooling tiles have even sides), no window positions wanted (inference).
+      const int64_t vectors_per_position = nb / isa.lanes;
+      const bool pool_out = pool && ip == nullptr && !tile.merged && whole_positions && kk % 2 == 0 &&
+                            tt % 2 == 0 && (vectors_per_position == 1 || vectors_per_position == 2 ||
+                                            vectors_per_position == 4);
+      const bool direct_out = !tile.merged && ((!pool && (whole_positions || whole_rows)) || pool_out);
       const int64_t out_step = whole_positions ? n : isa.lanes, per_position = whole_positions ? nb / isa.lanes : 1;
       for (int64_t oc = oc0; oc < oc1; ++oc) {
-        const int64_t at_out = ((oc * oh + y0) * ow + x0) * n + b0;
-        const TileOutput to_out{op + at_out, ow * n, out_step, per_position, rsp ? rsp + at_out : nullptr, relu};
+        const int64_t at_out = pool_out ? ((oc * oh + y0 / 2) * ow + x0 / 2) * n + b0 : ((oc * oh + y0) * ow + x0) * n + b0;
+        const TileOutput to_out{op + at_out, ow * n, out_step, per_position, rsp ? rsp + at_out : nullptr, relu, pool_out};
         kernel(base, gw * nb, offp, a.vals, a.rp[oc], a.rp[oc + 1], a.bias ? a.bias[oc] : 0.f,
                sums.get() + (oc - oc0) * tile_floats, pitch, direct_out ? &to_out : nullptr);
       }

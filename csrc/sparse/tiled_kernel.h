@@ -11,6 +11,30 @@ constexpr int kMaxAcc = FASTPRUNE_MAX_ACC;
 typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef float uvec __attribute__((vector_size(kLanes * sizeof(float)), aligned(sizeof(float))));  // unaligned
 
+// max(a, b) as std::max computes it, lane by lane (a NaN in a wins, in b loses): the pooled outputs
+// equal the sums path's store_pooled_row (epilogue.h) bit for bit.
+inline vec lane_max(vec a, vec b) { return a < b ? b : a; }
+
+// ReLU then 2x2 max pooling of a finished tile straight from the registers (inference: no window
+// positions kept): runs r and r + 1 are a row pair, each position PP vectors (the batch block), and
+// pooled position p of the pair takes positions 2p and 2p + 1; out->dst is the pooled output at the
+// tile's first window, run_stride its pooled row stride, step its position stride.
+template <int R, int VR, int PP>
+inline __attribute__((always_inline)) void store_pooled_tile(const vec (&acc)[R][VR], const TileOutput* out) {
+  const vec zero = {};
+#pragma GCC unroll 24
+  for (int r = 0; r + 1 < R; r += 2)
+#pragma GCC unroll 24
+    for (int p = 0; (2 * p + 2) * PP <= VR; ++p)
+#pragma GCC unroll 4
+      for (int part = 0; part < PP; ++part) {
+        const int j0 = 2 * p * PP + part, j1 = j0 + PP;
+        vec m = lane_max(lane_max(acc[r][j0], acc[r][j1]), lane_max(acc[r + 1][j0], acc[r + 1][j1]));
+        m = m < zero ? zero : m;  // std::max(m, 0.f)
+        *reinterpret_cast<uvec*>(out->dst + (r / 2) * out->run_stride + p * out->step + part * kLanes) = m;
+      }
+}
+
 // One output channel over one tile: R runs of VR vectors each (run r starts run_stride floats after
 // run r - 1 in the staged input), accumulated in registers over the non-zeros [e0, e1):
 // acc[r][j] += vals[e] * base[offs[e] + r * run_stride + j * kLanes : + kLanes], from the bias. The
@@ -69,6 +93,16 @@ void tile_kernel(const float* __restrict__ base, int64_t run_stride, const int32
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 24
       for (int j = 0; j < VR; ++j) *reinterpret_cast<uvec*>(sums + r * pitch + j * kLanes) = acc[0][r][j];
+    return;
+  }
+  if (out->pool) {
+    if (out->per_position == 1) {
+      store_pooled_tile<R, VR, 1>(acc[0], out);
+    } else if (out->per_position == 2) {
+      store_pooled_tile<R, VR, 2>(acc[0], out);
+    } else {
+      store_pooled_tile<R, VR, 4>(acc[0], out);
+    }
     return;
   }
   const vec zero = {};
