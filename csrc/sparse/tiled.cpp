@@ -473,12 +473,10 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
       const bool whole_rows = n == 1 && (tt * nb) % isa.lanes == 0;
       // Pooling from the registers: whole positions of 1, 2 or 4 vectors (the kernel's variants), row
       // and column pairs (pooling tiles have even sides), no window positions wanted (inference).
-      const int64_t vectors_per_position = nb / isa.lanes;
-      const bool pool_out = pool && ip == nullptr && !tile.merged && whole_positions && kk % 2 == 0 &&
-                            tt % 2 == 0 && (vectors_per_position == 1 || vectors_per_position == 2 ||
-                                            vectors_per_position == 4);
-      const bool direct_out = !tile.merged && ((!pool && (whole_positions || whole_rows)) || pool_out);
       const int64_t out_step = whole_positions ? n : isa.lanes, per_position = whole_positions ? nb / isa.lanes : 1;
+      const bool pool_out = pool && ip == nullptr && !tile.merged && whole_positions && kk % 2 == 0 &&
+                            tt % 2 == 0 && (per_position == 1 || per_position == 2 || per_position == 4);
+      const bool direct_out = !tile.merged && ((!pool && (whole_positions || whole_rows)) || pool_out);
       for (int64_t oc = oc0; oc < oc1; ++oc) {
         const int64_t at_out = pool_out ? ((oc * oh + y0 / 2) * ow + x0 / 2) * n + b0 : ((oc * oh + y0) * ow + x0) * n + b0;
         const TileOutput to_out{op + at_out, ow * n, out_step, per_position, rsp ? rsp + at_out : nullptr, relu, pool_out};

@@ -80,8 +80,8 @@ class _CSRWeight(nn.Module):
     def _check_input(self, x: torch.Tensor, dims: int, name: str) -> None:
         # The common case first, in the fewest attribute reads (at batch 1 a layer's Python is a
         # sizeable part of its time): a float32 CPU tensor of the right rank for a CPU layer.
-        if (type(x) is torch.Tensor and x.dtype is torch.float32 and x.dim() == dims and not x.is_cuda
-                and not self._csr()[2].is_cuda and x.device.type == "cpu"):
+        if (type(x) is torch.Tensor and x.dtype is torch.float32 and x.dim() == dims and x.device.type == "cpu"
+                and not self._csr()[2].is_cuda):
             return
         if not isinstance(x, torch.Tensor) or x.dim() != dims:
             raise ValueError(f"input to {name} must be {dims}D, got "

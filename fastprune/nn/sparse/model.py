@@ -186,9 +186,11 @@ class SparseModel(nn.Module):
         self.use_config(config)
         x = to_layout(x, config["layout"])
         micro = config["micro_batch"]
-        if torch.compiler.is_compiling():  # traced: the layers' inference path does not apply anyway
+        # The CPU convs' backend once per call, for CPU inputs only (a GPU model under use_backend("cuda")
+        # has no CPU backend to resolve); traced, the layers' inference path does not apply anyway.
+        if torch.compiler.is_compiling() or x.device.type != "cpu":
             return self._run_net(x, micro)
-        with cpu_backend_per_network_call():  # chosen once here, not per layer
+        with cpu_backend_per_network_call():
             return self._run_net(x, micro)
 
     def _run_net(self, x: torch.Tensor, micro: int | None) -> torch.Tensor:
