@@ -128,17 +128,21 @@ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // kernel's K chains of accumulators) and (V + 2) / 2 (two loads a cycle: V input vectors, the
 // weight's offset and value), plus 1 for the loop; edge tiles counted as they are. The cheapest
 // shape wins. (A 2 x 2 map at batch 1: one vector of both rows, 2.5, rather than a vector a row, 3.)
+double cycles_per_nonzero(int64_t vectors, int64_t max_acc) {
+  const double fma = 0.5 * vectors;
+  const double latency = 4.0 / tile_chains(static_cast<int>(vectors), static_cast<int>(max_acc));
+  const double loads = 0.5 * (vectors + 2);  // the input vectors, the offset and the weight: two loads a cycle
+  return std::max({fma, latency, loads}) + 1.0;
+}
+
+// The vectors of a tile of k rows of c positions (or k whole merged rows).
+int64_t tile_vectors(const TileShape& t, int64_t k, int64_t c, int64_t gw, int64_t nb, int64_t lanes) {
+  return t.merged ? cdiv(k * gw * nb, lanes) : k * cdiv(c * nb, lanes);
+}
+
 double tile_cost(const TileShape& t, int64_t rows_out, int64_t cols_out, int64_t gw, int64_t nb, int64_t lanes,
                  int64_t max_acc) {
-  auto vectors = [&](int64_t k, int64_t c) {
-    return t.merged ? cdiv(k * gw * nb, lanes) : k * cdiv(c * nb, lanes);
-  };
-  auto one = [&](int64_t k, int64_t c) {
-    const int64_t v = vectors(k, c);
-    const double fma = 0.5 * v, latency = 4.0 / tile_chains(static_cast<int>(v), static_cast<int>(max_acc));
-    const double loads = 0.5 * (v + 2);  // v input vectors, the offset and the weight: two loads a cycle
-    return std::max({fma, latency, loads}) + 1.0;
-  };
+  auto one = [&](int64_t k, int64_t c) { return cycles_per_nonzero(tile_vectors(t, k, c, gw, nb, lanes), max_acc); };
   const int64_t full_r = rows_out / t.rows, edge_r = rows_out % t.rows;
   const int64_t full_c = t.merged ? 1 : cols_out / t.cols, edge_c = t.merged ? 0 : cols_out % t.cols;
   const int64_t cw = t.merged ? cols_out : t.cols;
@@ -190,6 +194,63 @@ int64_t batch_block(int64_t n, const Isa& isa, int64_t S, int64_t c, int64_t kh,
     if (window <= kWindowBytes) return nb;
   }
   return smallest;
+}
+
+// The tiled algorithm's work split into contiguous ranges of items (batch block, tile, output channel),
+// item g = (block * tiles + tile) * oc_count + oc, one range per thread: part p is
+// [start[p], start[p + 1]).
+struct WorkSplit {
+  std::vector<int64_t> start;
+  int64_t parts() const { return static_cast<int64_t>(start.size()) - 1; }
+};
+
+// Ranges of equal estimated cost: an item costs its output channel's non-zeros times its tile's
+// cycles per non-zero (the micro-kernel's model above) plus a store per tile vector and a fixed call
+// cost. The prefix sums of the non-zeros are the CSR row pointers, so a range's end is found by a
+// walk over the (block, tile) segments and a binary search over the output channels of one: no work
+// per item (at batch 1 a layer is tens of microseconds).
+WorkSplit split_work(const TileShape& t, int64_t rows_out, int64_t cols_out, int64_t gw, int64_t nb, const Isa& isa,
+                     int64_t blocks, const int32_t* rp, int64_t oc_count, int64_t parts) {
+  const int64_t row_tiles = cdiv(rows_out, t.rows), col_tiles = t.merged ? 1 : cdiv(cols_out, t.cols);
+  const int64_t tiles = row_tiles * col_tiles;
+  std::vector<double> per_nz(tiles), per_oc(tiles);  // a tile's cost per non-zero and per output channel
+  double segment_cost = 0;  // one batch block's tiles over all output channels
+  const double nnz = static_cast<double>(rp[oc_count] - rp[0]);
+  for (int64_t tl = 0; tl < tiles; ++tl) {
+    const int64_t y0 = (tl / col_tiles) * t.rows, x0 = t.merged ? 0 : (tl % col_tiles) * t.cols;
+    const int64_t v = tile_vectors(t, std::min(t.rows, rows_out - y0), t.merged ? cols_out : std::min(t.cols, cols_out - x0),
+                                   gw, nb, isa.lanes);
+    per_nz[tl] = cycles_per_nonzero(v, isa.max_acc);
+    per_oc[tl] = static_cast<double>(v) + 16.0;
+    segment_cost += per_nz[tl] * nnz + per_oc[tl] * static_cast<double>(oc_count);
+  }
+  const int64_t items = blocks * tiles * oc_count;
+  parts = std::max<int64_t>(1, std::min(parts, items));
+  WorkSplit split;
+  split.start.assign(parts + 1, items);
+  split.start[0] = 0;
+  const double total = segment_cost * static_cast<double>(blocks);
+  int64_t segment = 0;
+  double before = 0;  // the cost of the segments before `segment`
+  for (int64_t p = 1; p < parts; ++p) {
+    const double target = total * static_cast<double>(p) / static_cast<double>(parts);
+    const int64_t segments = blocks * tiles;
+    for (;;) {
+      const int64_t tl = segment % tiles;
+      const double cost = per_nz[tl] * nnz + per_oc[tl] * static_cast<double>(oc_count);
+      if (segment + 1 >= segments || before + cost > target) break;
+      before += cost, ++segment;
+    }
+    const int64_t tl = segment % tiles;
+    int64_t lo = 0, hi = oc_count;  // the first output channel at which the cost reaches the target
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      const double cost = per_nz[tl] * static_cast<double>(rp[mid] - rp[0]) + per_oc[tl] * static_cast<double>(mid);
+      if (before + cost < target) lo = mid + 1; else hi = mid;
+    }
+    split.start[p] = std::max(split.start[p - 1], segment * oc_count + lo);
+  }
+  return split;
 }
 
 // Below this much work (floats staged), a loop runs on the calling thread: an OpenMP region costs
@@ -438,11 +499,8 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
   const int64_t tiles = row_tiles * col_tiles;
   const int64_t tile_floats = tile.merged ? cdiv(tile.rows * gw * nb, isa.lanes) * isa.lanes
                                           : tile.rows * cdiv(tile.cols * nb, isa.lanes) * isa.lanes;
-  // Tasks: (batch block, tile, chunk of output channels): chunks whose partial sums stay within
-  // kSumsFloats (L2), and enough tasks for every thread.
-  const int64_t oc_chunks = std::min(oc_count, std::max(cdiv(oc_count * tile_floats, kSumsFloats),
-                                                        cdiv(4 * at::get_num_threads(), blocks * tiles)));
-  const int64_t oc_per_task = cdiv(oc_count, oc_chunks);
+  // The sums a thread keeps at once where the epilogue copies them: a chunk of output channels (L2).
+  const int64_t oc_per_chunk = std::max<int64_t>(1, std::min(oc_count, kSumsFloats / tile_floats));
 
   at::Tensor staged_fallback;
   float* sp = staging_memory(blocks * block_len, staged_fallback, x.options());
@@ -452,53 +510,67 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
   uint8_t* ip = pool_index_like(a, out);
   const float* rsp = res.defined() ? res.const_data_ptr<float>() : nullptr;
   const int32_t* offp = offs->data();
-  at::parallel_for(0, blocks * tiles * oc_chunks, 1, [=, &a](int64_t begin, int64_t end) {
+
+  // One output tile (batch block bb, tile tl) for output channels [oc0, oc1), sums in `sums`.
+  auto run_tile = [&, op, ip, rsp, offp, sp](int64_t bb, int64_t tl, int64_t oc0, int64_t oc1, float* sums) {
+    const int64_t b0 = bb * nb, nbv = std::min(nb, n - b0);
+    const int64_t y0 = (tl / col_tiles) * tile.rows, kk = std::min(tile.rows, rows_out - y0);
+    const int64_t x0 = tile.merged ? 0 : (tl % col_tiles) * tile.cols;
+    const int64_t tt = tile.merged ? cols_out : std::min(tile.cols, cols_out - x0);
+    const float* base = sp + bb * block_len + (y0 * gw + x0) * nb;
+    const int64_t vr = tile.merged ? cdiv(kk * gw * nb, isa.lanes) : cdiv(tt * nb, isa.lanes);
+    const int64_t pitch = tile.merged ? gw * nb : vr * isa.lanes;
+    const TileFn kernel = tile.merged ? isa.kernel_for(1, vr) : isa.kernel_for(kk, vr);
+    // Whole vectors of one position each (a full batch block), or, for one image, of a row's
+    // consecutive positions (the tile's run a whole number of vectors): the kernel writes the
+    // output from the registers; otherwise the epilogue below copies the sums.
+    const bool whole_positions = nbv == nb && nb % isa.lanes == 0;
+    const bool whole_rows = n == 1 && (tt * nb) % isa.lanes == 0;
+    // Pooling from the registers: whole positions of 1, 2 or 4 vectors (the kernel's variants), row
+    // and column pairs (pooling tiles have even sides), no window positions wanted (inference).
+    const int64_t out_step = whole_positions ? n : isa.lanes, per_position = whole_positions ? nb / isa.lanes : 1;
+    const bool pool_out = pool && ip == nullptr && !tile.merged && whole_positions && kk % 2 == 0 && tt % 2 == 0 &&
+                          (per_position == 1 || per_position == 2 || per_position == 4);
+    const bool direct_out = !tile.merged && ((!pool && (whole_positions || whole_rows)) || pool_out);
+    for (int64_t oc = oc0; oc < oc1; ++oc) {
+      const int64_t at_out = pool_out ? ((oc * oh + y0 / 2) * ow + x0 / 2) * n + b0 : ((oc * oh + y0) * ow + x0) * n + b0;
+      const TileOutput to_out{op + at_out, ow * n, out_step, per_position, rsp ? rsp + at_out : nullptr, relu, pool_out};
+      kernel(base, gw * nb, offp, a.vals, a.rp[oc], a.rp[oc + 1], a.bias ? a.bias[oc] : 0.f,
+             sums + (oc - oc0) * tile_floats, pitch, direct_out ? &to_out : nullptr);
+    }
+    if (direct_out) return;
+    for (int64_t oc = oc0; oc < oc1; ++oc) {  // the epilogue, from the finished sums
+      const float* acc = sums + (oc - oc0) * tile_floats;
+      if (pool) {
+        for (int64_t i = 0; i < kk; i += 2) {
+          const int64_t at_out = ((oc * oh + (y0 + i) / 2) * ow + x0 / 2) * n + b0;
+          store_pooled_row(op + at_out, n, acc + i * pitch, acc + (i + 1) * pitch, nb, tt / 2, nbv,
+                           ip ? ip + at_out : nullptr);
+        }
+        continue;
+      }
+      for (int64_t i = 0; i < kk; ++i) {
+        const int64_t at_out = ((oc * oh + y0 + i) * ow + x0) * n + b0;
+        store_row(op + at_out, n, acc + i * pitch, nb, tt, nbv, relu, rsp ? rsp + at_out : nullptr);
+      }
+    }
+  };
+
+  // The work, items (batch block, tile, output channel) in that order (tile-major: a tile's input
+  // window is reread by its output channels while in cache), split into one contiguous range per
+  // thread of equal estimated cost: an item costs its non-zeros times its tile's cycles per non-zero
+  // plus its tile's stores. (Equal numbers of tasks left the thread with the narrower edge tiles
+  // waiting at the barrier: 13% of a 256 -> 256 8 x 8 layer at batch 16.)
+  const WorkSplit split = split_work(tile, rows_out, cols_out, gw, nb, isa, blocks, a.rp, oc_count,
+                                     std::min<int64_t>(at::get_num_threads(), blocks * tiles * oc_count));
+  at::parallel_for(0, split.parts(), 1, [&](int64_t begin, int64_t end) {
     // Uninitialised: the kernel writes every sum it keeps before the epilogue reads it.
-    const std::unique_ptr<float[]> sums(new float[oc_per_task * tile_floats + isa.lanes]);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t chunk = task % oc_chunks, tl = (task / oc_chunks) % tiles, bb = task / oc_chunks / tiles;
-      const int64_t b0 = bb * nb, nbv = std::min(nb, n - b0);
-      const int64_t oc0 = chunk * oc_per_task, oc1 = std::min(oc_count, oc0 + oc_per_task);
-      const int64_t y0 = (tl / col_tiles) * tile.rows, kk = std::min(tile.rows, rows_out - y0);
-      const int64_t x0 = tile.merged ? 0 : (tl % col_tiles) * tile.cols;
-      const int64_t tt = tile.merged ? cols_out : std::min(tile.cols, cols_out - x0);
-      const float* base = sp + bb * block_len + (y0 * gw + x0) * nb;
-      const int64_t vr = tile.merged ? cdiv(kk * gw * nb, isa.lanes) : cdiv(tt * nb, isa.lanes);
-      const int64_t pitch = tile.merged ? gw * nb : vr * isa.lanes;
-      const TileFn kernel = tile.merged ? isa.kernel_for(1, vr) : isa.kernel_for(kk, vr);
-      // Whole vectors of one position each (a full batch block), or, for one image, of a row's
-      // consecutive positions (the tile's run a whole number of vectors): the kernel writes the
-      // output from the registers; otherwise the epilogue below copies the sums.
-      const bool whole_positions = nbv == nb && nb % isa.lanes == 0;
-      const bool whole_rows = n == 1 && (tt * nb) % isa.lanes == 0;
-      // Pooling from the registers: whole positions of 1, 2 or 4 vectors (the kernel's variants), row
-      // and column pairs (pooling tiles have even sides), no window positions wanted (inference).
-      const int64_t out_step = whole_positions ? n : isa.lanes, per_position = whole_positions ? nb / isa.lanes : 1;
-      const bool pool_out = pool && ip == nullptr && !tile.merged && whole_positions && kk % 2 == 0 &&
-                            tt % 2 == 0 && (per_position == 1 || per_position == 2 || per_position == 4);
-      const bool direct_out = !tile.merged && ((!pool && (whole_positions || whole_rows)) || pool_out);
-      for (int64_t oc = oc0; oc < oc1; ++oc) {
-        const int64_t at_out = pool_out ? ((oc * oh + y0 / 2) * ow + x0 / 2) * n + b0 : ((oc * oh + y0) * ow + x0) * n + b0;
-        const TileOutput to_out{op + at_out, ow * n, out_step, per_position, rsp ? rsp + at_out : nullptr, relu, pool_out};
-        kernel(base, gw * nb, offp, a.vals, a.rp[oc], a.rp[oc + 1], a.bias ? a.bias[oc] : 0.f,
-               sums.get() + (oc - oc0) * tile_floats, pitch, direct_out ? &to_out : nullptr);
-      }
-      if (direct_out) continue;
-      for (int64_t oc = oc0; oc < oc1; ++oc) {  // the epilogue, from the finished sums
-        const float* acc = sums.get() + (oc - oc0) * tile_floats;
-        if (pool) {
-          for (int64_t i = 0; i < kk; i += 2) {
-            const int64_t at_out = ((oc * oh + (y0 + i) / 2) * ow + x0 / 2) * n + b0;
-            store_pooled_row(op + at_out, n, acc + i * pitch, acc + (i + 1) * pitch, nb, tt / 2, nbv,
-                             ip ? ip + at_out : nullptr);
-          }
-          continue;
-        }
-        for (int64_t i = 0; i < kk; ++i) {
-          const int64_t at_out = ((oc * oh + y0 + i) * ow + x0) * n + b0;
-          store_row(op + at_out, n, acc + i * pitch, nb, tt, nbv, relu, rsp ? rsp + at_out : nullptr);
-        }
-      }
+    const std::unique_ptr<float[]> sums(new float[oc_per_chunk * tile_floats + isa.lanes]);
+    for (int64_t g = split.start[begin], g1 = split.start[end]; g < g1;) {
+      const int64_t segment = g / oc_count, oc = g % oc_count;
+      const int64_t oc_end = std::min({oc_count, oc + (g1 - g), oc + oc_per_chunk});
+      run_tile(segment / tiles, segment % tiles, oc, oc_end, sums.get());
+      g += oc_end - oc;
     }
   });
   return out.permute({3, 0, 1, 2});

@@ -337,6 +337,34 @@ def test_tiled_algorithm_batch_blocks_of_32_and_64(n, block, isa, monkeypatch):
                 torch.testing.assert_close(got.double(), want * scale, atol=1e-5 * scale, rtol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+@pytest.mark.parametrize("case", [(16, 12, 8, 8, 9, 1), (16, 6, 4, 4, 1, 1), (33, 5, 9, 9, 11, 2), (1, 4, 2, 2, 3, 1)],
+                         ids=str)
+def test_tiled_algorithm_splits_its_work_by_cost_over_any_thread_count(case, threads):
+    # Each thread takes a contiguous range of (batch block, tile, output channel) of equal estimated
+    # cost: ranges that end inside a tile, output channels of very different non-zero counts (empty,
+    # dense), fewer items than threads (one output channel of one tile), partial batch blocks.
+    n, c, h, w, oc, stride = case
+    gen = torch.Generator().manual_seed(n * 7 + oc)
+    weight = sparse_weight((oc, c, 3, 3), 0.7, seed=n + oc, empty_row=oc > 1)
+    if oc > 2:
+        weight[oc // 2] = torch.randn(c, 3, 3, generator=gen)  # one dense row among sparse ones
+    bias = torch.randn(oc, generator=gen)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    x = torch.randn(n, c, h, w, generator=gen)
+    conv = F.conv2d(x.double(), weight.double(), bias.double(), stride=stride, padding=1)
+    residual = torch.randn(conv.shape, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for epilogue, want in {1: F.relu(conv), 3: F.relu(conv + residual.double())}.items():
+            got = sparse_conv2d(to_batch_innermost(x), row_ptr, col_idx, values, bias, c, 3, 3, stride, stride, 1, 1,
+                                epilogue, residual if epilogue == 3 else None, algo=4)
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_tiled_algorithm_follows_patterns_that_change_under_its_offset_cache():
     # The tiled algorithm caches each pattern's offsets per col_idx tensor and geometry: a pattern
     # edited in place, another batch size or map size, and a new col_idx tensor (perhaps at a freed
