@@ -8,6 +8,11 @@
   python bench/sparse_profile.py window    the cache's share: a 256->256 8x8 conv (batch 64, tiled)
                                            with its non-zeros packed into a few input channels (the
                                            input window stays in L1) against as many spread at random
+  python bench/sparse_profile.py network --model resnet18 --sparsity 0.9
+                                           each sparse conv of the tuned model, in the network: ms per
+                                           batch (all its micro-batches), to set beside DeepSparse's
+                                           per-layer times (`deepsparse.debug_analysis MODEL.onnx -ncores
+                                           2 -b 64`, an ONNX export of the same pruned model)
 
 Magnitude-pruned random weights, medians of repeated runs; prints markdown tables.
 """
@@ -113,11 +118,61 @@ def window(batch: int = 64) -> None:
             print(f"| {9 * k} | {threads} | {rates[0]:.0f} | {rates[1]:.0f} |", flush=True)
 
 
+def network(batch: int = 64, model: str = "resnet18", sparsity: float = 0.9, repeats: int = 15) -> None:
+    from fastprune.models import get_model
+    from fastprune.nn import fold_masks, prune_model, sparsify
+    from fastprune.nn.sparse.layers import SparseConv2d
+
+    torch.manual_seed(0)
+    dense = fold_masks(prune_model(get_model(model, 10, 3).eval(), sparsity, method="magnitude"))
+    x = torch.randn(batch, 3, 32, 32)
+    sparse = sparsify(dense, x, batch_sizes=(batch,))
+    config = sparse.plan["devices"][next(iter(sparse.plan["devices"]))]
+    print(f"{model} at {sparsity:.0%}, batch {batch}: {next(iter(config.values()))['choice']}")
+    convs = {name: m for name, m in sparse.named_modules() if isinstance(m, SparseConv2d)}
+    seconds: dict[str, list[float]] = {name: [] for name in convs}
+    started: dict[str, float] = {}
+    hooks = []
+    for name, m in convs.items():  # a layer's calls timed from its pre-hook to its hook
+        hooks.append(m.register_forward_pre_hook(lambda mod, args, n=name: started.__setitem__(n, time.perf_counter())))
+        hooks.append(m.register_forward_hook(lambda mod, args, out, n=name: seconds[n].append(
+            time.perf_counter() - started[n])))
+    whole = []
+    with torch.no_grad():
+        for _ in range(3):
+            sparse(x)
+        for times in seconds.values():
+            times.clear()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            sparse(x)
+            whole.append(time.perf_counter() - start)
+    for hook in hooks:
+        hook.remove()
+    print("| layer | shape | choice | ms per batch (calls) |")
+    print("|---|---|---|---|")
+    total = 0.0
+    for name, m in convs.items():
+        calls = len(seconds[name]) // repeats
+        ms = sorted(seconds[name])[len(seconds[name]) // 2] * calls * 1e3  # median call x calls per batch
+        total += ms
+        print(f"| {name} | {m.in_channels}->{m.weight_shape[0]} {m.kernel_size[0]}x{m.kernel_size[1]} s{m.stride[0]} "
+              f"| {m.choice} | {ms:.2f} ({calls}) |")
+    print(f"convs {total:.1f} ms of the network's {sorted(whole)[len(whole) // 2] * 1e3:.1f} ms (medians)")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["layers", "untuned", "window"])
+    parser.add_argument("what", choices=["layers", "untuned", "window", "network"])
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--model", default="resnet18", help="network: the model (fastprune.models)")
+    parser.add_argument("--sparsity", type=float, default=0.9, help="network: the magnitude pruning's sparsity")
     args = parser.parse_args()
     if args.batch < 1:
         raise SystemExit(f"--batch must be at least 1, got {args.batch}")
-    {"layers": layers, "untuned": untuned, "window": window}[args.what](args.batch)
+    if not 0 <= args.sparsity < 1:
+        raise SystemExit(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if args.what == "network":
+        network(args.batch, args.model, args.sparsity)
+    else:
+        {"layers": layers, "untuned": untuned, "window": window}[args.what](args.batch)

@@ -11,9 +11,10 @@
 // phases for stride S (as the padded algorithm does), batch innermost: staged[phase * C + ic][i][j][0:nb].
 // A stride-S convolution is then a stride-1 one over the phases, and the nb images of a position
 // are contiguous, so a run of T output positions reads T * nb contiguous floats. Tiles are chosen
-// per call by a cost model of the micro-kernel (below); tasks run tile-major, all output channels of
-// a tile while its input window is in cache. The output is laid out (OC, H', W', N) like the
-// batch-innermost algorithm's (for N = 1 that is NCHW), with its ReLU / pooling / residual epilogues.
+// per call by a cost model of the micro-kernel (below); work runs tile-major, all output channels of
+// a tile while its input window is in cache, one contiguous range of equal modelled cost per thread.
+// The output is laid out (OC, H', W', N) like the batch-innermost algorithm's (for N = 1 that is
+// NCHW), with its ReLU / pooling / residual epilogues.
 #include <cstdlib>
 #include <cstring>
 #include <map>
