@@ -8,7 +8,8 @@
 //      its non-zeros in the block, accumulators loaded from and stored to the chunk's partial sums.
 // Build and run (one thread; arguments: C OC density cb Q):
 //   g++ -O3 -march=native -o channel_blocking channel_blocking.cpp && ./channel_blocking 256 256 0.1 16 16
-// Prints ns per non-zero (24 FMAs each) of both and their ratio; B's outputs are checked against A's.
+// Prints ns per non-zero (24 FMAs each) of A with software prefetches at several distances, then of A
+// and B and their ratio; B's outputs are checked against A's.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -51,6 +52,37 @@ static inline void kern(const float* __restrict__ base, int64_t rs, const int32_
 #pragma GCC unroll 24
     for (int j = 0; j < VR; ++j) *reinterpret_cast<vec*>(io + (r * VR + j) * 16) = acc[r][j];
 }
+// A with a software prefetch: the first line of each of the R runs of the non-zero PD ahead (PL
+// lines from line L0), as tiled_kernel.h does since session 11 (PD = 4, PL = 1).
+template <int PD, int PL, int L0 = 0>
+static inline void kernp(const float* __restrict__ base, int64_t rs, const int32_t* __restrict__ offs,
+                        const float* __restrict__ vals, int64_t e0, int64_t e1, float* __restrict__ io) {
+  vec acc[R][VR];
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 24
+    for (int j = 0; j < VR; ++j) acc[r][j] = vec{};
+  const float* rb[R];
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r) rb[r] = base + r * rs;
+  for (int64_t e = e0; e < e1; ++e) {
+    const int64_t o = offs[e];
+    const float v = vals[e];
+    const int64_t op = offs[e + PD];  // offs padded past the end
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 3
+      for (int l = L0; l < L0 + PL; ++l) __builtin_prefetch(rb[r] + op + l * 16, 0, 3);
+#pragma GCC unroll 24
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 24
+      for (int j = 0; j < VR; ++j) acc[r][j] += v * *reinterpret_cast<const uvec*>(rb[r] + o + j * 16);
+  }
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 24
+    for (int j = 0; j < VR; ++j) *reinterpret_cast<vec*>(io + (r * VR + j) * 16) = acc[r][j];
+}
 int main(int argc, char** argv) {
   const int C = atoi(argv[1]), OC = atoi(argv[2]); const double density = atof(argv[3]);
   const int cb = atoi(argv[4]), Q = atoi(argv[5]);
@@ -65,6 +97,7 @@ int main(int argc, char** argv) {
       col.push_back(c); offs.push_back(c * plane + ((t / 3) * gw + t % 3) * nb); vals.push_back(U(rng)); }
   }
   rp[OC] = offs.size();
+  for (int i = 0; i < 64; ++i) offs.push_back(0);  // the prefetch reads offsets past the end
   const int nblk = (C + cb - 1) / cb;
   std::vector<int32_t> seg((size_t)OC * (nblk + 1));
   for (int o = 0; o < OC; ++o) { int e = rp[o];
@@ -89,6 +122,16 @@ int main(int argc, char** argv) {
   runA(); std::vector<float> a(out, out + (size_t)OC * tiles * 384);
   runB(); double md = 0; for (size_t i = 0; i < a.size(); ++i) md = std::max(md, (double)std::fabs(a[i] - out[i]));
   const double nz = rp[OC] * (double)tiles;
+  auto runP = [&](auto kfn) {
+    for (int t = 0; t < tiles; ++t) { const float* base = x + (t * 3) * nb;
+      for (int o = 0; o < OC; ++o) kfn(base, gw * nb, offs.data(), vals.data(), rp[o], rp[o + 1], out + ((size_t)o * tiles + t) * 384); }
+  };
+  auto timeit = [&](auto f) { double b = 1e9; for (int rep = 0; rep < 30; ++rep) { auto t0 = std::chrono::steady_clock::now(); f();
+      b = std::min(b, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()); } return b / nz * 1e9; };
+  for (int round = 0; round < 2; ++round)
+    printf("prefetch: A %.2f | first line, %d / %d / %d / %d ahead: %.2f / %.2f / %.2f / %.2f | all 3 lines, 4 ahead: %.2f ns/nz\n",
+           timeit(runA), 2, 3, 4, 6, timeit([&] { runP(kernp<2, 1>); }), timeit([&] { runP(kernp<3, 1>); }),
+           timeit([&] { runP(kernp<4, 1>); }), timeit([&] { runP(kernp<6, 1>); }), timeit([&] { runP(kernp<4, 3>); }));
   for (int round = 0; round < 3; ++round) {
     double best[2] = {1e9, 1e9};
     for (int rep = 0; rep < 30; ++rep) for (int k = 0; k < 2; ++k) {

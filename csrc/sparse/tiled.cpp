@@ -44,6 +44,9 @@ struct TileOutput {
   bool pool = false;
 };
 
+// How many non-zeros ahead the micro-kernel prefetches the input rows of (tiled_kernel.h).
+constexpr int kPrefetchAhead = 4;
+
 // How many independent sets of accumulators (chains) a tile of `vectors` registers splits an output
 // channel's non-zeros over: a fused multiply-add waits 4 cycles for its accumulator's previous one,
 // so a tile of fewer than 8 vectors (two FMAs a cycle) would wait on that latency; K chains, each
@@ -405,10 +408,12 @@ float* staging_memory(int64_t floats, at::Tensor& fallback, const at::TensorOpti
 // The pattern, specialised for a geometry: each non-zero's offset in a staged block (phase
 // (r % S, s % S) of channel ic, shifted by (r / S, s / S)), from a table per weight column (C kh kw
 // entries, fewer than the non-zeros) so that no per-non-zero work divides.
+// kPrefetchAhead zero entries follow the last one: the micro-kernel reads the offset of the non-zero
+// that many ahead to prefetch its input (tiled_kernel.h).
 std::vector<int32_t> compute_offsets(const ConvArgs& a, int64_t c, int64_t S, int64_t gw, int64_t nb, int64_t plane,
                                      int64_t nnz) {
   const int64_t kh = a.kh, kw = a.kw, ksize = kh * kw;
-  std::vector<int32_t> column_offset(c * ksize), offs(nnz);
+  std::vector<int32_t> column_offset(c * ksize), offs(nnz + kPrefetchAhead, 0);
   std::vector<int64_t> tap_offset(ksize);  // column (ic, r, s) is at ic * plane + tap_offset[r * kw + s]
   for (int64_t r = 0; r < kh; ++r)
     for (int64_t s = 0; s < kw; ++s)
@@ -452,7 +457,8 @@ std::shared_ptr<const std::vector<int32_t>> pattern_offsets(const ConvArgs& a, i
     const auto found = cache.find(key);
     if (found != cache.end()) {
       const auto alive = found->second.cols.lock();
-      if (alive.get() == impl && found->second.offs->size() == static_cast<size_t>(nnz)) return found->second.offs;
+      if (alive.get() == impl && found->second.offs->size() == static_cast<size_t>(nnz + kPrefetchAhead))
+        return found->second.offs;
       cached_ints -= static_cast<int64_t>(found->second.offs->size());
       cache.erase(found);
     }

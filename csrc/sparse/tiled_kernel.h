@@ -7,6 +7,8 @@
 // No includes here: the file is pasted into a namespace (TileOutput comes from tiled.cpp).
 
 constexpr int kLanes = FASTPRUNE_LANES;
+// Tiles of fewer vectors (batch 1, small maps) wait on the FMA latency, not on their loads.
+constexpr int kPrefetchMinVectors = 8;
 constexpr int kMaxAcc = FASTPRUNE_MAX_ACC;
 typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef float uvec __attribute__((vector_size(kLanes * sizeof(float)), aligned(sizeof(float))));  // unaligned
@@ -67,6 +69,14 @@ void tile_kernel(const float* __restrict__ base, int64_t run_stride, const int32
     for (int k = 0; k < K; ++k) {
       const int64_t o = offs[e + k];
       const float v = vals[e + k];  // broadcast by the multiplication
+      if constexpr (R * VR >= kPrefetchMinVectors) {
+        // The first line of each run of the non-zero kPrefetchAhead on (offs has that many zero
+        // entries past its end): the loads below wait on L2 otherwise (a tile's window over all input
+        // channels does not fit L1), and the hardware prefetcher does not follow the pattern.
+        const int64_t ahead = offs[e + k + kPrefetchAhead];
+#pragma GCC unroll 24
+        for (int r = 0; r < R; ++r) __builtin_prefetch(run_base[r] + ahead, 0, 3);
+      }
 #pragma GCC unroll 24
       for (int r = 0; r < R; ++r)
 #pragma GCC unroll 24
