@@ -22,57 +22,30 @@
 typedef float vec __attribute__((vector_size(64)));
 typedef float uvec __attribute__((vector_size(64), aligned(4)));
 constexpr int R = 8, VR = 3;
+// The tile kernel: acc (from `io` when `load`, else zero) += the non-zeros [e0, e1), stored to `io`.
+// PL > 0: a software prefetch of PL lines (from line L0) of each of the R runs of the non-zero PD
+// ahead (offs is padded past its end), as tiled_kernel.h does since session 11 (PD = 4, PL = 1).
+template <int PD = 0, int PL = 0, int L0 = 0>
 static inline void kern(const float* __restrict__ base, int64_t rs, const int32_t* __restrict__ offs,
                         const float* __restrict__ vals, int64_t e0, int64_t e1, float* __restrict__ io, bool load) {
   vec acc[R][VR];
-  if (load) {
 #pragma GCC unroll 24
-    for (int r = 0; r < R; ++r)
+  for (int r = 0; r < R; ++r)
 #pragma GCC unroll 24
-      for (int j = 0; j < VR; ++j) acc[r][j] = *reinterpret_cast<vec*>(io + (r * VR + j) * 16);
-  } else {
-#pragma GCC unroll 24
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 24
-      for (int j = 0; j < VR; ++j) acc[r][j] = vec{};
-  }
+    for (int j = 0; j < VR; ++j) acc[r][j] = load ? *reinterpret_cast<vec*>(io + (r * VR + j) * 16) : vec{};
   const float* rb[R];
 #pragma GCC unroll 24
   for (int r = 0; r < R; ++r) rb[r] = base + r * rs;
   for (int64_t e = e0; e < e1; ++e) {
     const int64_t o = offs[e];
     const float v = vals[e];
-#pragma GCC unroll 24
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 24
-      for (int j = 0; j < VR; ++j) acc[r][j] += v * *reinterpret_cast<const uvec*>(rb[r] + o + j * 16);
-  }
-#pragma GCC unroll 24
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 24
-    for (int j = 0; j < VR; ++j) *reinterpret_cast<vec*>(io + (r * VR + j) * 16) = acc[r][j];
-}
-// A with a software prefetch: the first line of each of the R runs of the non-zero PD ahead (PL
-// lines from line L0), as tiled_kernel.h does since session 11 (PD = 4, PL = 1).
-template <int PD, int PL, int L0 = 0>
-static inline void kernp(const float* __restrict__ base, int64_t rs, const int32_t* __restrict__ offs,
-                        const float* __restrict__ vals, int64_t e0, int64_t e1, float* __restrict__ io) {
-  vec acc[R][VR];
-#pragma GCC unroll 24
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 24
-    for (int j = 0; j < VR; ++j) acc[r][j] = vec{};
-  const float* rb[R];
-#pragma GCC unroll 24
-  for (int r = 0; r < R; ++r) rb[r] = base + r * rs;
-  for (int64_t e = e0; e < e1; ++e) {
-    const int64_t o = offs[e];
-    const float v = vals[e];
-    const int64_t op = offs[e + PD];  // offs padded past the end
+    if constexpr (PL > 0) {
+      const int64_t ahead = offs[e + PD];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
+      for (int r = 0; r < R; ++r)
 #pragma GCC unroll 3
-      for (int l = L0; l < L0 + PL; ++l) __builtin_prefetch(rb[r] + op + l * 16, 0, 3);
+        for (int l = L0; l < L0 + PL; ++l) __builtin_prefetch(rb[r] + ahead + l * 16, 0, 3);
+    }
 #pragma GCC unroll 24
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 24
@@ -105,33 +78,31 @@ int main(int argc, char** argv) {
   const int tiles = 2;  // x0 = 0, 3 (8 x 3 tiles)
   float* out = (float*)aligned_alloc(64, (size_t)OC * tiles * 24 * 64);
   float* ps = (float*)aligned_alloc(64, (size_t)Q * 24 * 64);
-  auto runA = [&] {
+  // A, with the tile kernel variant K (kern<> has no prefetch).
+  auto runP = [&](auto K) {
     for (int t = 0; t < tiles; ++t) { const float* base = x + (t * 3) * nb;
-      for (int o = 0; o < OC; ++o) kern(base, gw * nb, offs.data(), vals.data(), rp[o], rp[o + 1], out + ((size_t)o * tiles + t) * 384, false); }
+      for (int o = 0; o < OC; ++o) K(base, gw * nb, offs.data(), vals.data(), rp[o], rp[o + 1], out + ((size_t)o * tiles + t) * 384, false); }
   };
+  auto runA = [&] { runP(kern<>); };
   auto runB = [&] {
     for (int t = 0; t < tiles; ++t) { const float* base = x + (t * 3) * nb;
       for (int o0 = 0; o0 < OC; o0 += Q) {
         const int o1 = std::min(OC, o0 + Q);
         for (int b = 0; b < nblk; ++b)
           for (int o = o0; o < o1; ++o) { const int32_t* s = &seg[(size_t)o * (nblk + 1) + b];
-            kern(base, gw * nb, offs.data(), vals.data(), s[0], s[1], ps + (o - o0) * 384, b > 0); }
+            kern<>(base, gw * nb, offs.data(), vals.data(), s[0], s[1], ps + (o - o0) * 384, b > 0); }
         for (int o = o0; o < o1; ++o) memcpy(out + ((size_t)o * tiles + t) * 384, ps + (o - o0) * 384, 384 * 4);
       } }
   };
   runA(); std::vector<float> a(out, out + (size_t)OC * tiles * 384);
   runB(); double md = 0; for (size_t i = 0; i < a.size(); ++i) md = std::max(md, (double)std::fabs(a[i] - out[i]));
   const double nz = rp[OC] * (double)tiles;
-  auto runP = [&](auto kfn) {
-    for (int t = 0; t < tiles; ++t) { const float* base = x + (t * 3) * nb;
-      for (int o = 0; o < OC; ++o) kfn(base, gw * nb, offs.data(), vals.data(), rp[o], rp[o + 1], out + ((size_t)o * tiles + t) * 384); }
-  };
   auto timeit = [&](auto f) { double b = 1e9; for (int rep = 0; rep < 30; ++rep) { auto t0 = std::chrono::steady_clock::now(); f();
       b = std::min(b, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()); } return b / nz * 1e9; };
   for (int round = 0; round < 2; ++round)
     printf("prefetch: A %.2f | first line, %d / %d / %d / %d ahead: %.2f / %.2f / %.2f / %.2f | all 3 lines, 4 ahead: %.2f ns/nz\n",
-           timeit(runA), 2, 3, 4, 6, timeit([&] { runP(kernp<2, 1>); }), timeit([&] { runP(kernp<3, 1>); }),
-           timeit([&] { runP(kernp<4, 1>); }), timeit([&] { runP(kernp<6, 1>); }), timeit([&] { runP(kernp<4, 3>); }));
+           timeit(runA), 2, 3, 4, 6, timeit([&] { runP(kern<2, 1>); }), timeit([&] { runP(kern<3, 1>); }),
+           timeit([&] { runP(kern<4, 1>); }), timeit([&] { runP(kern<6, 1>); }), timeit([&] { runP(kern<4, 3>); }));
   for (int round = 0; round < 3; ++round) {
     double best[2] = {1e9, 1e9};
     for (int rep = 0; rep < 30; ++rep) for (int k = 0; k < 2; ++k) {
