@@ -234,11 +234,11 @@ WorkSplit split_work(const TileShape& t, int64_t rows_out, int64_t cols_out, int
   split.start.assign(parts + 1, items);
   split.start[0] = 0;
   const double total = segment_cost * static_cast<double>(blocks);
+  const int64_t segments = blocks * tiles;
   int64_t segment = 0;
   double before = 0;  // the cost of the segments before `segment`
   for (int64_t p = 1; p < parts; ++p) {
     const double target = total * static_cast<double>(p) / static_cast<double>(parts);
-    const int64_t segments = blocks * tiles;
     for (;;) {
       const int64_t tl = segment % tiles;
       const double cost = per_nz[tl] * nnz + per_oc[tl] * static_cast<double>(oc_count);
