@@ -10,6 +10,7 @@
 namespace fastprune {
 namespace sparse_cpu {
 int64_t release_pooled_memory();  // csrc/sparse/memory_pool.cpp
+bool generated_supported();       // csrc/sparse/generated.cpp
 }  // namespace sparse_cpu
 }  // namespace fastprune
 
@@ -30,10 +31,11 @@ TORCH_LIBRARY(fastprune, m) {
   // Sparse convolution (N, C, H, W) -> (N, out_channels, H', W') with a CSR weight: row_ptr (OC + 1)
   // and col_idx (nnz) int32, col = (ic * kh + r) * kw + s, values (nnz) float32; groups 1, dilation 1.
   // algo: 0 picks by shape, 1 the padded channel-major algorithm, 2 the direct one (stride 1 or 2,
-  // NCHW), 3 the batch-innermost one (output memory (OC, H', W', N)). (CPU; the GPU runs
-  // sparse_conv2d_tiled_ext below.)
+  // NCHW), 3 the batch-innermost one, 4 the tiled one, 5 the generated one (machine code per layer;
+  // the tiled one where it does not apply); 3-5 lay their output out (OC, H', W', N). (CPU; the GPU
+  // runs sparse_conv2d_tiled_ext below.)
   // epilogue: 0 none, 1 ReLU, 2 ReLU then 2x2 max pooling (CPU only), 3 ReLU of the sum with
-  // `residual` (the output's shape; CPU batch-innermost algorithm only): fused into the
+  // `residual` (the output's shape; CPU algorithms 3-5 only): fused into the
   // write of the output, which saves whole passes over the activations.
   m.def(
       "sparse_conv2d_ext(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias, int kh, int kw, "
@@ -61,6 +63,9 @@ TORCH_LIBRARY(fastprune, m) {
   // Free the memory the CPU sparse kernels keep for reuse (outputs of tensors that died); returns the
   // bytes freed. (Any device: no tensor argument.)
   m.def("sparse_release_memory_ext() -> int", &fastprune::sparse_cpu::release_pooled_memory);
+  // Whether the CPU sparse conv's generated algorithm (5) runs here: AVX-512 on x86-64 and memory the
+  // system lets it make executable. (Any device.)
+  m.def("sparse_generated_supported_ext() -> bool", &fastprune::sparse_cpu::generated_supported);
 }
 
 // `import fastprune._C` only needs to load the library (its static initialisers register the ops);

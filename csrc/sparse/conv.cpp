@@ -1,7 +1,7 @@
 // fastprune::sparse_conv2d_ext on the CPU (the `cpp` backend of fastprune::sparse_conv2d): direct
 // sparse convolution, work proportional to the number of non-zero weights. Checks the arguments,
 // picks the algorithm when asked to (algo 0, by shape), allocates the output in the layout the op
-// promises and runs one of padded.cpp, direct.cpp, batch_innermost.cpp, tiled.cpp.
+// promises and runs one of padded.cpp, direct.cpp, batch_innermost.cpp, tiled.cpp, generated.cpp.
 #include <torch/library.h>
 
 #include "sparse_common.h"
@@ -41,13 +41,14 @@ at::Tensor run_conv(const at::Tensor& x, const at::Tensor& row_ptr, const at::Te
                     const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t kh, int64_t kw,
                     int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t algo, int64_t epilogue,
                     const std::optional<at::Tensor>& residual, at::Tensor* pool_index) {
-  TORCH_CHECK(algo >= 0 && algo <= 4,
-              "sparse_conv2d: algo must be 0 (auto), 1 (padded), 2 (direct), 3 (batch innermost) or 4 (tiled)");
+  TORCH_CHECK(algo >= 0 && algo <= 5,
+              "sparse_conv2d: algo must be 0 (auto), 1 (padded), 2 (direct), 3 (batch innermost), 4 (tiled) or 5 "
+              "(generated)");
   TORCH_CHECK(epilogue >= 0 && epilogue <= 3,
               "sparse_conv2d: epilogue must be 0 (none), 1 (relu), 2 (relu + pool) or 3 (add residual + relu)");
-  TORCH_CHECK((epilogue == 3) == residual.has_value() && (epilogue != 3 || algo == 3 || algo == 4),
-              "sparse_conv2d: the residual epilogue (3) needs a residual and the batch-innermost (3) or tiled (4) "
-              "algorithm");
+  TORCH_CHECK((epilogue == 3) == residual.has_value() && (epilogue != 3 || algo >= 3),
+              "sparse_conv2d: the residual epilogue (3) needs a residual and the batch-innermost (3), tiled (4) or "
+              "generated (5) algorithm");
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "sparse_conv2d: x must be float32 (N, C, H, W)");
   TORCH_CHECK(kh >= 1 && kw >= 1 && stride_h >= 1 && stride_w >= 1 && pad_h >= 0 && pad_w >= 0,
               "sparse_conv2d: bad geometry");
@@ -61,9 +62,12 @@ at::Tensor run_conv(const at::Tensor& x, const at::Tensor& row_ptr, const at::Te
                 oc_count, kh, kw, stride_h, stride_w, pad_h, pad_w, relu, pool};
   args.pool_index = pool_index;
   args.cols_tensor = &col_idx;
-  if (algo == 3 || algo == 4) {
-    // Both return a (N, OC, H', W') view of their (OC, H', W', N) output; the index gets the same view.
-    at::Tensor out = algo == 3 ? conv_batch_innermost(x, args, residual) : conv_tiled(x, args, residual);
+  args.vals_tensor = &values;
+  if (algo >= 3) {
+    // Each returns a (N, OC, H', W') view of its (OC, H', W', N) output; the index gets the same view.
+    at::Tensor out = algo == 3   ? conv_batch_innermost(x, args, residual)
+                     : algo == 4 ? conv_tiled(x, args, residual)
+                                 : conv_generated(x, args, residual);
     if (pool_index != nullptr && pool_index->defined()) {
       *pool_index = pool_index->as_strided(out.sizes(), out.strides());
     } else if (pool_index != nullptr) {  // an empty output: nothing was allocated

@@ -7,6 +7,8 @@
 //   batch_innermost.cpp  algo 3: activations (C, H, W, N), the batch is the vector dimension;
 //   tiled.cpp            algo 4: register-blocked output tiles over a staged, padded, batch-blocked
 //                        copy of the input (tiled_kernel.h: the micro-kernel, per instruction set);
+//   generated.cpp        algo 5: AVX-512 machine code written per layer for its pattern (24 output
+//                        channels a kernel) over the tiled algorithm's staging (x86_emitter.h);
 //   conv.cpp             the op: checks, algorithm by shape, output allocation; linear.cpp the
 //                        sparse linear layer; weight_grad.cpp the gradient at the non-zeros.
 //                        epilogue.h: ReLU / 2x2 max pooling / residual stores.
@@ -43,6 +45,8 @@ struct ConvArgs {
   // The col_idx tensor itself (or nullptr): lets the tiled algorithm cache what it derives from the
   // pattern per weight and geometry.
   const at::Tensor* cols_tensor = nullptr;
+  // The values tensor itself (or nullptr): the generated algorithm's code holds the values.
+  const at::Tensor* vals_tensor = nullptr;
 };
 
 // The uint8 tensor of the pooling's window positions, out's sizes and strides, when the caller
@@ -66,6 +70,17 @@ void conv_padded(const at::Tensor& x, const ConvArgs& a, at::Tensor& out);
 void conv_direct(const at::Tensor& x, const ConvArgs& a, at::Tensor& out);
 at::Tensor conv_batch_innermost(const at::Tensor& x, const ConvArgs& a, const std::optional<at::Tensor>& residual);
 at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optional<at::Tensor>& residual);
+// Algorithm 5 (generated.cpp): code per layer where generated_applicable, else algorithm 4.
+at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::optional<at::Tensor>& residual);
+bool generated_applicable(int64_t n, bool pool, int64_t stride_h, int64_t stride_w, int64_t nnz);
+bool generated_supported();  // AVX-512 and executable memory here
+
+// The tiled and generated algorithms' staged input (tiled.cpp): x in batch blocks of nb images at
+// staged + b * block_len, each zero-padded and split into S x S stride phases, batch innermost:
+// [(phase * C + ic) * gh * gw * nb + (i * gw + j) * nb + k]; and per-thread memory for it.
+void stage_blocks(const at::Tensor& x, int64_t nb, int64_t S, int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w,
+                  int64_t gh, int64_t gw, int64_t block_len, float* staged);
+float* staging_memory(int64_t floats, at::Tensor& fallback, const at::TensorOptions& options);
 
 // The residual (a ResNet block's shortcut) of an output allocated (OC, H', W', N), in that layout (a
 // view when the previous layers wrote it so too); undefined when there is none. conv.cpp.

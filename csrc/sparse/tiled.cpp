@@ -265,6 +265,8 @@ constexpr int64_t kMinTaskFloats = 32 * 1024;
 // whole-row runs, a partial batch block): its chunk of output channels keeps them within L2.
 constexpr int64_t kSumsFloats = 16 * 1024;
 
+}  // namespace
+
 // The input in batch blocks of nb images, each zero-padded and split into stride phases, batch
 // innermost: block b at staged + b * block_len holds
 // [(phase * C + ic) * plane + (i * gw + j) * nb + k] = x[b nb + k][ic][S i + a - pad_h][S j + b - pad_w]
@@ -280,7 +282,7 @@ constexpr int64_t kSumsFloats = 16 * 1024;
 #if defined(__GNUC__) && !defined(__clang__)
 __attribute__((optimize("no-tree-loop-distribute-patterns")))
 #endif
-void stage_plane(const float* __restrict__ image, int64_t sh, int64_t sw, int64_t h, int64_t w, int64_t pad_h,
+static void stage_plane(const float* __restrict__ image, int64_t sh, int64_t sw, int64_t h, int64_t w, int64_t pad_h,
                  int64_t pad_w, int64_t gh, int64_t gw, float* __restrict__ plane) {
   for (int64_t i = 0; i < gh; ++i) {
     float* row = plane + i * gw;
@@ -404,6 +406,8 @@ float* staging_memory(int64_t floats, at::Tensor& fallback, const at::TensorOpti
   }
   return ws.data;
 }
+
+namespace {
 
 // The pattern, specialised for a geometry: each non-zero's offset in a staged block (phase
 // (r % S, s % S) of channel ic, shifted by (r / S, s / S)), from a table per weight column (C kh kw

@@ -68,9 +68,12 @@ def _tiled_conv_cuda(x, weight: TiledWeight, geometry, relu: bool) -> torch.Tens
                                                        weight.bias, weight.rows, *geometry, relu)
 
 
-ALGORITHMS = {"padded": 1, "direct": 2, "batch_innermost": 3, "tiled": 4}
+ALGORITHMS = {"padded": 1, "direct": 2, "batch_innermost": 3, "tiled": 4, "generated": 5}
 # The algorithms whose output is laid out (OC, H', W', N) and that fuse the residual epilogue.
-_BATCH_INNERMOST_OUT = (ALGORITHMS["batch_innermost"], ALGORITHMS["tiled"])
+_BATCH_INNERMOST_OUT = (ALGORITHMS["batch_innermost"], ALGORITHMS["tiled"], ALGORITHMS["generated"])
+# Batches the generated algorithm runs itself (whole AVX-512 vectors of images); others go to the tiled one.
+GENERATED_BATCH_MULTIPLE = 16
+GENERATED_MAX_NONZEROS = 40000  # csrc/sparse/generated.cpp, kMaxGeneratedNonzeros
 EPILOGUES = {"none": 0, "relu": 1, "relu_pool": 2, "add_relu": 3}
 
 
@@ -81,12 +84,35 @@ def direct_applicable(x: torch.Tensor, stride) -> bool:
 
 def pool_fusable(x: torch.Tensor, stride, algo: int) -> bool:
     """Whether the cpp backend can fuse ReLU + 2x2 max pooling: the batch-innermost algorithm, the
-    padded and tiled ones with equal strides, or the direct one (chosen when ``algo`` is 0 or 2)."""
+    padded, tiled and generated (whose pooling the tiled one runs) ones with equal strides, or the direct
+    one (chosen when ``algo`` is 0 or 2)."""
     if algo == ALGORITHMS["batch_innermost"]:
         return True
-    if algo in (ALGORITHMS["padded"], ALGORITHMS["tiled"]):
+    if algo in (ALGORITHMS["padded"], ALGORITHMS["tiled"], ALGORITHMS["generated"]):
         return stride[0] == stride[1]
     return direct_applicable(x, stride)
+
+
+def generated_supported() -> bool:
+    """Whether the CPU's generated algorithm (algo 5: AVX-512 machine code written per layer for its
+    non-zero pattern) runs on this machine; where it does not, algo 5 runs the tiled algorithm."""
+    global _generated_supported
+    if _generated_supported is None:
+        _generated_supported = bool(backends._load_extension()
+                                    and torch.ops.fastprune.sparse_generated_supported_ext())
+    return _generated_supported
+
+
+_generated_supported: Optional[bool] = None
+
+
+def generated_applicable(x: torch.Tensor, stride, nnz: int, pool: bool = False) -> bool:
+    """Whether algo 5 runs its generated code on input x (else it runs the tiled algorithm): a CPU
+    with AVX-512, equal strides, no fused pooling, a batch of whole multiples of 16 images, at most
+    GENERATED_MAX_NONZEROS non-zeros (the code of larger layers does not stay in L2)."""
+    return (x.device.type == "cpu" and x.dim() == 4 and stride[0] == stride[1] and not pool
+            and x.shape[0] > 0 and x.shape[0] % GENERATED_BATCH_MULTIPLE == 0 and nnz <= GENERATED_MAX_NONZEROS
+            and generated_supported())
 
 
 def to_batch_innermost(x: torch.Tensor) -> torch.Tensor:
@@ -227,7 +253,8 @@ def _sparse_conv2d_cuda_kernel(x, row_ptr, col_idx, values, bias, in_channels, k
 
 # The CPU's own op: the same convolution with the algorithm as an argument (0 by shape, 1 padded
 # channel-major, 2 direct NCHW for strides 1 and 2 on contiguous inputs, 3 batch innermost, 4 tiled
-# (register-blocked, equal strides); 3 and 4 lay their output out (OC, H', W', N); see csrc/sparse/).
+# (register-blocked, equal strides), 5 generated (machine code per layer, AVX-512, batches of whole
+# multiples of 16; tiled otherwise); 3-5 lay their output out (OC, H', W', N); see csrc/sparse/).
 # CPU tensors only.
 @torch.library.custom_op("fastprune::sparse_conv2d_cpu", mutates_args=())
 def _sparse_conv2d_cpu_op(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
@@ -250,7 +277,7 @@ def sparse_conv2d(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
     epilogue: 0 none, 1 ReLU, 2 ReLU then 2x2 max pooling (output H'/2 x W'/2), 3 ReLU of the sum
     with ``residual`` (N, OC, H', W'); fused into the kernel where the device's kernel can, applied
     after otherwise. algo: the CPU algorithm (see fastprune::sparse_conv2d_cpu); 0, by shape, is
-    the only choice on a GPU. Output layout (every backend alike): batch innermost from algorithms 3 and 4,
+    the only choice on a GPU. Output layout (every backend alike): batch innermost from algorithms 3-5,
     channels_last from a channels_last input, contiguous otherwise. Differentiable w.r.t. x, values and
     bias (and the residual) with every epilogue: the fused ReLU through its output's sign, the fused
     pooling through its window positions (:func:`sparse_conv2d_relu_pool`).

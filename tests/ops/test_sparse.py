@@ -168,7 +168,7 @@ LAYOUT_INPUTS = {"contiguous": lambda x: x, "channels_last": lambda x: x.contigu
 
 @pytest.mark.parametrize("layout", list(LAYOUT_INPUTS))
 @pytest.mark.parametrize("algo,epilogue", [(0, 0), (0, 1), (1, 2), (2, 1), (3, 0), (3, 2), (3, 3), (4, 1), (4, 2),
-                                            (4, 3)])
+                                            (4, 3), (5, 0), (5, 3)])
 def test_opcheck_on_every_layout_the_sparse_op_sees(layout, algo, epilogue):
     # The fake must give the real output's strides (torch.compile relies on them): every layout the
     # tuner can feed the op, every algorithm and fused epilogue.
@@ -184,7 +184,7 @@ def test_opcheck_on_every_layout_the_sparse_op_sees(layout, algo, epilogue):
                 (torch.ops.fastprune.sparse_conv2d_cpu.default, common + (algo, epilogue, residual)))
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     out = op(*args)
-    want = "batch_innermost" if algo in (3, 4) else ("channels_last" if layout == "channels_last" else "contiguous")
+    want = "batch_innermost" if algo in (3, 4, 5) else ("channels_last" if layout == "channels_last" else "contiguous")
     assert {"batch_innermost": is_batch_innermost(out), "contiguous": out.is_contiguous(),
             "channels_last": out.is_contiguous(memory_format=torch.channels_last)}[want]
 

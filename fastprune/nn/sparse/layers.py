@@ -96,14 +96,14 @@ class _CSRWeight(nn.Module):
 
 # A sparse conv's choices: "auto" picks its algorithm by shape (the only sparse choice on a GPU); the
 # others are the CPU algorithms of fastprune::sparse_conv2d_cpu.
-_CONV_CHOICES = ("dense", "auto", "padded", "direct", "batch_innermost", "tiled")
+_CONV_CHOICES = ("dense", "auto", "padded", "direct", "batch_innermost", "tiled", "generated")
 
 
 class SparseConv2d(_CSRWeight):
     """Convolution with a CSR weight (groups 1, dilation 1, zero padding): (N, C, H, W) -> (N, OC, H', W').
 
     ``choice``: "dense", "auto" (the algorithm by shape), or a CPU algorithm ("padded", "direct",
-    "batch_innermost", "tiled"); ``algo`` is the same as the op's integer. ``epilogue`` (set by the graph
+    "batch_innermost", "tiled", "generated"); ``algo`` is the same as the op's integer. ``epilogue`` (set by the graph
     pass fuse_epilogues): 1 ReLU, 2 ReLU then 2x2 max pooling, 3 relu(conv + residual); whatever a
     choice's kernel cannot fuse runs after it, so every choice computes the same function."""
 
@@ -159,10 +159,11 @@ class SparseConv2d(_CSRWeight):
 
     def applicable(self, x: torch.Tensor) -> bool:
         """Whether ``choice`` runs on input x (the direct algorithm needs a contiguous input and stride 1
-        or 2, the tiled one equal strides); forward falls back to the algorithm by shape otherwise."""
+        or 2, the tiled and generated ones equal strides); forward falls back to the algorithm by shape
+        otherwise. (The generated one runs the tiled one itself where its code does not apply.)"""
         if self.choice == "direct":
             return direct_applicable(x, self.stride)
-        return self.choice != "tiled" or self.stride[0] == self.stride[1]
+        return self.choice not in ("tiled", "generated") or self.stride[0] == self.stride[1]
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x (N, C, H, W) -> (N, OC, H', W'); with the residual epilogue (3), relu(conv(x) + residual),

@@ -1,0 +1,319 @@
+// The generated algorithm (algo 5): machine code written per layer for its non-zero pattern, for
+// batches of whole vectors on AVX-512 x86-64; the tiled algorithm (tiled.cpp) runs whatever else it
+// is asked to (pooling, a batch that is not a multiple of 16, another CPU).
+//
+// Why: the tiled micro-kernel keeps one output channel's tile of positions in registers, so each
+// non-zero reads its tile's input window afresh: about 0.85 lines from L2 per multiply-add at 90%
+// sparsity, which caps it near 110-130 GFLOP/s a core. Here a kernel holds 24 output channels at one
+// position (16 images: one vector each, zmm0..zmm23) and walks the input channels of a chunk once:
+// each input vector with a non-zero among the 24 channels is loaded once and multiplied into every
+// channel that has one there, the register named in the instruction (which only code written for
+// the pattern can do). At 90% that is 0.38 loads a multiply-add (bench/NOTES.md, session 12:
+// 150-166 GFLOP/s a core in a standalone prototype; 1.1-1.3x the tiled algorithm on ResNet-18's
+// 64- and 128-channel layers in the network, slower on the 512-channel ones: see kMaxGeneratedNonzeros).
+//
+// A kernel (group g of 24 output channels, chunk ch of input channels) runs one output row:
+//   void kernel(const float* in, float* partial, const float* weights, const float* residual,
+//               const float* bias, float* out)
+// in:      the staged input (tiled.cpp's stage_blocks, batch blocks of 16) at the row's first window;
+// partial: the row's partial sums between chunks, 24 vectors a position in a row (read unless chunk
+//          0, written unless the last chunk): the output's channels lie a power of two apart at
+//          batch 16-64, and 24 lines that far apart would share one L1 set (12 ways);
+// weights: the chunk's non-zeros in the order the code uses them (one stream, read by broadcasts);
+// bias + the group's first channel, read by chunk 0; residual and out: the output (OC, H', W', N) at
+//          (the group's first channel, the row's first position, the block's first image), read and
+//          written by the last chunk (bias, + residual, ReLU as the layer's epilogue says).
+// The code loops over the row's positions itself (their count is part of it), moving in, partial,
+// residual and out on by a position each time: the call's cost and the first fetch of the chunk's
+// code (from L2 or L3: a layer's code is far larger than L1i) are spread over the row.
+// Work: (batch block, band of output rows, group) items in one contiguous range per thread; per item,
+// chunk by chunk, row by row (a chunk's code and input window stay in L1/L2 while the band's
+// positions run through it; a band is about 16 positions, their partial sums 24 KB). The next
+// chunk's code is prefetched while one runs: instruction fetch otherwise stalls on each of its lines.
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+
+#include <c10/util/intrusive_ptr.h>
+
+#include "sparse_common.h"
+#include "x86_emitter.h"
+
+namespace fastprune {
+namespace sparse_cpu {
+namespace {
+
+constexpr int64_t kLanes = 16;        // floats an AVX-512 vector: the batch block
+constexpr int kGroup = 24;            // output channels a kernel keeps, zmm0..zmm23
+constexpr int kFirstInputReg = 24;    // the input loads take zmm24..zmm30 in turn
+constexpr int kInputRegs = 7;
+constexpr int kZeroReg = 31;          // zero, for the ReLU
+constexpr int64_t kBandPositions = 16;  // output positions (whole rows) an item runs each chunk over
+// Input channels a chunk: enough for about this many multiply-adds a call (the partial sums' 24
+// loads and stores between chunks cost what a few dozen of them do), at least 8, at most all.
+constexpr double kChunkMultiplyAdds = 640;
+// Layers with more non-zeros run the tiled algorithm: their code (about 11 bytes a non-zero) would
+// not stay in L2, and the instruction fetch stalls on every line of it from L3 (bench/NOTES.md,
+// session 12: ResNet-18's 512-channel layers 0.85-0.9x of the tiled algorithm in the network).
+constexpr int64_t kMaxGeneratedNonzeros = 40000;
+constexpr int64_t kProgramCacheBytes = int64_t{512} << 20;  // code and weights kept, in all
+
+using Kernel = void (*)(const float*, float*, const float*, const float*, const float*, float*);
+
+// One layer's generated code for one geometry: kernel (g, ch) at code->at(entry[g * chunks + ch])
+// with its weights from weights[weight_at[g * chunks + ch]].
+struct Program {
+  std::unique_ptr<x86::ExecutableCode> code;
+  int64_t groups = 0, chunks = 0, bytes = 0;
+  std::vector<size_t> entry;
+  std::vector<int64_t> weight_at;
+  std::vector<float> weights;
+  Kernel kernel(int64_t g, int64_t ch) const {
+    return reinterpret_cast<Kernel>(const_cast<uint8_t*>(code->at(entry[g * chunks + ch])));
+  }
+};
+
+// What the code depends on besides the weights: the staged input's geometry (channel plane and row
+// in floats, stride phases), the output channel stride in floats, the epilogue.
+struct Geometry {
+  int64_t c, S, kh, kw, gw, plane, ocs, wo, n;
+  bool relu, residual, bias;
+};
+
+int64_t chunk_channels(const ConvArgs& a, int64_t c) {
+  const int64_t nnz = a.rp[a.oc_count] - a.rp[0];
+  const double density = static_cast<double>(nnz) / static_cast<double>(a.oc_count * c * a.kh * a.kw);
+  const double per_channel = std::min<double>(kGroup, static_cast<double>(a.oc_count)) * density * a.kh * a.kw;
+  const int64_t want = std::min(c, std::max<int64_t>(8, per_channel > 0 ? static_cast<int64_t>(kChunkMultiplyAdds / per_channel) + 1 : c));
+  const int64_t chunks = (c + want - 1) / want;
+  return (c + chunks - 1) / chunks;  // equal chunks (a last one of a few channels would be all overhead)
+}
+
+std::shared_ptr<const Program> generate(const ConvArgs& a, const Geometry& geo) {
+  const int64_t ksize = geo.kh * geo.kw, cb = chunk_channels(a, geo.c);
+  auto prog = std::make_shared<Program>();
+  prog->groups = (a.oc_count + kGroup - 1) / kGroup;
+  prog->chunks = (geo.c + cb - 1) / cb;
+  std::vector<int64_t> tap_offset(ksize);  // as tiled.cpp's compute_offsets: phase, then shift
+  for (int64_t r = 0; r < geo.kh; ++r)
+    for (int64_t s = 0; s < geo.kw; ++s)
+      tap_offset[r * geo.kw + s] =
+          ((r % geo.S) * geo.S + s % geo.S) * geo.c * geo.plane + ((r / geo.S) * geo.gw + s / geo.S) * kLanes;
+  x86::Emitter e;
+  struct Entry {
+    int32_t col;
+    int k;
+    float v;
+  };
+  // The pattern becomes addresses in the code: any column or row pointer out of range is refused here
+  // (the other algorithms only read out of bounds with it; this one would bake the address in).
+  const int64_t nnz = a.cols_tensor != nullptr && a.cols_tensor->defined() ? a.cols_tensor->numel() : a.rp[a.oc_count];
+  TORCH_CHECK(a.rp[0] == 0 && a.rp[a.oc_count] <= nnz, "sparse_conv2d: row_ptr must start at 0 and end within col_idx");
+  for (int64_t oc = 0; oc < a.oc_count; ++oc)
+    TORCH_CHECK(a.rp[oc] <= a.rp[oc + 1], "sparse_conv2d: row_ptr must not decrease");
+  for (int64_t i = 0; i < a.rp[a.oc_count]; ++i)
+    TORCH_CHECK(a.cols[i] >= 0 && a.cols[i] < geo.c * ksize, "sparse_conv2d: col_idx holds ", a.cols[i],
+                ", outside [0, ", geo.c * ksize, ") for ", geo.c, " input channels");
+  std::vector<Entry> entries;
+  for (int64_t g = 0; g < prog->groups; ++g) {
+    const int64_t oc0 = g * kGroup;
+    const int kg = static_cast<int>(std::min<int64_t>(kGroup, a.oc_count - oc0));
+    entries.clear();
+    for (int k = 0; k < kg; ++k)
+      for (int64_t i = a.rp[oc0 + k]; i < a.rp[oc0 + k + 1]; ++i) entries.push_back({a.cols[i], k, a.vals[i]});
+    std::sort(entries.begin(), entries.end(),
+              [](const Entry& x, const Entry& y) { return x.col != y.col ? x.col < y.col : x.k < y.k; });
+    size_t i = 0;
+    int next_reg = 0;
+    for (int64_t ch = 0; ch < prog->chunks; ++ch) {
+      prog->entry.push_back(e.code.size());
+      prog->weight_at.push_back(static_cast<int64_t>(prog->weights.size()));
+      const bool first = ch == 0, last = ch + 1 == prog->chunks;
+      // A loop over the row's positions: the call's cost and the code's first fetch spread over them.
+      e.mov_eax(static_cast<int32_t>(geo.wo));
+      const size_t loop = e.code.size();
+      for (int k = 0; k < kg; ++k) {
+        if (!first) {
+          e.load(k, x86::rsi, k * kLanes * 4);
+        } else if (geo.bias) {
+          e.broadcast(k, x86::r8, k * 4);
+        } else {
+          e.zero(k);
+        }
+      }
+      const int64_t col_end = std::min(geo.c, (ch + 1) * cb) * ksize;  // the chunk's weight columns
+      const int64_t w0 = static_cast<int64_t>(prog->weights.size());
+      int64_t w_base = 0;  // the weight rdx points at, counted from the chunk's first
+      while (i < entries.size() && entries[i].col < col_end) {
+        const int32_t col = entries[i].col;
+        const int64_t ic = col / ksize, t = col % ksize;
+        const int reg = kFirstInputReg + next_reg;
+        next_reg = (next_reg + 1) % kInputRegs;
+        e.load(reg, x86::rdi, (ic * geo.plane + tap_offset[t]) * 4);
+        for (; i < entries.size() && entries[i].col == col; ++i) {
+          int64_t w = static_cast<int64_t>(prog->weights.size()) - w0 - w_base;
+          if (w * 4 > 508) {  // past a one-byte displacement (x4): move the pointer on
+            e.add_imm(x86::rdx, 512);
+            w_base += 128, w -= 128;
+          }
+          e.fma_broadcast(entries[i].k, reg, x86::rdx, w * 4);
+          prog->weights.push_back(entries[i].v);
+        }
+      }
+      if (last && (geo.relu || geo.residual)) e.zero(kZeroReg);
+      for (int k = 0; k < kg; ++k) {
+        if (!last) {
+          e.store(k, x86::rsi, k * kLanes * 4);
+          continue;
+        }
+        if (geo.residual) e.add_mem(k, k, x86::rcx, k * geo.ocs * 4);
+        if (geo.relu || geo.residual) e.max(k, kZeroReg, k);  // max(0, v), NaN kept
+        e.store(k, x86::r9, k * geo.ocs * 4);
+      }
+      // The next position: its input window, partial sums, residual and output; the weights again.
+      e.add_imm(x86::rdi, static_cast<int32_t>(kLanes * 4));
+      e.add_imm(x86::rsi, static_cast<int32_t>(kGroup * kLanes * 4));
+      e.add_imm(x86::rcx, static_cast<int32_t>(geo.n * 4));
+      e.add_imm(x86::r9, static_cast<int32_t>(geo.n * 4));
+      if (w_base != 0) e.add_imm(x86::rdx, static_cast<int32_t>(-w_base * 4));
+      e.dec_eax_jnz(loop);
+      e.vzeroupper();
+      e.ret();
+    }
+  }
+  prog->entry.push_back(e.code.size());  // the end of the last kernel
+  prog->code = std::make_unique<x86::ExecutableCode>(e.code);
+  if (!prog->code->ok()) return nullptr;
+  prog->bytes = static_cast<int64_t>(e.code.size() + prog->weights.size() * sizeof(float));
+  return prog;
+}
+
+// The programs made, per (col_idx and values tensors and their versions, geometry): weak references
+// to both tensors, so that a new tensor at a freed one's address never matches, and new values (a
+// training step) make a new program. At most kProgramCacheBytes in all (then the cache starts over).
+struct CacheEntry {
+  c10::weak_intrusive_ptr<c10::TensorImpl> cols, vals;
+  std::shared_ptr<const Program> program;
+};
+
+std::shared_ptr<const Program> program_for(const ConvArgs& a, const Geometry& geo) {
+  if (a.cols_tensor == nullptr || a.vals_tensor == nullptr || !a.cols_tensor->defined() ||
+      !a.vals_tensor->defined())
+    return generate(a, geo);
+  using Key = std::tuple<const c10::TensorImpl*, int64_t, const c10::TensorImpl*, int64_t, int64_t, int64_t, int64_t,
+                         int64_t, int64_t, int64_t, int64_t, int>;
+  static std::mutex mutex;
+  static std::map<Key, CacheEntry> cache;
+  static int64_t cached_bytes = 0;
+  const c10::TensorImpl* ci = a.cols_tensor->unsafeGetTensorImpl();
+  const c10::TensorImpl* vi = a.vals_tensor->unsafeGetTensorImpl();
+  const Key key{ci, static_cast<int64_t>(ci->version_counter().current_version()), vi,
+                static_cast<int64_t>(vi->version_counter().current_version()), geo.c, geo.S, geo.kh, geo.kw, geo.gw,
+                geo.plane, geo.ocs * 65536 + geo.wo * 256 + geo.n, (geo.relu ? 1 : 0) | (geo.residual ? 2 : 0) | (geo.bias ? 4 : 0)};
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto found = cache.find(key);
+    if (found != cache.end()) {
+      if (found->second.cols.lock().get() == ci && found->second.vals.lock().get() == vi) return found->second.program;
+      cached_bytes -= found->second.program->bytes;
+      cache.erase(found);
+    }
+  }
+  std::shared_ptr<const Program> prog = generate(a, geo);
+  if (prog == nullptr) return nullptr;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cached_bytes + prog->bytes > kProgramCacheBytes) cache.clear(), cached_bytes = 0;
+  cache.insert_or_assign(key, CacheEntry{c10::weak_intrusive_ptr<c10::TensorImpl>(a.cols_tensor->getIntrusivePtr()),
+                                         c10::weak_intrusive_ptr<c10::TensorImpl>(a.vals_tensor->getIntrusivePtr()),
+                                         prog});
+  cached_bytes += prog->bytes;
+  return prog;
+}
+
+bool cpu_has_avx512f() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+bool generated_supported() {
+  static const bool ok = [] {
+    if (!cpu_has_avx512f()) return false;
+    x86::Emitter e;
+    e.ret();
+    return x86::ExecutableCode(e.code).ok();
+  }();
+  return ok;
+}
+
+bool generated_applicable(int64_t n, bool pool, int64_t stride_h, int64_t stride_w, int64_t nnz) {
+  return generated_supported() && !pool && stride_h == stride_w && n > 0 && n % kLanes == 0 &&
+         nnz <= kMaxGeneratedNonzeros;
+}
+
+at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::optional<at::Tensor>& residual) {
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  if (!generated_applicable(n, a.pool, a.stride_h, a.stride_w, a.rp[a.oc_count] - a.rp[0]))
+    return conv_tiled(x, a, residual);
+  const int64_t S = a.stride_h, kh = a.kh, kw = a.kw, oc_count = a.oc_count;
+  const int64_t hp = h + 2 * a.pad_h, wp = w + 2 * a.pad_w;
+  const int64_t ho = (hp - kh) / S + 1, wo = (wp - kw) / S + 1;
+  const int64_t gh = (hp + S - 1) / S, gw = (wp + S - 1) / S, nb = kLanes, plane = gh * gw * nb;
+  const int64_t ocs = ho * wo * n;
+  // Displacements are 32-bit: larger layers (a staged block or an output over 2 GB) take the tiled path.
+  if (S * S * c * plane * 4 >= INT32_MAX || ocs * 4 * kGroup >= INT32_MAX) return conv_tiled(x, a, residual);
+  const Geometry geo{c, S, kh, kw, gw, plane, ocs, wo, n, a.relu, residual.has_value(), a.bias != nullptr};
+  const std::shared_ptr<const Program> prog = program_for(a, geo);
+  if (prog == nullptr) return conv_tiled(x, a, residual);  // no executable memory here
+
+  at::Tensor out = pooled_empty({oc_count, ho, wo, n}, x.options());
+  const at::Tensor res = residual_batch_innermost(residual, out, false);
+  if (out.numel() == 0) return out.permute({3, 0, 1, 2});
+  const int64_t blocks = n / nb, tail = (kw / S + 2) * nb + 2 * kLanes;
+  const int64_t block_len = S * S * c * plane + tail;
+  at::Tensor staged_fallback;
+  float* sp = staging_memory(blocks * block_len, staged_fallback, x.options());
+  stage_blocks(x, nb, S, kh, kw, a.pad_h, a.pad_w, gh, gw, block_len, sp);
+  float* op = out.mutable_data_ptr<float>();
+  const float* rsp = res.defined() ? res.const_data_ptr<float>() : nullptr;
+  const int64_t band_rows = std::max<int64_t>(1, kBandPositions / wo), bands = (ho + band_rows - 1) / band_rows;
+  const int64_t items = blocks * bands * prog->groups;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    const std::unique_ptr<float[]> partial_memory(new float[band_rows * wo * kGroup * kLanes + kLanes]);
+    // 64-byte aligned: a vector's store then touches one line
+    float* partial = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(partial_memory.get()) + 63) & ~uintptr_t{63});
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t g = item % prog->groups, band = (item / prog->groups) % bands, bb = item / (prog->groups * bands);
+      const int64_t y0 = band * band_rows, y1 = std::min(ho, y0 + band_rows), oc0 = g * kGroup;
+      const float* in_block = sp + bb * block_len;
+      const float* bias = a.bias ? a.bias + oc0 : nullptr;
+      for (int64_t ch = 0; ch < prog->chunks; ++ch) {
+        const Kernel kernel = prog->kernel(g, ch);
+        {  // the next kernel's code into L2 while this one runs (instruction fetch stalls on L3)
+          const int64_t next = g * prog->chunks + ch + 1;
+          if (next + 1 < static_cast<int64_t>(prog->entry.size())) {
+            const char* c0 = reinterpret_cast<const char*>(prog->code->at(prog->entry[next]));
+            const char* c1 = reinterpret_cast<const char*>(prog->code->at(prog->entry[next + 1]));
+            for (const char* p = c0; p < c1; p += 64) __builtin_prefetch(p, 0, 2);
+          }
+        }
+        const float* weights = prog->weights.data() + prog->weight_at[g * prog->chunks + ch];
+        for (int64_t y = y0; y < y1; ++y) {  // a row a call
+          const int64_t at_out = (oc0 * ho + y) * wo * n + bb * nb;
+          kernel(in_block + y * gw * nb, partial + (y - y0) * wo * kGroup * kLanes, weights,
+                 rsp ? rsp + at_out : nullptr, bias, op + at_out);
+        }
+      }
+    }
+  });
+  return out.permute({3, 0, 1, 2});
+}
+
+}  // namespace sparse_cpu
+}  // namespace fastprune

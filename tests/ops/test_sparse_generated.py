@@ -1,0 +1,142 @@
+"""The CPU sparse conv's generated algorithm (algo 5: AVX-512 machine code written per layer for its
+non-zero pattern, csrc/sparse/generated.cpp) against F.conv2d in float64: chunks of input channels,
+groups of 24 output channels and a partial last group, strides, kernel sizes, paddings, epilogues,
+thread counts; the cases it hands to the tiled algorithm; its code cache; patterns it refuses."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastprune
+from fastprune.ops.sparse import (GENERATED_MAX_NONZEROS, generated_applicable, generated_supported, is_batch_innermost,
+                                  sparse_conv2d, to_batch_innermost)
+from fastprune.reference.sparse import dense_to_csr
+
+from .test_sparse import sparse_weight
+
+pytestmark = pytest.mark.skipif(not fastprune.backends.extension_info()["cpp"], reason="needs the C++ extension")
+
+LAYOUTS = (lambda t: t, lambda t: t.contiguous(memory_format=torch.channels_last), to_batch_innermost)
+
+
+def _expected(x, weight, bias, stride, pad, residual):
+    conv = F.conv2d(x.double(), weight.double(), bias.double(), stride=stride, padding=pad)
+    return {0: conv, 1: F.relu(conv), 2: F.max_pool2d(F.relu(conv), 2),
+            3: F.relu(conv + residual.double()) if residual is not None else None}
+
+
+# (N, C, H, W, OC, k, stride, padding, sparsity): batches of 16-64 (the generated code) and others
+# (the tiled algorithm runs them: 1, 17, 20); one chunk of input channels (C = 3) and several (C = 40
+# at 50%: chunks of 8, more than 128 weights a chunk); 7, 24, 25 and 50 output channels (one partial
+# group, one whole, a group and one channel, two and a partial); 1x1, 3x3, 5x5; strides 1 and 2; an
+# all-zero layer.
+CASES = [
+    (16, 3, 8, 8, 7, 3, 1, 1, 0.5),
+    (32, 40, 6, 5, 30, 3, 1, 1, 0.5),
+    (16, 40, 9, 9, 25, 3, 2, 1, 0.6),
+    (48, 24, 4, 4, 50, 1, 1, 0, 0.7),
+    (16, 17, 7, 7, 24, 1, 2, 0, 0.5),
+    (16, 12, 9, 8, 10, 5, 1, 2, 0.8),
+    (64, 20, 2, 2, 26, 3, 1, 1, 0.9),
+    (16, 6, 5, 5, 9, 3, 1, 1, 1.0),
+    (1, 8, 6, 6, 5, 3, 1, 1, 0.5),
+    (17, 8, 6, 6, 5, 3, 2, 1, 0.5),
+    (20, 8, 6, 6, 30, 3, 1, 1, 0.5),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_generated_algorithm_matches_conv2d(case):
+    n, c, h, w, oc, k, stride, pad, sparsity = case
+    gen = torch.Generator().manual_seed(n * 31 + c)
+    weight = sparse_weight((oc, c, k, k), sparsity, seed=n + oc, empty_row=True)
+    bias = torch.randn(oc, generator=gen)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    x = torch.randn(n, c, h, w, generator=gen)
+    residual = torch.randn(n, oc, (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1, generator=gen)
+    # each layout its own input values (x scaled): a result left from the previous call cannot pass
+    for scale, to_layout in enumerate(LAYOUTS, start=1):
+        wants = _expected(x * scale, weight, bias, stride, pad, residual)
+        for epilogue, want in wants.items():
+            got = sparse_conv2d(to_layout(x * scale), row_ptr, col_idx, values, bias, c, k, k, stride, stride, pad,
+                                pad, epilogue, residual if epilogue == 3 else None, algo=5)
+            assert got.shape == want.shape and is_batch_innermost(got)
+            torch.testing.assert_close(got.double(), want, atol=1e-5 * scale, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+def test_generated_algorithm_over_any_thread_count(threads):
+    # Items (batch block, band of rows, group of 24 output channels) split over the threads: more
+    # threads than items too (one block, one band, two groups).
+    gen = torch.Generator().manual_seed(threads)
+    weight = sparse_weight((40, 16, 3, 3), 0.7, seed=threads)
+    bias = torch.randn(40, generator=gen)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, hw in ((32, 8), (16, 2)):
+            x = torch.randn(n, 16, hw, hw, generator=gen)
+            residual = torch.randn(n, 40, hw, hw, generator=gen)
+            want = _expected(x, weight, bias, 1, 1, residual)[3]
+            got = sparse_conv2d(to_batch_innermost(x), row_ptr, col_idx, values, bias, 16, 3, 3, 1, 1, 1, 1, 3,
+                                residual, algo=5)
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_generated_code_follows_values_and_patterns_changed_under_its_cache():
+    # The code is cached per (col_idx, values) tensors and their versions and the geometry: values
+    # changed in place (a training step), a pattern moved in place, new tensors, another batch or map
+    # size must each give the convolution of what they hold.
+    gen = torch.Generator().manual_seed(5)
+    weight = sparse_weight((30, 12, 3, 3), 0.6, seed=5)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+
+    def check(x, col_idx, values, weight):
+        got = sparse_conv2d(x, row_ptr, col_idx, values, None, 12, 3, 3, 1, 1, 1, 1, algo=5)
+        torch.testing.assert_close(got.double(), F.conv2d(x.double(), weight.double(), padding=1), atol=1e-5,
+                                   rtol=1e-5)
+
+    x = torch.randn(16, 12, 6, 6, generator=gen)
+    check(x, col_idx, values, weight)
+    with torch.no_grad():
+        values.mul_(-2.0)  # in place: the version counter moves
+    check(x, col_idx, values, weight * -2.0)
+    check(torch.randn(32, 12, 6, 6, generator=gen), col_idx, values, weight * -2.0)
+    check(torch.randn(16, 12, 7, 5, generator=gen), col_idx, values, weight * -2.0)
+    rows = torch.repeat_interleave(torch.arange(30), (row_ptr[1:] - row_ptr[:-1]).long())
+    with torch.no_grad():  # every non-zero to the next tap of its row, in place
+        col_idx.copy_((col_idx + 1) % 108)
+        order = torch.argsort(rows * 108 + col_idx.long())
+        col_idx.copy_(col_idx[order])
+        values = values[order].clone()
+    moved = torch.zeros(30, 108)
+    moved[rows, col_idx.long()] = values
+    check(x, col_idx, values, moved.reshape(30, 12, 3, 3))
+    for shift in range(1, 4):  # fresh tensors, each freed before the next is made
+        rolled = torch.roll(weight, shift, dims=1)
+        _, c2, v2 = dense_to_csr(rolled)
+        check(x, c2, v2, rolled)
+
+
+@pytest.mark.skipif(not generated_supported(), reason="no AVX-512 here: the tiled algorithm runs algo 5")
+def test_generated_algorithm_refuses_columns_out_of_range():
+    # The pattern becomes addresses in the code: a column past the layer's input is an error, not a read
+    # somewhere else.
+    row_ptr, col_idx, values = dense_to_csr(sparse_weight((5, 4, 3, 3), 0.5, seed=3))
+    bad = col_idx.clone()
+    bad[-1] = 4 * 9
+    with pytest.raises(RuntimeError, match="col_idx"):
+        sparse_conv2d(torch.randn(16, 4, 6, 6), row_ptr, bad, values, None, 4, 3, 3, 1, 1, 1, 1, algo=5)
+
+
+def test_generated_applicable_says_where_the_code_runs():
+    x = torch.randn(32, 4, 6, 6)
+    supported = generated_supported()
+    assert generated_applicable(x, (1, 1), 100) == supported
+    assert generated_applicable(x, (2, 2), GENERATED_MAX_NONZEROS) == supported
+    assert not generated_applicable(x, (1, 2), 100)  # unequal strides
+    assert not generated_applicable(x, (1, 1), 100, pool=True)  # pooling: the tiled algorithm's
+    assert not generated_applicable(torch.randn(20, 4, 6, 6), (1, 1), 100)  # not whole vectors of images
+    assert not generated_applicable(x, (1, 1), GENERATED_MAX_NONZEROS + 1)  # code too large for L2
