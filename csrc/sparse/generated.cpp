@@ -202,7 +202,7 @@ std::shared_ptr<const Program> program_for(const ConvArgs& a, const Geometry& ge
       !a.vals_tensor->defined())
     return generate(a, geo);
   using Key = std::tuple<const c10::TensorImpl*, int64_t, const c10::TensorImpl*, int64_t, int64_t, int64_t, int64_t,
-                         int64_t, int64_t, int64_t, int64_t, int>;
+                         int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int>;
   static std::mutex mutex;
   static std::map<Key, CacheEntry> cache;
   static int64_t cached_bytes = 0;
@@ -210,7 +210,7 @@ std::shared_ptr<const Program> program_for(const ConvArgs& a, const Geometry& ge
   const c10::TensorImpl* vi = a.vals_tensor->unsafeGetTensorImpl();
   const Key key{ci, static_cast<int64_t>(ci->version_counter().current_version()), vi,
                 static_cast<int64_t>(vi->version_counter().current_version()), geo.c, geo.S, geo.kh, geo.kw, geo.gw,
-                geo.plane, geo.ocs * 65536 + geo.wo * 256 + geo.n, (geo.relu ? 1 : 0) | (geo.residual ? 2 : 0) | (geo.bias ? 4 : 0)};
+                geo.plane, geo.ocs, geo.wo, geo.n, (geo.relu ? 1 : 0) | (geo.residual ? 2 : 0) | (geo.bias ? 4 : 0)};
   {
     std::lock_guard<std::mutex> lock(mutex);
     const auto found = cache.find(key);

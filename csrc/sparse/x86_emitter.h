@@ -63,7 +63,6 @@ class Emitter {
   void vzeroupper() { byte(0xC5), byte(0xF8), byte(0x77); }
   void ret() { byte(0xC3); }
 
-  static bool fits_disp32(int64_t disp) { return disp >= INT32_MIN && disp <= INT32_MAX; }
 
  private:
   void byte(uint8_t b) { code.push_back(b); }
