@@ -114,3 +114,28 @@ def test_bursts_time_the_steady_state():
     assert len(calls) == 12 and times["f"] < 0.01
     with pytest.raises(ValueError, match="burst"):
         interleaved_medians({"f": cold_then_fast}, torch.device("cpu"), burst=0)
+
+
+def test_the_fastest_round_ranks_candidates_through_a_passing_load():
+    # Two rounds of three run while another tenant's load is on (every call 30 ms slower): by their
+    # medians the candidate that suffers less from the load would win; by the fastest round, the one
+    # that is faster when nothing gets in the way does.
+    import time
+
+    from fastprune.utils.timing import interleaved_fastest
+
+    rounds = {"a": 0, "b": 0}
+
+    def candidate(name, alone, loaded):
+        def run():
+            rounds[name] += 1
+            time.sleep(alone if rounds[name] == 3 else loaded)  # round 3 of 3 (after one warm-up run)
+        return run
+
+    fns = {"a": candidate("a", 0.002, 0.034), "b": candidate("b", 0.010, 0.030)}
+    times = interleaved_fastest(fns, torch.device("cpu"), repeats=3, warmup=1)
+    assert rounds == {"a": 4, "b": 4}
+    assert times["a"] < times["b"]
+    rounds.update(a=0, b=0)
+    medians = interleaved_medians(fns, torch.device("cpu"), repeats=3, warmup=1)
+    assert medians["a"] > medians["b"]

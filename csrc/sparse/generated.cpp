@@ -10,7 +10,8 @@
 // channel that has one there, the register named in the instruction (which only code written for
 // the pattern can do). At 90% that is 0.38 loads a multiply-add (bench/NOTES.md, session 12:
 // 150-166 GFLOP/s a core in a standalone prototype; 1.1-1.3x the tiled algorithm on ResNet-18's
-// 64- and 128-channel layers in the network, slower on the 512-channel ones: see kMaxGeneratedNonzeros).
+// 64- and 128-channel layers in the network on Zen 5, slower there on the 512-channel ones: see
+// kMaxGeneratedNonzeros).
 //
 // A kernel (group g of 24 output channels, chunk ch of input channels) runs one output row:
 //   void kernel(const float* in, float* partial, const float* weights, const float* residual,
@@ -53,10 +54,13 @@ constexpr int64_t kBandPositions = 16;  // output positions (whole rows) an item
 // Input channels a chunk: enough for about this many multiply-adds a call (the partial sums' 24
 // loads and stores between chunks cost what a few dozen of them do), at least 8, at most all.
 constexpr double kChunkMultiplyAdds = 640;
-// Layers with more non-zeros run the tiled algorithm: their code (about 11 bytes a non-zero) would
-// not stay in L2, and the instruction fetch stalls on every line of it from L3 (bench/NOTES.md,
-// session 12: ResNet-18's 512-channel layers 0.85-0.9x of the tiled algorithm in the network).
-constexpr int64_t kMaxGeneratedNonzeros = 40000;
+// Layers with more non-zeros run the tiled algorithm: a bound on the code's size (about 11 bytes a
+// non-zero, 4.4 MB here) and on the time to write it (about 80 ns a non-zero), not a verdict on speed.
+// Whether a large layer's code pays depends on the core: it does not stay in L2, and on Zen 5 the
+// instruction fetch from L3 made ResNet-18's 512-channel layers 0.85-0.9x of the tiled algorithm in
+// the network, while on Zen 4 (half the FMA rate, a 32 KiB L1d) they ran 1.25-1.55x faster generated
+// (bench/NOTES.md, sessions 12 and 13); the tuner times both.
+constexpr int64_t kMaxGeneratedNonzeros = 400000;
 constexpr int64_t kProgramCacheBytes = int64_t{512} << 20;  // code and weights kept, in all
 
 using Kernel = void (*)(const float*, float*, const float*, const float*, const float*, float*);

@@ -73,7 +73,7 @@ ALGORITHMS = {"padded": 1, "direct": 2, "batch_innermost": 3, "tiled": 4, "gener
 _BATCH_INNERMOST_OUT = (ALGORITHMS["batch_innermost"], ALGORITHMS["tiled"], ALGORITHMS["generated"])
 # Batches the generated algorithm runs itself (whole AVX-512 vectors of images); others go to the tiled one.
 GENERATED_BATCH_MULTIPLE = 16
-GENERATED_MAX_NONZEROS = 40000  # csrc/sparse/generated.cpp, kMaxGeneratedNonzeros
+GENERATED_MAX_NONZEROS = 400000  # csrc/sparse/generated.cpp, kMaxGeneratedNonzeros
 EPILOGUES = {"none": 0, "relu": 1, "relu_pool": 2, "add_relu": 3}
 
 
@@ -109,7 +109,7 @@ _generated_supported: Optional[bool] = None
 def generated_applicable(x: torch.Tensor, stride, nnz: int, pool: bool = False) -> bool:
     """Whether algo 5 runs its generated code on input x (else it runs the tiled algorithm): a CPU
     with AVX-512, equal strides, no fused pooling, a batch of whole multiples of 16 images, at most
-    GENERATED_MAX_NONZEROS non-zeros (the code of larger layers does not stay in L2)."""
+    GENERATED_MAX_NONZEROS non-zeros (a bound on the code's size and the time to write it)."""
     return (x.device.type == "cpu" and x.dim() == 4 and stride[0] == stride[1] and not pool
             and x.shape[0] > 0 and x.shape[0] % GENERATED_BATCH_MULTIPLE == 0 and nnz <= GENERATED_MAX_NONZEROS
             and generated_supported())

@@ -152,7 +152,7 @@ def test_the_tuner_keeps_dense_unless_sparse_wins_by_three_percent(monkeypatch):
             return {k: (factor if k.startswith("sparse") else 1.0) * (1.01 if "channels_last" in k else 1.0)
                     for k in fns}
 
-        monkeypatch.setattr(tuner, "interleaved_medians", planted)
+        monkeypatch.setattr(tuner, "interleaved_fastest", planted)
         sparse = sparsify(model, x, batch_sizes=(2,), repeats=1)
         config = sparse.tuned(x.device)["2-7"]
         assert config["kind"] == want_kind, sparse_factor

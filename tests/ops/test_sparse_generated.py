@@ -63,6 +63,22 @@ def test_generated_algorithm_matches_conv2d(case):
             torch.testing.assert_close(got.double(), want, atol=1e-5 * scale, rtol=1e-5)
 
 
+def test_generated_algorithm_on_a_layer_of_a_quarter_million_non_zeros():
+    # ResNet-18's 512->512 conv at 90%: hundreds of chunks of code, 22 groups of output channels,
+    # weight displacements far past one byte's reach; the generated code must run it (not the tiled
+    # fallback) and match float64.
+    gen = torch.Generator().manual_seed(5)
+    weight = sparse_weight((512, 512, 3, 3), 0.9, seed=5)
+    bias = torch.randn(512, generator=gen)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    x = torch.randn(16, 512, 4, 4, generator=gen)
+    assert 200_000 < values.numel() <= GENERATED_MAX_NONZEROS
+    assert generated_applicable(x, (1, 1), values.numel()) == generated_supported()
+    want = _expected(x, weight, bias, 1, 1, None)[1]
+    got = sparse_conv2d(to_batch_innermost(x), row_ptr, col_idx, values, bias, 512, 3, 3, 1, 1, 1, 1, 1, algo=5)
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
 def test_generated_algorithm_over_any_thread_count(threads):
     # Items (batch block, band of rows, group of 24 output channels) split over the threads: more
@@ -139,4 +155,4 @@ def test_generated_applicable_says_where_the_code_runs():
     assert not generated_applicable(x, (1, 2), 100)  # unequal strides
     assert not generated_applicable(x, (1, 1), 100, pool=True)  # pooling: the tiled algorithm's
     assert not generated_applicable(torch.randn(20, 4, 6, 6), (1, 1), 100)  # not whole vectors of images
-    assert not generated_applicable(x, (1, 1), GENERATED_MAX_NONZEROS + 1)  # code too large for L2
+    assert not generated_applicable(x, (1, 1), GENERATED_MAX_NONZEROS + 1)  # code past its size bound

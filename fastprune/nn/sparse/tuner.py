@@ -8,8 +8,8 @@ import copy
 import torch
 from torch import nn
 
-from ...ops.sparse import direct_applicable
-from ...utils.timing import interleaved_medians, median_time
+from ...ops.sparse import EPILOGUES, direct_applicable, generated_applicable
+from ...utils.timing import interleaved_fastest, median_time
 from ..masked import _replace, check_sparsity, effective_weight, fold_masks
 from .layers import SparseConv2d, SparseLinear, is_2to4
 from .model import DEFAULT_BATCH_SIZES, SparseModel, bucket_of, device_key, make_config
@@ -84,6 +84,8 @@ def _options(layer: nn.Module, x: torch.Tensor, layout: str) -> list[str]:
     if x.device.type != "cpu":
         return ["dense", "auto"]
     tiled = ["tiled"] if layer.stride[0] == layer.stride[1] else []  # its output is batch innermost too
+    if generated_applicable(x, layer.stride, layer.nnz, pool=layer.epilogue == EPILOGUES["relu_pool"]):
+        tiled.append("generated")  # (else it would run the tiled algorithm: nothing new to time)
     if layout == "batch_innermost":  # every sparse conv keeps the layout the next one reads
         return ["dense", "batch_innermost"] + tiled
     return ["dense", "padded"] + (["direct"] if direct_applicable(x, layer.stride) else []) + tiled
@@ -147,13 +149,15 @@ def tune_bucket(model: SparseModel, x: torch.Tensor, repeats: int = 5, channels_
     more): the layers are tuned on x (:func:`tune_layers`), giving a sparse candidate; contiguous
     and channels_last also give an all-dense candidate. On CPU batches of 64 and more the sparse
     candidates run in micro-batches of 64 (layers tuned on 64 images), and each also in slices of
-    32 and of 16 with the same choices: each slice's activations stay in cache through the network
+    32 and of 16 (layers tuned on slices of that size: the best kernel of a layer can change with the
+    batch, the generated one's code is worth more over 16 images than over 64 split into blocks):
+    each slice's activations stay in cache through the network
     (ResNet-18 at 99%, batch 64: 20 ms whole, 17 in slices of 32, 15 in slices of 16; VGG16's best
     slices are 32 or 64), a larger batch in the bucket costs per image what the tuned one did, and no
     whole-batch copy of the sparse kernels' activations (padded inputs, layout conversions) is ever
     held; kept only where slicing gives the whole batch's outputs (checked on two slices: no op mixes
-    samples). The candidates are timed whole in interleaved rounds; the
-    fastest is kept, a sparse one only when at least 3% faster than the fastest dense one. Returns
+    samples). The candidates are timed whole in interleaved rounds, each by its fastest round (another
+    tenant's load on a shared machine comes and goes and only adds time); the fastest is kept, a sparse one only when at least 3% faster than the fastest dense one. Returns
     the config. ``release``: afterwards, free the dense weights of layers that no tuned bucket runs
     dense (sparsify does so once, after all its buckets)."""
     bucket, key = bucket_of(x.shape[0]), device_key(x.device)
@@ -164,9 +168,11 @@ def tune_bucket(model: SparseModel, x: torch.Tensor, repeats: int = 5, channels_
         choices = tune_layers(model, layers_x, layout, repeats)
         name = f"sparse, {layout}" + ("" if micro is None else f", micro-batches of {micro}")
         candidates[name] = make_config(layout, micro, choices, "sparse")
-        if micro is not None:  # the same choices on slices of a half and a quarter: activations that stay in cache
-            for part in (micro // 2, micro // 4):
-                candidates[f"sparse, {layout}, micro-batches of {part}"] = make_config(layout, part, choices, "sparse")
+        if micro is not None:  # slices of a half and a quarter: activations that stay in cache
+            for part in (micro // 2, micro // 4):  # each with its layers tuned on a slice of its size
+                part_choices = tune_layers(model, layers_x[:part], layout, repeats)
+                candidates[f"sparse, {layout}, micro-batches of {part}"] = make_config(layout, part, part_choices,
+                                                                                       "sparse")
         if layout != "batch_innermost":  # oneDNN has no batch-innermost convolution: it would convert
             all_dense = {name: "dense" for name in choices}
             candidates[f"dense, {layout}"] = make_config(layout, None, all_dense, "dense")
@@ -178,7 +184,7 @@ def tune_bucket(model: SparseModel, x: torch.Tensor, repeats: int = 5, channels_
                           if c["micro_batch"] is None or _same(model.run(two, c), reference)}
         # Whole models after two warm-up runs: the first runs of a config allocate its activations
         # afresh (page faults), which would favour whichever candidate ran last.
-        times = interleaved_medians({k: (lambda c=c: model.run(x, c)) for k, c in candidates.items()},
+        times = interleaved_fastest({k: (lambda c=c: model.run(x, c)) for k, c in candidates.items()},
                                     x.device, repeats=repeats, warmup=2)
     best = min(times, key=times.get)
     fastest_dense = min((k for k in times if candidates[k]["kind"] == "dense"), key=times.get)
