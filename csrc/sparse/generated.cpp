@@ -13,10 +13,11 @@
 // 64- and 128-channel layers in the network on Zen 5, slower there on the 512-channel ones: see
 // kMaxGeneratedNonzeros).
 //
-// A kernel (group g of 24 output channels, chunk ch of input channels) runs one output row:
+// A kernel (group g of 24 output channels, chunk ch of input channels) runs `count` consecutive
+// output positions of a row:
 //   void kernel(const float* in, float* partial, const float* weights, const float* residual,
-//               const float* bias, float* out)
-// in:      the staged input (tiled.cpp's stage_blocks, batch blocks of 16) at the row's first window;
+//               const float* bias, float* out, int64_t count, uint64_t taps)
+// in:      the staged input (tiled.cpp's stage_blocks, batch blocks of 16) at the first position's window;
 // partial: the row's partial sums between chunks, 24 vectors a position in a row (read unless chunk
 //          0, written unless the last chunk): the output's channels lie a power of two apart at
 //          batch 16-64, and 24 lines that far apart would share one L1 set (12 ways);
@@ -24,9 +25,14 @@
 // bias + the group's first channel, read by chunk 0; residual and out: the output (OC, H', W', N) at
 //          (the group's first channel, the row's first position, the block's first image), read and
 //          written by the last chunk (bias, + residual, ReLU as the layer's epilogue says).
-// The code loops over the row's positions itself (their count is part of it), moving in, partial,
-// residual and out on by a position each time: the call's cost and the first fetch of the chunk's
-// code (from L2 or L3: a layer's code is far larger than L1i) are spread over the row.
+// taps:    bit r * kw + s set where tap (r, s) reads inside the input at these positions: the code
+//          is laid out tap by tap, and a tap whose window is all padding (a border row or column;
+//          on a 4x4 map 31% of a 3x3 conv's multiply-adds) is jumped over, its multiply-adds with
+//          the staged zeros never run. The driver cuts each row into runs of equal masks (at most
+//          the left edge, the middle, the right edge).
+// The code loops over the positions itself, moving in, partial, residual and out on by a position
+// each time: the call's cost and the first fetch of the chunk's code (from L2 or L3: a layer's code
+// is far larger than L1i) are spread over the run.
 // Work: (batch block, band of output rows, group) items in one contiguous range per thread; per item,
 // chunk by chunk, row by row (a chunk's code and input window stay in L1/L2 while the band's
 // positions run through it; a band is about 16 positions, their partial sums 24 KB). The next
@@ -63,7 +69,7 @@ constexpr double kChunkMultiplyAdds = 640;
 constexpr int64_t kMaxGeneratedNonzeros = 400000;
 constexpr int64_t kProgramCacheBytes = int64_t{512} << 20;  // code and weights kept, in all
 
-using Kernel = void (*)(const float*, float*, const float*, const float*, const float*, float*);
+using Kernel = void (*)(const float*, float*, const float*, const float*, const float*, float*, int64_t, uint64_t);
 
 // One layer's generated code for one geometry: kernel (g, ch) at code->at(entry[g * chunks + ch])
 // with its weights from weights[weight_at[g * chunks + ch]].
@@ -76,6 +82,12 @@ struct Program {
   Kernel kernel(int64_t g, int64_t ch) const {
     return reinterpret_cast<Kernel>(const_cast<uint8_t*>(code->at(entry[g * chunks + ch])));
   }
+};
+
+// Consecutive output positions of a row whose taps reach the input alike: one call of a kernel.
+struct ColumnRun {
+  int64_t x0, count;
+  uint64_t mask;
 };
 
 // What the code depends on besides the weights: the staged input's geometry (channel plane and row
@@ -130,12 +142,22 @@ std::shared_ptr<const Program> generate(const ConvArgs& a, const Geometry& geo) 
               [](const Entry& x, const Entry& y) { return x.col != y.col ? x.col < y.col : x.k < y.k; });
     size_t i = 0;
     int next_reg = 0;
+    std::vector<Entry> chunk;
     for (int64_t ch = 0; ch < prog->chunks; ++ch) {
       prog->entry.push_back(e.code.size());
       prog->weight_at.push_back(static_cast<int64_t>(prog->weights.size()));
       const bool first = ch == 0, last = ch + 1 == prog->chunks;
-      // A loop over the row's positions: the call's cost and the code's first fetch spread over them.
-      e.mov_eax(static_cast<int32_t>(geo.wo));
+      // The chunk's non-zeros tap by tap (then input channel, then output channel): a section a tap,
+      // skipped at the positions where that tap reads only padding (mask bit clear).
+      const int64_t col_end = std::min(geo.c, (ch + 1) * cb) * ksize;  // the chunk's weight columns
+      chunk.clear();
+      for (; i < entries.size() && entries[i].col < col_end; ++i) chunk.push_back(entries[i]);
+      std::stable_sort(chunk.begin(), chunk.end(),
+                       [ksize](const Entry& x, const Entry& y) { return x.col % ksize < y.col % ksize; });
+      e.mov_eax_stack(8);   // the count of positions
+      e.mov_r10_stack(16);  // the taps that reach inside the input
+      e.mov_r11_rdx();      // the chunk's weights
+      // A loop over the positions: the call's cost and the code's first fetch spread over them.
       const size_t loop = e.code.size();
       for (int k = 0; k < kg; ++k) {
         if (!first) {
@@ -146,24 +168,28 @@ std::shared_ptr<const Program> generate(const ConvArgs& a, const Geometry& geo) 
           e.zero(k);
         }
       }
-      const int64_t col_end = std::min(geo.c, (ch + 1) * cb) * ksize;  // the chunk's weight columns
       const int64_t w0 = static_cast<int64_t>(prog->weights.size());
-      int64_t w_base = 0;  // the weight rdx points at, counted from the chunk's first
-      while (i < entries.size() && entries[i].col < col_end) {
-        const int32_t col = entries[i].col;
-        const int64_t ic = col / ksize, t = col % ksize;
-        const int reg = kFirstInputReg + next_reg;
-        next_reg = (next_reg + 1) % kInputRegs;
-        e.load(reg, x86::rdi, (ic * geo.plane + tap_offset[t]) * 4);
-        for (; i < entries.size() && entries[i].col == col; ++i) {
-          int64_t w = static_cast<int64_t>(prog->weights.size()) - w0 - w_base;
-          if (w * 4 > 508) {  // past a one-byte displacement (x4): move the pointer on
-            e.add_imm(x86::rdx, 512);
-            w_base += 128, w -= 128;
+      for (size_t j = 0; j < chunk.size();) {
+        const int64_t t = chunk[j].col % ksize;
+        const size_t skip = t < 64 ? e.jump_unless_r10_bit(static_cast<int>(t)) : 0;
+        int64_t w_base = static_cast<int64_t>(prog->weights.size()) - w0;  // the weight rdx points at
+        e.lea_rdx_r11(static_cast<int32_t>(w_base * 4));
+        while (j < chunk.size() && chunk[j].col % ksize == t) {
+          const int32_t col = chunk[j].col;
+          const int reg = kFirstInputReg + next_reg;
+          next_reg = (next_reg + 1) % kInputRegs;
+          e.load(reg, x86::rdi, ((col / ksize) * geo.plane + tap_offset[t]) * 4);
+          for (; j < chunk.size() && chunk[j].col == col; ++j) {
+            int64_t w = static_cast<int64_t>(prog->weights.size()) - w0 - w_base;
+            if (w * 4 > 508) {  // past a one-byte displacement (x4): move the pointer on
+              e.add_imm(x86::rdx, 512);
+              w_base += 128, w -= 128;
+            }
+            e.fma_broadcast(chunk[j].k, reg, x86::rdx, w * 4);
+            prog->weights.push_back(chunk[j].v);
           }
-          e.fma_broadcast(entries[i].k, reg, x86::rdx, w * 4);
-          prog->weights.push_back(entries[i].v);
         }
+        if (t < 64) e.patch_jump(skip);
       }
       if (last && (geo.relu || geo.residual)) e.zero(kZeroReg);
       for (int k = 0; k < kg; ++k) {
@@ -175,12 +201,12 @@ std::shared_ptr<const Program> generate(const ConvArgs& a, const Geometry& geo) 
         if (geo.relu || geo.residual) e.max(k, kZeroReg, k);  // max(0, v), NaN kept
         e.store(k, x86::r9, k * geo.ocs * 4);
       }
-      // The next position: its input window, partial sums, residual and output; the weights again.
+      // The next position: its input window, partial sums, residual and output (each section sets
+      // the weight pointer afresh).
       e.add_imm(x86::rdi, static_cast<int32_t>(kLanes * 4));
       e.add_imm(x86::rsi, static_cast<int32_t>(kGroup * kLanes * 4));
       e.add_imm(x86::rcx, static_cast<int32_t>(geo.n * 4));
       e.add_imm(x86::r9, static_cast<int32_t>(geo.n * 4));
-      if (w_base != 0) e.add_imm(x86::rdx, static_cast<int32_t>(-w_base * 4));
       e.dec_eax_jnz(loop);
       e.vzeroupper();
       e.ret();
@@ -286,6 +312,26 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
   stage_blocks(x, nb, S, kh, kw, a.pad_h, a.pad_w, gh, gw, block_len, sp);
   float* op = out.mutable_data_ptr<float>();
   const float* rsp = res.defined() ? res.const_data_ptr<float>() : nullptr;
+  // Which taps of a position read inside the input (bit r * kw + s; taps from the 64th on always run):
+  // the rest read only the staged zero border, and the code skips them. Rows differ at the top and
+  // bottom, columns at the left and right edge, where a row is cut into runs of equal masks.
+  const auto tap_bits = [&](int64_t pos, int64_t pad, int64_t size, bool rows) {
+    uint64_t bits = 0;
+    for (int64_t r = 0; r < kh; ++r)
+      for (int64_t q = 0; q < kw; ++q) {
+        const int64_t at = pos * S + (rows ? r : q) - pad;
+        if (r * kw + q < 64 && at >= 0 && at < size) bits |= uint64_t{1} << (r * kw + q);
+      }
+    return bits;
+  };
+  std::vector<uint64_t> row_mask(ho);
+  for (int64_t y = 0; y < ho; ++y) row_mask[y] = tap_bits(y, a.pad_h, h, true);
+  std::vector<ColumnRun> runs;
+  for (int64_t x = 0; x < wo; ++x) {
+    const uint64_t bits = tap_bits(x, a.pad_w, w, false);
+    if (runs.empty() || runs.back().mask != bits) runs.push_back({x, 0, bits});
+    ++runs.back().count;
+  }
   const int64_t band_rows = std::max<int64_t>(1, kBandPositions / wo), bands = (ho + band_rows - 1) / band_rows;
   const int64_t items = blocks * bands * prog->groups;
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
@@ -308,10 +354,13 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
           }
         }
         const float* weights = prog->weights.data() + prog->weight_at[g * prog->chunks + ch];
-        for (int64_t y = y0; y < y1; ++y) {  // a row a call
+        for (int64_t y = y0; y < y1; ++y) {  // a run of a row's positions a call
           const int64_t at_out = (oc0 * ho + y) * wo * n + bb * nb;
-          kernel(in_block + y * gw * nb, partial + (y - y0) * wo * kGroup * kLanes, weights,
-                 rsp ? rsp + at_out : nullptr, bias, op + at_out);
+          for (const ColumnRun& run : runs) {
+            const int64_t at = at_out + run.x0 * n;
+            kernel(in_block + y * gw * nb + run.x0 * nb, partial + ((y - y0) * wo + run.x0) * kGroup * kLanes, weights,
+                   rsp ? rsp + at : nullptr, bias, op + at, run.count, row_mask[y] & run.mask);
+          }
         }
       }
     }

@@ -10,6 +10,9 @@
 // Memory operands are [base + disp]: disp8 when disp is a multiple of the operand's N (64 for a
 // full vector, 4 for a broadcast or scalar float; "disp8*N" compression) and disp / N fits a byte,
 // disp32 otherwise. Bases are the argument registers rdi, rsi, rdx, rcx, r8, r9 (none needs a SIB byte).
+// The general-purpose instructions (the loop count, the tap mask and the weights' base: eax, r10, r11)
+// are encoded with their REX prefix and ModRM written out; the stack arguments are read at [rsp + 8k]
+// (ModRM rm = 100 takes a SIB byte, 0x24: base rsp, no index).
 #pragma once
 
 #include <sys/mman.h>
@@ -22,7 +25,7 @@ namespace fastprune {
 namespace sparse_cpu {
 namespace x86 {
 
-enum Gpr : int { rcx = 1, rdx = 2, rsi = 6, rdi = 7, r8 = 8, r9 = 9 };
+enum Gpr : int { rcx = 1, rdx = 2, rsi = 6, rdi = 7, r8 = 8, r9 = 9, r10 = 10, r11 = 11 };
 
 class Emitter {
  public:
@@ -49,16 +52,43 @@ class Emitter {
     byte(0xC0 | (reg & 7));
     dword(imm);
   }
-  // eax = imm (mov r32, imm32: the upper half of rax cleared)
-  void mov_eax(int32_t imm) {
-    byte(0xB8);
-    dword(imm);
-  }
   // eax -= 1; jump to `target` (an earlier offset in code) unless it reached zero (dec eax; jnz rel32)
   void dec_eax_jnz(size_t target) {
     byte(0xFF), byte(0xC8);
     byte(0x0F), byte(0x85);
     dword(static_cast<int32_t>(static_cast<int64_t>(target) - static_cast<int64_t>(code.size() + 4)));
+  }
+  // eax = the 32-bit stack argument at [rsp + disp] (mov r32, r/m32)
+  void mov_eax_stack(int8_t disp) { byte(0x8B), byte(0x44), byte(0x24), byte(static_cast<uint8_t>(disp)); }
+  // r10 = the 64-bit stack argument at [rsp + disp] (REX.W R: mov r64, r/m64)
+  void mov_r10_stack(int8_t disp) { byte(0x4C), byte(0x8B), byte(0x54), byte(0x24), byte(static_cast<uint8_t>(disp)); }
+  // r11 = rdx (REX.W B: mov r/m64, r64)
+  void mov_r11_rdx() { byte(0x49), byte(0x89), byte(0xD3); }
+  // rdx = r11 + disp (REX.W B: lea r64, [r11 + disp32])
+  void lea_rdx_r11(int32_t disp) {
+    byte(0x49), byte(0x8D), byte(0x93);
+    dword(disp);
+  }
+  // Skip forward unless bit `bit` of r10 is set: test r10d, imm32 + jz rel32 (a pair the core fuses)
+  // below bit 31, bt r10, imm8 + jnc rel32 from there to 63. Returns where to patch the jump's
+  // target in (patch_jump).
+  size_t jump_unless_r10_bit(int bit) {
+    if (bit < 31) {
+      byte(0x41), byte(0xF7), byte(0xC2);
+      dword(static_cast<int32_t>(uint32_t{1} << bit));
+      byte(0x0F), byte(0x84);
+    } else {
+      byte(0x49), byte(0x0F), byte(0xBA), byte(0xE2), byte(static_cast<uint8_t>(bit));
+      byte(0x0F), byte(0x83);
+    }
+    const size_t at = code.size();
+    dword(0);
+    return at;
+  }
+  // The jump whose rel32 lies at `at` lands here.
+  void patch_jump(size_t at) {
+    const int32_t rel = static_cast<int32_t>(static_cast<int64_t>(code.size()) - static_cast<int64_t>(at + 4));
+    for (int i = 0; i < 4; ++i) code[at + i] = static_cast<uint8_t>(static_cast<uint32_t>(rel) >> (8 * i));
   }
   void vzeroupper() { byte(0xC5), byte(0xF8), byte(0x77); }
   void ret() { byte(0xC3); }

@@ -20,15 +20,18 @@ LAYOUTS = (lambda t: t, lambda t: t.contiguous(memory_format=torch.channels_last
 
 def _expected(x, weight, bias, stride, pad, residual):
     conv = F.conv2d(x.double(), weight.double(), bias.double(), stride=stride, padding=pad)
-    return {0: conv, 1: F.relu(conv), 2: F.max_pool2d(F.relu(conv), 2),
-            3: F.relu(conv + residual.double()) if residual is not None else None}
+    wants = {0: conv, 1: F.relu(conv), 3: F.relu(conv + residual.double()) if residual is not None else None}
+    if min(conv.shape[-2:]) >= 2:  # (a map of one row or column has no 2x2 window to pool)
+        wants[2] = F.max_pool2d(F.relu(conv), 2)
+    return wants
 
 
 # (N, C, H, W, OC, k, stride, padding, sparsity): batches of 16-64 (the generated code) and others
 # (the tiled algorithm runs them: 1, 17, 20); one chunk of input channels (C = 3) and several (C = 40
 # at 50%: chunks of 8, more than 128 weights a chunk); 7, 24, 25 and 50 output channels (one partial
-# group, one whole, a group and one channel, two and a partial); 1x1, 3x3, 5x5; strides 1 and 2; an
-# all-zero layer.
+# group, one whole, a group and one channel, two and a partial); 1x1, 3x3, 5x5, 7x7 (taps past the
+# 31st: another skip instruction) and 9x9 (taps past the 64th: never skipped); strides 1 and 2; maps
+# of 1x1 (only the centre tap inside), 2x2, 1 row, 1 column (the border taps skipped); an all-zero layer.
 CASES = [
     (16, 3, 8, 8, 7, 3, 1, 1, 0.5),
     (32, 40, 6, 5, 30, 3, 1, 1, 0.5),
@@ -38,6 +41,11 @@ CASES = [
     (16, 12, 9, 8, 10, 5, 1, 2, 0.8),
     (64, 20, 2, 2, 26, 3, 1, 1, 0.9),
     (16, 6, 5, 5, 9, 3, 1, 1, 1.0),
+    (16, 10, 1, 1, 30, 3, 1, 1, 0.5),
+    (32, 9, 1, 6, 26, 3, 1, 1, 0.5),
+    (16, 9, 7, 1, 20, 3, 2, 1, 0.5),
+    (16, 5, 9, 8, 10, 7, 1, 3, 0.5),
+    (16, 3, 10, 11, 6, 9, 2, 4, 0.5),
     (1, 8, 6, 6, 5, 3, 1, 1, 0.5),
     (17, 8, 6, 6, 5, 3, 2, 1, 0.5),
     (20, 8, 6, 6, 30, 3, 1, 1, 0.5),
