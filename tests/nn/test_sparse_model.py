@@ -348,3 +348,104 @@ def test_the_backend_chosen_at_a_network_call_holds_for_all_its_layers(monkeypat
             _close(sparse(x), want)
         assert not calls
     assert sparse_ops._network_cpu_backend.get() is None
+
+
+needs_extension = pytest.mark.skipif(not __import__("fastprune").backends.extension_info()["cpp"],
+                                     reason="concurrent micro-batches need the C++ extension")
+
+
+@needs_extension
+@pytest.mark.parametrize("batch, micro, threads", [(64, 16, 2), (48, 16, 2), (40, 16, 2), (96, 16, 3)])
+def test_micro_batches_run_concurrently_one_thread_each_and_give_the_same_outputs(batch, micro, threads):
+    # Whole rounds of micro-batches on the pool (a contiguous run of them a worker), the rest on the
+    # calling thread; the outputs in the batch's order, equal to one micro-batch at a time.
+    import threading
+
+    model = _pruned("resnet18", 0.9, seed=3)
+    sparse = sparsify(model, benchmark=False)
+    layers = sparse.sparse_layers()
+    config = make_config("batch_innermost", micro, {n: "tiled" if isinstance(m, SparseConv2d) else "csr"
+                                                    for n, m in layers.items()}, "sparse")
+    x = _input("resnet18", batch)
+    seen = []
+    hook = sparse.net.register_forward_pre_hook(
+        lambda mod, args: seen.append((threading.current_thread().name, args[0].shape[0], args[0][0, 0, 0, 0].item())))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            want = model(x)
+            sparse.parallel_micro_batches = False
+            one_at_a_time = sparse.run(x, config)
+            assert all(not name.startswith("fastprune-micro-batch") for name, _, _ in seen)
+            seen.clear()
+            sparse.parallel_micro_batches = True
+            got = sparse.run(x, config)
+        with torch.inference_mode():
+            in_inference_mode = sparse.run(x, config)
+    finally:
+        torch.set_num_threads(before)
+        hook.remove()
+    _close(got, want)
+    torch.testing.assert_close(got, one_at_a_time, atol=1e-6 * want.abs().max().item(), rtol=1e-6)
+    torch.testing.assert_close(in_inference_mode, got, atol=0, rtol=0)
+    parts = -(-batch // micro)
+    on_pool = [s for s in seen[:parts] if s[0].startswith("fastprune-micro-batch")]
+    assert len(on_pool) == (parts // threads) * threads
+    assert len({name for name, _, _ in on_pool}) == threads
+    # every micro-batch ran once, on the slice it was given
+    starts = sorted(first for _, _, first in seen[:parts])
+    assert starts == sorted(x[i, 0, 0, 0].item() for i in range(0, batch, micro))
+
+
+@needs_extension
+def test_micro_batches_stay_on_the_calling_thread_under_autograd_or_with_few_of_them():
+    import threading
+
+    model = _pruned("resnet18", 0.9, seed=4)
+    sparse = sparsify(model, benchmark=False)
+    layers = sparse.sparse_layers()
+    config = make_config("batch_innermost", 16, {n: "tiled" if isinstance(m, SparseConv2d) else "csr"
+                                                 for n, m in layers.items()}, "sparse")
+    names = []
+    hook = sparse.net.register_forward_pre_hook(lambda mod, args: names.append(threading.current_thread().name))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = _input("resnet18", 32).requires_grad_()
+        out = sparse.run(x, config)  # autograd on: grad mode is per thread, the workers would lose it
+        out.sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+        with torch.no_grad():
+            sparse.run(_input("resnet18", 16), config)  # one micro-batch for two threads
+            torch.set_num_threads(4)
+            sparse.run(_input("resnet18", 48), config)  # three micro-batches for four threads
+    finally:
+        torch.set_num_threads(before)
+        hook.remove()
+    assert names and all(name == threading.current_thread().name for name in names)
+
+
+@needs_extension
+def test_an_error_in_a_concurrent_micro_batch_reaches_the_caller():
+    model = _pruned("resnet18", 0.9, seed=5)
+    sparse = sparsify(model, benchmark=False)
+    layers = sparse.sparse_layers()
+    config = make_config("batch_innermost", 16, {n: "tiled" if isinstance(m, SparseConv2d) else "csr"
+                                                 for n, m in layers.items()}, "sparse")
+    calls = []
+
+    def fail_once(mod, args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a micro-batch failed")
+
+    hook = sparse.net.register_forward_pre_hook(fail_once)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad(), pytest.raises(RuntimeError, match="a micro-batch failed"):
+            sparse.run(_input("resnet18", 64), config)
+    finally:
+        torch.set_num_threads(before)
+        hook.remove()
