@@ -350,6 +350,14 @@ def test_the_backend_chosen_at_a_network_call_holds_for_all_its_layers(monkeypat
     assert sparse_ops._network_cpu_backend.get() is None
 
 
+def _sparse_in_micro_batches(seed: int, micro: int):
+    """A ResNet-18 at 90% sparsified (untuned) and a config running it tiled in micro-batches of micro."""
+    model = _pruned("resnet18", 0.9, seed=seed)
+    sparse = sparsify(model, benchmark=False)
+    layers = {n: "tiled" if isinstance(m, SparseConv2d) else "csr" for n, m in sparse.sparse_layers().items()}
+    return model, sparse, make_config("batch_innermost", micro, layers, "sparse")
+
+
 needs_extension = pytest.mark.skipif(not __import__("fastprune").backends.extension_info()["cpp"],
                                      reason="concurrent micro-batches need the C++ extension")
 
@@ -361,11 +369,7 @@ def test_micro_batches_run_concurrently_one_thread_each_and_give_the_same_output
     # calling thread; the outputs in the batch's order, equal to one micro-batch at a time.
     import threading
 
-    model = _pruned("resnet18", 0.9, seed=3)
-    sparse = sparsify(model, benchmark=False)
-    layers = sparse.sparse_layers()
-    config = make_config("batch_innermost", micro, {n: "tiled" if isinstance(m, SparseConv2d) else "csr"
-                                                    for n, m in layers.items()}, "sparse")
+    model, sparse, config = _sparse_in_micro_batches(3, micro)
     x = _input("resnet18", batch)
     seen = []
     hook = sparse.net.register_forward_pre_hook(
@@ -402,11 +406,7 @@ def test_micro_batches_run_concurrently_one_thread_each_and_give_the_same_output
 def test_micro_batches_stay_on_the_calling_thread_under_autograd_or_with_few_of_them():
     import threading
 
-    model = _pruned("resnet18", 0.9, seed=4)
-    sparse = sparsify(model, benchmark=False)
-    layers = sparse.sparse_layers()
-    config = make_config("batch_innermost", 16, {n: "tiled" if isinstance(m, SparseConv2d) else "csr"
-                                                 for n, m in layers.items()}, "sparse")
+    _, sparse, config = _sparse_in_micro_batches(4, 16)
     names = []
     hook = sparse.net.register_forward_pre_hook(lambda mod, args: names.append(threading.current_thread().name))
     before = torch.get_num_threads()
@@ -428,11 +428,7 @@ def test_micro_batches_stay_on_the_calling_thread_under_autograd_or_with_few_of_
 
 @needs_extension
 def test_an_error_in_a_concurrent_micro_batch_reaches_the_caller():
-    model = _pruned("resnet18", 0.9, seed=5)
-    sparse = sparsify(model, benchmark=False)
-    layers = sparse.sparse_layers()
-    config = make_config("batch_innermost", 16, {n: "tiled" if isinstance(m, SparseConv2d) else "csr"
-                                                 for n, m in layers.items()}, "sparse")
+    _, sparse, config = _sparse_in_micro_batches(5, 16)
     calls = []
 
     def fail_once(mod, args):
