@@ -108,9 +108,12 @@ _generated_supported: Optional[bool] = None
 
 def generated_applicable(x: torch.Tensor, stride, nnz: int, pool: bool = False) -> bool:
     """Whether algo 5 runs its generated code on input x (else it runs the tiled algorithm): a CPU
-    with AVX-512, equal strides, no fused pooling, a batch of whole multiples of 16 images, at most
-    GENERATED_MAX_NONZEROS non-zeros (a bound on the code's size and the time to write it)."""
-    return (x.device.type == "cpu" and x.dim() == 4 and stride[0] == stride[1] and not pool
+    with AVX-512, equal strides, a batch of whole multiples of 16 images, at most
+    GENERATED_MAX_NONZEROS non-zeros (a bound on the code's size and the time to write it). A pooling
+    layer (``pool``) qualifies too: its pooling runs after the generated conv (under autograd the
+    tiled algorithm runs it instead, recording the window positions as it pools)."""
+    del pool  # kept in the signature: callers say what the layer fuses
+    return (x.device.type == "cpu" and x.dim() == 4 and stride[0] == stride[1]
             and x.shape[0] > 0 and x.shape[0] % GENERATED_BATCH_MULTIPLE == 0 and nnz <= GENERATED_MAX_NONZEROS
             and generated_supported())
 

@@ -161,6 +161,6 @@ def test_generated_applicable_says_where_the_code_runs():
     assert generated_applicable(x, (1, 1), 100) == supported
     assert generated_applicable(x, (2, 2), GENERATED_MAX_NONZEROS) == supported
     assert not generated_applicable(x, (1, 2), 100)  # unequal strides
-    assert not generated_applicable(x, (1, 1), 100, pool=True)  # pooling: the tiled algorithm's
+    assert generated_applicable(x, (1, 1), 100, pool=True) == supported  # pooling after the conv
     assert not generated_applicable(torch.randn(20, 4, 6, 6), (1, 1), 100)  # not whole vectors of images
     assert not generated_applicable(x, (1, 1), GENERATED_MAX_NONZEROS + 1)  # code past its size bound
