@@ -445,3 +445,32 @@ def test_an_error_in_a_concurrent_micro_batch_reaches_the_caller():
     finally:
         torch.set_num_threads(before)
         hook.remove()
+
+
+@needs_extension
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork: POSIX only")
+def test_a_forked_child_gets_micro_batch_threads_of_its_own():
+    # The parent's pool threads do not exist in a forked child: a pool it kept would queue work that
+    # no thread runs. (The child runs no model: GNU OpenMP itself hangs in a child of a parent that
+    # ran parallel regions, whatever fastprune does; PyTorch's DataLoader workers run one thread.)
+    import multiprocessing
+
+    from fastprune.nn.sparse.model import _micro_batch_pool
+
+    parent_pool = _micro_batch_pool(2)
+    assert parent_pool.submit(lambda: 7).result(timeout=30) == 7  # its threads exist now
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+
+    def child():
+        pool = _micro_batch_pool(2)
+        queue.put((pool is not parent_pool, pool.submit(lambda: 7).result(timeout=30)))
+
+    process = ctx.Process(target=child)
+    process.start()
+    try:
+        assert queue.get(timeout=60) == (True, 7)
+    finally:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()

@@ -8,6 +8,7 @@ data, saved with the model (files.py) and switched per call by the batch size.
 from __future__ import annotations
 
 import contextvars
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -72,6 +73,18 @@ def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
+
+
+def _forget_pools_after_fork() -> None:
+    # A forked child has none of the parent's threads: a pool it inherited would queue work that no
+    # thread ever runs (a child running the model would hang). It starts pools of its own.
+    global _POOLS_LOCK
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 
 def _micro_batch_pool(workers: int) -> ThreadPoolExecutor:
