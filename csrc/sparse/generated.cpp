@@ -1,7 +1,7 @@
 // The generated algorithm (algo 5): machine code written per layer for its non-zero pattern, for
 // batches of whole vectors on AVX-512 x86-64; the tiled algorithm (tiled.cpp) runs whatever else it
-// is asked to (a batch that is not a multiple of 16, another CPU, pooling whose window positions the
-// backward pass needs). Pooling (ReLU, then 2x2 max) runs after the generated conv, over its output.
+// is asked to (a batch that is not a multiple of 16, another CPU). Pooling (ReLU, then 2x2 max) runs
+// after the generated conv, over its output (epilogue.h's store_pooled_row, as the others store it).
 //
 // Why: the tiled micro-kernel keeps one output channel's tile of positions in registers, so each
 // non-zero reads its tile's input window afresh: about 0.85 lines from L2 per multiply-add at 90%
@@ -45,6 +45,7 @@
 
 #include <c10/util/intrusive_ptr.h>
 
+#include "epilogue.h"
 #include "sparse_common.h"
 #include "x86_emitter.h"
 
@@ -290,23 +291,22 @@ bool generated_applicable(int64_t n, bool pool, int64_t stride_h, int64_t stride
 
 namespace {
 
-// 2x2, stride-2 max pooling of x (OC, H, W, N) contiguous into (OC, H / 2, W / 2, N) (odd edges
-// dropped); a NaN in a window wins, as in PyTorch's.
-at::Tensor max_pool_2x2_chwn(const at::Tensor& x) {
+// ReLU, then 2x2 stride-2 max pooling of x (OC, H, W, N) contiguous into (OC, H / 2, W / 2, N), odd
+// edges dropped, by the epilogue every algorithm shares (epilogue.h), with the window positions where
+// the backward pass asks for them (a.pool_index).
+at::Tensor pool_chwn(const at::Tensor& x, const ConvArgs& a) {
   const int64_t oc_count = x.size(0), h = x.size(1), w = x.size(2), n = x.size(3), oh = h / 2, ow = w / 2;
   at::Tensor out = pooled_empty({oc_count, oh, ow, n}, x.options());
+  uint8_t* index = pool_index_like(a, out);
   const float* src = x.const_data_ptr<float>();
   float* dst = out.mutable_data_ptr<float>();
-  const auto larger = [](float a, float b) { return a > b || a != a ? a : b; };
   at::parallel_for(0, oc_count, 1, [&](int64_t begin, int64_t end) {
     for (int64_t oc = begin; oc < end; ++oc)
-      for (int64_t py = 0; py < oh; ++py)
-        for (int64_t px = 0; px < ow; ++px) {
-          const float* a = src + ((oc * h + 2 * py) * w + 2 * px) * n;
-          const float *b = a + n, *c = a + w * n, *d = c + n;
-          float* o = dst + ((oc * oh + py) * ow + px) * n;
-          for (int64_t k = 0; k < n; ++k) o[k] = larger(larger(a[k], b[k]), larger(c[k], d[k]));
-        }
+      for (int64_t py = 0; py < oh; ++py) {
+        const int64_t at = (oc * oh + py) * ow * n;
+        const float* row = src + (oc * h + 2 * py) * w * n;
+        store_pooled_row(dst + at, n, row, row + w * n, n, ow, n, index ? index + at : nullptr);
+      }
   });
   return out;
 }
@@ -317,13 +317,11 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   if (!generated_applicable(n, a.pool, a.stride_h, a.stride_w, a.rp[a.oc_count] - a.rp[0]))
     return conv_tiled(x, a, residual);
-  if (a.pool) {
-    // The backward's window positions: the tiled algorithm records them as it pools.
-    if (a.pool_index != nullptr) return conv_tiled(x, a, residual);
+  if (a.pool) {  // the conv with ReLU, then the pooling over its output
     ConvArgs conv = a;
-    conv.pool = false, conv.relu = true;
+    conv.pool = false, conv.relu = true, conv.pool_index = nullptr;
     const at::Tensor full = conv_generated(x, conv, residual);  // a (N, OC, H', W') view of (OC, H', W', N)
-    return max_pool_2x2_chwn(full.permute({1, 2, 3, 0})).permute({3, 0, 1, 2});
+    return pool_chwn(full.permute({1, 2, 3, 0}), a).permute({3, 0, 1, 2});
   }
   const int64_t S = a.stride_h, kh = a.kh, kw = a.kw, oc_count = a.oc_count;
   const int64_t hp = h + 2 * a.pad_h, wp = w + 2 * a.pad_w;

@@ -84,7 +84,7 @@ def direct_applicable(x: torch.Tensor, stride) -> bool:
 
 def pool_fusable(x: torch.Tensor, stride, algo: int) -> bool:
     """Whether the cpp backend can fuse ReLU + 2x2 max pooling: the batch-innermost algorithm, the
-    padded, tiled and generated (whose pooling the tiled one runs) ones with equal strides, or the direct
+    padded, tiled and generated (pooling after its conv) ones with equal strides, or the direct
     one (chosen when ``algo`` is 0 or 2)."""
     if algo == ALGORITHMS["batch_innermost"]:
         return True
@@ -110,8 +110,7 @@ def generated_applicable(x: torch.Tensor, stride, nnz: int, pool: bool = False) 
     """Whether algo 5 runs its generated code on input x (else it runs the tiled algorithm): a CPU
     with AVX-512, equal strides, a batch of whole multiples of 16 images, at most
     GENERATED_MAX_NONZEROS non-zeros (a bound on the code's size and the time to write it). A pooling
-    layer (``pool``) qualifies too: its pooling runs after the generated conv (under autograd the
-    tiled algorithm runs it instead, recording the window positions as it pools)."""
+    layer (``pool``) qualifies too: its pooling runs after the generated conv."""
     del pool  # kept in the signature: callers say what the layer fuses
     return (x.device.type == "cpu" and x.dim() == 4 and stride[0] == stride[1]
             and x.shape[0] > 0 and x.shape[0] % GENERATED_BATCH_MULTIPLE == 0 and nnz <= GENERATED_MAX_NONZEROS

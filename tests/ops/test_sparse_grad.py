@@ -258,9 +258,11 @@ def test_the_gpu_weight_form_follows_value_updates_on_its_cached_pattern():
 
 
 # ReLU then 2x2 max pooling fused (epilogue 2): odd edges, stride 2, the direct algorithm's width,
-# batches on the tiled algorithm (9, 17), unequal strides (pooled after the kernel there).
+# batches on the tiled algorithm (9, 17), batches the generated one runs (16, 32: it pools after its
+# conv, the window positions included), unequal strides (pooled after the kernel there).
 POOL_CASES = [(2, 5, 9, 7, 6, 3, 1, 1, 0.5), (3, 4, 8, 8, 6, 3, 2, 1, 0.7), (2, 3, 17, 20, 5, 3, 1, 1, 0.8),
-              (9, 4, 8, 8, 6, 3, 1, 1, 0.7), (17, 3, 9, 9, 5, 3, 2, 1, 0.6), (2, 3, 6, 9, 4, 3, (1, 2), 1, 0.5)]
+              (9, 4, 8, 8, 6, 3, 1, 1, 0.7), (17, 3, 9, 9, 5, 3, 2, 1, 0.6), (16, 4, 8, 7, 26, 3, 1, 1, 0.7),
+              (32, 3, 9, 9, 5, 3, 2, 1, 0.6), (2, 3, 6, 9, 4, 3, (1, 2), 1, 0.5)]
 
 
 def _window_positions(y: torch.Tensor) -> torch.Tensor:
@@ -287,7 +289,7 @@ def test_the_fused_pooling_is_differentiated_through_its_window_positions(backen
     want_values = want_w.reshape(oc, -1)[rows, col_idx.long()]
     positions = _window_positions(conv.detach())
     algos = [0] if device.type == "cuda" else [0, 1, 3] + ([2] if stride in ((1, 1), (2, 2)) else []) + (
-        [4] if stride[0] == stride[1] else [])
+        [4, 5] if stride[0] == stride[1] else [])
     with fastprune.use_backend(backend):
         for algo in algos:
             for layout, to_layout in LAYOUTS.items():
@@ -320,6 +322,7 @@ def test_opcheck_of_the_fused_pooling_op():
     row_ptr, col_idx, values = dense_to_csr(sparse_weight((4, 3, 3, 3), 0.5, seed=7))
     values.requires_grad_()
     bias = torch.randn(4, generator=gen, requires_grad=True)
-    for algo, x in ((0, torch.randn(2, 3, 8, 8, generator=gen)), (4, to_batch_innermost(torch.randn(3, 3, 7, 9)))):
+    for algo, x in ((0, torch.randn(2, 3, 8, 8, generator=gen)), (4, to_batch_innermost(torch.randn(3, 3, 7, 9))),
+                    (5, to_batch_innermost(torch.randn(16, 3, 7, 9)))):
         torch.library.opcheck(sparse_conv2d_relu_pool,
                               (x.requires_grad_(), row_ptr, col_idx, values, bias, 3, 3, 3, 1, 1, 1, 1, algo))
