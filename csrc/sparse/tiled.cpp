@@ -24,6 +24,7 @@
 #include <utility>
 
 #include <c10/util/intrusive_ptr.h>
+#include <omp.h>
 
 #include "epilogue.h"
 #include "sparse_common.h"
@@ -302,6 +303,43 @@ static void stage_plane(const float* __restrict__ image, int64_t sh, int64_t sw,
   }
 }
 
+// One image (batch 1), rows [i0, i1) of every phase grid, every channel: the layout stage_blocks writes
+// with batch blocks of 1 (phase (pa, pb) of channel ci at ((pa * S + pb) * c + ci) * plane, plane = gh *
+// gw), phases no tap reads left alone. Rows and columns are walked with the stride, no division per
+// element (the per-element path of stage_blocks took 45% of a 1x1 stride-2 layer at batch 1).
+static void stage_image_rows(const at::Tensor& x, int64_t S, int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w,
+                             int64_t gh, int64_t gw, int64_t i0, int64_t i1, float* __restrict__ staged) {
+  const int64_t c = x.size(1), h = x.size(2), w = x.size(3), plane = gh * gw;
+  const float* src = x.const_data_ptr<float>();
+  const int64_t sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+  for (int64_t pa = 0; pa < std::min(S, kh); ++pa)
+    for (int64_t pb = 0; pb < std::min(S, kw); ++pb) {
+      // Grid columns j with 0 <= j * S + pb - pad_w < w.
+      const int64_t j_lo = std::min(gw, cdiv(std::max<int64_t>(pad_w - pb, 0), S));
+      const int64_t j_hi = std::max(j_lo, std::min(gw, cdiv(std::max<int64_t>(w + pad_w - pb, 0), S)));
+      const int64_t x_lo = j_lo * S + pb - pad_w;
+      for (int64_t ci = 0; ci < c; ++ci) {
+        float* p = staged + ((pa * S + pb) * c + ci) * plane;
+        for (int64_t i = i0; i < i1; ++i) {
+          float* row = p + i * gw;
+          const int64_t y = i * S + pa - pad_h;
+          if (y < 0 || y >= h) {
+            std::fill_n(row, gw, 0.f);
+            continue;
+          }
+          const float* in = src + ci * sc + y * sh + x_lo * sw;
+          std::fill_n(row, j_lo, 0.f);
+          if (S == 1 && sw == 1) {
+            std::copy_n(in, j_hi - j_lo, row + j_lo);
+          } else {
+            for (int64_t j = j_lo; j < j_hi; ++j) row[j] = in[(j - j_lo) * S * sw];
+          }
+          std::fill_n(row + j_hi, gw - j_hi, 0.f);
+        }
+      }
+    }
+}
+
 void stage_blocks(const at::Tensor& x, int64_t nb, int64_t S, int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w,
                   int64_t gh, int64_t gw, int64_t block_len, float* staged) {
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), plane = gh * gw * nb;
@@ -479,6 +517,108 @@ std::shared_ptr<const std::vector<int32_t>> pattern_offsets(const ConvArgs& a, i
 
 }  // namespace
 
+// Where a batch-1 layer runs on im2col rows (below): at most 4 AVX-512 vectors of output positions (an
+// 8 x 8 map) and rows of at most 384 KiB, which each thread builds and keeps in its L2 (1 MiB on Zen 4
+// and 5). Measured on Zen 4, 2 threads, ResNet-18 at 90%: 512 -> 512 4 x 4 198 -> 145 us, 256 -> 512
+// stride 2 134 -> 74, 128 -> 256 stride 2 to 8 x 8 (295 KiB of rows) 94 -> 85; 256 -> 256 8 x 8 (590
+// KiB) 121 -> 136, so it stays on the grid.
+constexpr int64_t kIm2colMaxPositions = 64;
+constexpr int64_t kIm2colMaxFloats = 96 * 1024;
+
+// One image's im2col rows: row col = (ic * kh + r) * kw + s holds the input under tap (r, s) of
+// channel ic for each output position in order (zero where the tap reads padding), so that the CSR
+// column index of a weight names its row. positions = ho * wo floats a row.
+// Loops, not memset / memcpy calls: the runs are a few floats (a 4 x 4 map's rows), shorter than a call.
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-tree-loop-distribute-patterns")))
+#endif
+static void stage_im2col(const at::Tensor& x, int64_t kh, int64_t kw, int64_t S, int64_t pad_h, int64_t pad_w,
+                         int64_t ho, int64_t wo, float* __restrict__ rows) {
+  const int64_t c = x.size(1), h = x.size(2), w = x.size(3), positions = ho * wo;
+  const float* src = x.const_data_ptr<float>();
+  const int64_t sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+  for (int64_t s = 0; s < kw; ++s) {
+    // The output columns whose tap s reads inside the image: s - pad_w + ox * S in [0, w).
+    const int64_t ox_lo = std::min(wo, cdiv(std::max<int64_t>(pad_w - s, 0), S));
+    const int64_t ox_hi = std::max(ox_lo, std::min(wo, cdiv(std::max<int64_t>(w + pad_w - s, 0), S)));
+    const int64_t x_lo = ox_lo * S + s - pad_w;
+    for (int64_t ic = 0; ic < c; ++ic)
+      for (int64_t r = 0; r < kh; ++r) {
+        float* row = rows + ((ic * kh + r) * kw + s) * positions;
+        for (int64_t oy = 0; oy < ho; ++oy) {
+          const int64_t y = oy * S + r - pad_h;
+          float* out = row + oy * wo;
+          if (y < 0 || y >= h) {
+            for (int64_t ox = 0; ox < wo; ++ox) out[ox] = 0.f;
+            continue;
+          }
+          const float* in = src + ic * sc + y * sh + x_lo * sw;
+          for (int64_t ox = 0; ox < ox_lo; ++ox) out[ox] = 0.f;
+          if (S == 1 && sw == 1) {
+            for (int64_t ox = ox_lo; ox < ox_hi; ++ox) out[ox] = in[ox - ox_lo];
+          } else {
+            for (int64_t ox = ox_lo; ox < ox_hi; ++ox) out[ox] = in[(ox - ox_lo) * S * sw];
+          }
+          for (int64_t ox = ox_hi; ox < wo; ++ox) out[ox] = 0.f;
+        }
+      }
+  }
+}
+
+// Batch 1 on a small map (positions a whole number of vectors, at most kIm2colMaxPositions; no
+// pooling): each thread builds the image's im2col rows in its own memory and runs a range of output
+// channels of equal non-zero count, each non-zero one fused multiply-add per vector on an aligned row.
+// On the padded grid (the tile path) a 4 x 4 map's tile is 4 rows of 6: two vectors a non-zero for 16
+// outputs, over two or three cache lines; here one vector on one line.
+static void conv_im2col_batch1(const at::Tensor& x, const ConvArgs& a, const Isa& isa, int64_t ho, int64_t wo,
+                               float* op, const float* rsp) {
+  const int64_t c = x.size(1), positions = ho * wo, vr = positions / isa.lanes, oc_count = a.oc_count;
+  const int64_t rows_floats = c * a.kh * a.kw * positions;
+  const TileFn kernel = isa.kernel_for(1, static_cast<int>(vr));
+  TORCH_CHECK(kernel != nullptr, "sparse_conv2d: internal error, no micro-kernel for im2col rows");
+  // Offsets col * positions: the tiled layout's formula with one phase, kw columns a grid row and
+  // `positions` floats a position (cached with the pattern like the tiled offsets).
+  const int64_t nnz = a.rp[oc_count];
+  const std::shared_ptr<const std::vector<int32_t>> offs =
+      pattern_offsets(a, c, 1, a.kw, positions, a.kh * a.kw * positions, nnz);
+  const int32_t* offp = offs->data();
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), oc_count));
+  auto run_part = [&](int64_t p) {
+    // Output channels [oc0, oc1): the part's share of the non-zeros (the CSR row pointers are their
+    // prefix sums), plus one output channel's worth of stores each.
+    auto bound = [&](int64_t q) {
+      if (q == 0) return int64_t{0};
+      if (q == parts) return oc_count;
+      const double target = static_cast<double>(nnz + oc_count * vr) * q / parts;
+      int64_t lo = 0, hi = oc_count;
+      while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        if (a.rp[mid] + mid * vr < target) lo = mid + 1; else hi = mid;
+      }
+      return lo;
+    };
+    const int64_t oc0 = bound(p), oc1 = bound(p + 1);
+    if (oc0 >= oc1) return;
+    at::Tensor fallback;
+    float* rows = staging_memory(rows_floats, fallback, x.options());
+    stage_im2col(x, a.kh, a.kw, a.stride_h, a.pad_h, a.pad_w, ho, wo, rows);
+    alignas(64) float unused_sums[4 * 16];
+    for (int64_t oc = oc0; oc < oc1; ++oc) {
+      const TileOutput to_out{op + oc * positions, 0, isa.lanes, 1, rsp ? rsp + oc * positions : nullptr, a.relu};
+      kernel(rows, 0, offp, a.vals, a.rp[oc], a.rp[oc + 1], a.bias ? a.bias[oc] : 0.f, unused_sums, 0, &to_out);
+    }
+  };
+  if (parts == 1) {
+    run_part(0);
+    return;
+  }
+#pragma omp parallel num_threads(static_cast<int>(parts))
+  {
+    const int64_t team = omp_get_num_threads();
+    for (int64_t p = omp_get_thread_num(); p < parts; p += team) run_part(p);
+  }
+}
+
 at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optional<at::Tensor>& residual) {
   TORCH_CHECK(a.stride_h == a.stride_w, "sparse_conv2d: the tiled algorithm needs equal strides");
   const int64_t S = a.stride_h, kh = a.kh, kw = a.kw, oc_count = a.oc_count;
@@ -491,6 +631,11 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
   const at::Tensor res = residual_batch_innermost(residual, out, pool);
   if (out.numel() == 0) return out.permute({3, 0, 1, 2});
   const Isa isa = pick_isa();
+  if (n == 1 && !pool && (ho * wo) % isa.lanes == 0 && ho * wo <= kIm2colMaxPositions &&
+      c * kh * kw * ho * wo <= kIm2colMaxFloats) {
+    conv_im2col_batch1(x, a, isa, ho, wo, out.mutable_data_ptr<float>(), res.defined() ? res.const_data_ptr<float>() : nullptr);
+    return out.permute({3, 0, 1, 2});
+  }
   const int64_t rows_out = pool ? 2 * oh : ho, cols_out = pool ? 2 * ow : wo;  // pooling drops an odd edge
   const int64_t gh = cdiv(hp, S), gw = cdiv(wp, S);
   const int64_t nb = batch_block(n, isa, S, c, kh, kw, rows_out, cols_out, gw, pool), blocks = cdiv(n, nb);
@@ -515,15 +660,17 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
 
   at::Tensor staged_fallback;
   float* sp = staging_memory(blocks * block_len, staged_fallback, x.options());
-  stage_blocks(x, nb, S, kh, kw, a.pad_h, a.pad_w, gh, gw, block_len, sp);
-  for (int64_t bb = 0; bb < blocks; ++bb) std::fill_n(sp + bb * block_len + S * S * c * plane, tail, 0.f);
+  if (n != 1) {  // batch 1 stages inside the kernels' parallel region (below)
+    stage_blocks(x, nb, S, kh, kw, a.pad_h, a.pad_w, gh, gw, block_len, sp);
+    for (int64_t bb = 0; bb < blocks; ++bb) std::fill_n(sp + bb * block_len + S * S * c * plane, tail, 0.f);
+  }
   float* op = out.mutable_data_ptr<float>();
   uint8_t* ip = pool_index_like(a, out);
   const float* rsp = res.defined() ? res.const_data_ptr<float>() : nullptr;
   const int32_t* offp = offs->data();
 
   // One output tile (batch block bb, tile tl) for output channels [oc0, oc1), sums in `sums`.
-  auto run_tile = [&, op, ip, rsp, offp, sp](int64_t bb, int64_t tl, int64_t oc0, int64_t oc1, float* sums) {
+  auto run_tile = [&, op, ip, rsp, offp](const float* sp, int64_t bb, int64_t tl, int64_t oc0, int64_t oc1, float* sums) {
     const int64_t b0 = bb * nb, nbv = std::min(nb, n - b0);
     const int64_t y0 = (tl / col_tiles) * tile.rows, kk = std::min(tile.rows, rows_out - y0);
     const int64_t x0 = tile.merged ? 0 : (tl % col_tiles) * tile.cols;
@@ -574,16 +721,53 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
   // waiting at the barrier: 13% of a 256 -> 256 8 x 8 layer at batch 16.)
   const WorkSplit split = split_work(tile, rows_out, cols_out, gw, nb, isa, blocks, a.rp, oc_count,
                                      std::min<int64_t>(at::get_num_threads(), blocks * tiles * oc_count));
-  at::parallel_for(0, split.parts(), 1, [&](int64_t begin, int64_t end) {
-    // Uninitialised: the kernel writes every sum it keeps before the epilogue reads it.
-    const std::unique_ptr<float[]> sums(new float[oc_per_chunk * tile_floats + isa.lanes]);
+  // Items [split.start[begin], split.start[end]) on the staged input sp, sums in `sums`.
+  auto run_items = [&](const float* sp, int64_t begin, int64_t end, float* sums) {
     for (int64_t g = split.start[begin], g1 = split.start[end]; g < g1;) {
       const int64_t segment = g / oc_count, oc = g % oc_count;
       const int64_t oc_end = std::min({oc_count, oc + (g1 - g), oc + oc_per_chunk});
-      run_tile(segment / tiles, segment % tiles, oc, oc_end, sums.get());
+      run_tile(sp, segment / tiles, segment % tiles, oc, oc_end, sums);
       g += oc_end - oc;
     }
-  });
+  };
+  // Uninitialised: the kernel writes every sum it keeps before the epilogue reads it.
+  const int64_t sums_floats = oc_per_chunk * tile_floats + isa.lanes;
+  if (n != 1) {
+    at::parallel_for(0, split.parts(), 1, [&](int64_t begin, int64_t end) {
+      const std::unique_ptr<float[]> sums(new float[sums_floats]);
+      run_items(sp, begin, end, sums.get());
+    });
+    return out.permute({3, 0, 1, 2});
+  }
+  // Batch 1: each thread stages, into its own memory, the grid rows its own tiles read, and runs them.
+  // A staging shared by the threads (split by channel in a region of its own, the kernels then by rows)
+  // had each core write lines the other had read in the previous call and read lines the other had just
+  // written: on this VM, whose vCPUs pass cache lines slowly, 38 us a thread to stage 150 KB that one
+  // thread alone stages in 4. The rows near a boundary are staged by both threads (a halo of kh - 1).
+  const int64_t parts = split.parts();
+  auto stage_and_run = [&](int64_t p) {
+    at::Tensor own_fallback;
+    float* own = parts == 1 ? sp : staging_memory(block_len, own_fallback, x.options());
+    const int64_t first = split.start[p] / oc_count % tiles, last = (split.start[p + 1] - 1) / oc_count % tiles;
+    // The rows from the first tile's first to past the last tile's window (a merged tile's last vector
+    // reads up to a vector past its rows: lanes whose sums are never stored, but staged all the same).
+    const int64_t row0 = (first / col_tiles) * tile.rows;
+    const int64_t row1 = std::min(gh, (last / col_tiles + 1) * tile.rows + (kh - 1) / S + 1 + cdiv(isa.lanes, gw));
+    stage_image_rows(x, S, kh, kw, a.pad_h, a.pad_w, gh, gw, row0, row1, own);
+    std::fill_n(own + S * S * c * plane, tail, 0.f);
+    const std::unique_ptr<float[]> sums(new float[sums_floats]);
+    run_items(own, p, p + 1, sums.get());
+  };
+  if (parts == 1) {
+    stage_and_run(0);
+    return out.permute({3, 0, 1, 2});
+  }
+#pragma omp parallel num_threads(static_cast<int>(parts))
+  {
+    // OpenMP may grant fewer threads than asked: each thread takes every team-size-th part.
+    const int64_t team = omp_get_num_threads();
+    for (int64_t p = omp_get_thread_num(); p < parts; p += team) stage_and_run(p);
+  }
   return out.permute({3, 0, 1, 2});
 }
 

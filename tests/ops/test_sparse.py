@@ -365,6 +365,52 @@ def test_tiled_algorithm_splits_its_work_by_cost_over_any_thread_count(case, thr
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+@pytest.mark.parametrize("case", [(6, 40, 37, 9, 3, 1, 1), (5, 33, 30, 7, 3, 2, 1), (8, 21, 19, 10, 1, 2, 0),
+                                  (4, 26, 26, 5, 5, 1, 2), (3, 23, 17, 6, 3, 3, 2), (2, 64, 9, 3, 3, 2, 0),
+                                  (7, 4, 4, 12, 3, 1, 1), (9, 8, 8, 5, 3, 1, 1), (6, 16, 15, 4, 3, 2, 1),
+                                  (5, 8, 8, 11, 1, 2, 0), (4, 2, 8, 6, 3, 1, 1), (3, 6, 6, 5, 5, 1, 1),
+                                  (300, 4, 4, 3, 3, 1, 1)], ids=str)
+def test_tiled_algorithm_at_batch_1_stages_each_threads_rows(case, threads, isa, monkeypatch):
+    # Batch 1, each thread staging into its own memory: on the padded grid, the rows its tiles read
+    # (tall maps of many row tiles, thread ranges ending inside one; strides 1 to 3, 1x1 to 5x5 kernels,
+    # no or wide padding); on im2col rows, small maps of whole vectors of positions (4 x 4, 8 x 8, 2 x 8,
+    # 2 x 2 from 6 x 6 by a 5x5 kernel, 1x1 stride 2), output channels split by non-zeros; and past the
+    # im2col rows' size (300 channels at 4 x 4), the grid again. More threads than work, every input
+    # layout and a strided view, AVX-512 and AVX2 vectors. The staging memory is first filled from an
+    # input of NaN: a row no thread staged, or staged from the wrong place, is NaN.
+    if isa != "native":
+        monkeypatch.setenv("FASTPRUNE_TILED_ISA", isa)
+    c, h, w, oc, k, stride, pad = case
+    gen = torch.Generator().manual_seed(h * 31 + w + k)
+    weight = sparse_weight((oc, c, k, k), 0.6, seed=h + oc, empty_row=True)
+    bias = torch.randn(oc, generator=gen)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    base = torch.randn(1, c, h, w + 3, generator=gen)
+    inputs = {"contiguous": base[..., :w].contiguous(), "channels_last":
+              base[..., :w].contiguous(memory_format=torch.channels_last), "view": base[..., 1:w + 1]}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for name, x in inputs.items():
+            conv = F.conv2d(x.double(), weight.double(), bias.double(), stride=stride, padding=pad)
+            residual = torch.randn(conv.shape, generator=gen)
+            wants = {1: F.relu(conv), 3: F.relu(conv + residual.double())}
+            if conv.shape[-1] >= 2 and conv.shape[-2] >= 2:
+                wants[2] = F.max_pool2d(F.relu(conv), 2)
+            for epilogue, want in wants.items():
+                res = residual if epilogue == 3 else None
+                sparse_conv2d(torch.full_like(x, float("nan")), row_ptr, col_idx, values, bias, c, k, k, stride,
+                              stride, pad, pad, epilogue, res, algo=4)
+                got = sparse_conv2d(x, row_ptr, col_idx, values, bias, c, k, k, stride, stride, pad, pad, epilogue,
+                                    res, algo=4)
+                assert got.shape == want.shape, name
+                torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_tiled_algorithm_follows_patterns_that_change_under_its_offset_cache():
     # The tiled algorithm caches each pattern's offsets per col_idx tensor and geometry: a pattern
     # edited in place, another batch size or map size, and a new col_idx tensor (perhaps at a freed
