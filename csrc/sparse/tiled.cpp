@@ -525,6 +525,13 @@ std::shared_ptr<const std::vector<int32_t>> pattern_offsets(const ConvArgs& a, i
 constexpr int64_t kIm2colMaxPositions = 64;
 constexpr int64_t kIm2colMaxFloats = 96 * 1024;
 
+// Batch 1 splits the map into bands of rows, one a thread, where each band has at least this many rows
+// (pooling: row pairs); fewer, the threads split a tile's output channels instead. Zen 4, 2 threads,
+// ResNet-18 at 90%: 64 -> 64 32 x 32 98.9 -> 95.3 us in bands, 64 -> 128 stride 2 to 16 x 16 88.5 ->
+// 76.7, 256 -> 256 8 x 8 122.5 -> 167.2 (two bands of 4 rows: 3 vectors a non-zero where one tile of
+// 8 rows and half the channels takes 5 for twice the outputs).
+constexpr int64_t kMinBandRows = 8;
+
 // One image's im2col rows: row col = (ic * kh + r) * kw + s holds the input under tap (r, s) of
 // channel ic for each output position in order (zero where the tap reads padding), so that the CSR
 // column index of a weight names its row. positions = ho * wo floats a row.
@@ -669,11 +676,12 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
   const float* rsp = res.defined() ? res.const_data_ptr<float>() : nullptr;
   const int32_t* offp = offs->data();
 
-  // One output tile (batch block bb, tile tl) for output channels [oc0, oc1), sums in `sums`.
-  auto run_tile = [&, op, ip, rsp, offp](const float* sp, int64_t bb, int64_t tl, int64_t oc0, int64_t oc1, float* sums) {
+  // One output tile (batch block bb, output rows [y0, y0 + kk), kk <= tile.rows, column tile ct) for
+  // output channels [oc0, oc1), on the staged input sp, sums in `sums`.
+  auto run_rows = [&, op, ip, rsp, offp](const float* sp, int64_t bb, int64_t y0, int64_t kk, int64_t ct, int64_t oc0,
+                                         int64_t oc1, float* sums) {
     const int64_t b0 = bb * nb, nbv = std::min(nb, n - b0);
-    const int64_t y0 = (tl / col_tiles) * tile.rows, kk = std::min(tile.rows, rows_out - y0);
-    const int64_t x0 = tile.merged ? 0 : (tl % col_tiles) * tile.cols;
+    const int64_t x0 = tile.merged ? 0 : ct * tile.cols;
     const int64_t tt = tile.merged ? cols_out : std::min(tile.cols, cols_out - x0);
     const float* base = sp + bb * block_len + (y0 * gw + x0) * nb;
     const int64_t vr = tile.merged ? cdiv(kk * gw * nb, isa.lanes) : cdiv(tt * nb, isa.lanes);
@@ -721,6 +729,11 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
   // waiting at the barrier: 13% of a 256 -> 256 8 x 8 layer at batch 16.)
   const WorkSplit split = split_work(tile, rows_out, cols_out, gw, nb, isa, blocks, a.rp, oc_count,
                                      std::min<int64_t>(at::get_num_threads(), blocks * tiles * oc_count));
+  // Tile tl of the grid of tiles.
+  auto run_tile = [&](const float* sp, int64_t bb, int64_t tl, int64_t oc0, int64_t oc1, float* sums) {
+    const int64_t y0 = (tl / col_tiles) * tile.rows;
+    run_rows(sp, bb, y0, std::min(tile.rows, rows_out - y0), tl % col_tiles, oc0, oc1, sums);
+  };
   // Items [split.start[begin], split.start[end]) on the staged input sp, sums in `sums`.
   auto run_items = [&](const float* sp, int64_t begin, int64_t end, float* sums) {
     for (int64_t g = split.start[begin], g1 = split.start[end]; g < g1;) {
@@ -745,6 +758,34 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
   // written: on this VM, whose vCPUs pass cache lines slowly, 38 us a thread to stage 150 KB that one
   // thread alone stages in 4. The rows near a boundary are staged by both threads (a halo of kh - 1).
   const int64_t parts = split.parts();
+  // Where every thread gets a row of output (pooled rows: a pair), the threads split the map into bands
+  // of rows, each computing every output channel of its band: a layer then reads, but for a halo, the
+  // rows the same thread wrote in the layer before (a split by cost cuts inside a tile, and the thread
+  // that computes half a tile's channels reads rows the other wrote).
+  const int64_t row_unit = pool ? 2 : 1, units = rows_out / row_unit;
+  if (parts > 1 && units >= kMinBandRows * parts) {
+#pragma omp parallel num_threads(static_cast<int>(parts))
+    {
+      const int64_t team = omp_get_num_threads();  // fewer than asked: a thread takes several bands
+      for (int64_t p = omp_get_thread_num(); p < parts; p += team) {
+        const int64_t r0 = units * p / parts * row_unit, r1 = units * (p + 1) / parts * row_unit;
+        at::Tensor own_fallback;
+        float* own = staging_memory(block_len, own_fallback, x.options());
+        const int64_t row1 = std::min(gh, r1 + (kh - 1) / S + 1 + cdiv(isa.lanes, gw));
+        stage_image_rows(x, S, kh, kw, a.pad_h, a.pad_w, gh, gw, r0, row1, own);
+        std::fill_n(own + S * S * c * plane, tail, 0.f);
+        // The band in tiles of equal height, at most the tile's (pooling: even heights).
+        const int64_t band_tiles = cdiv(r1 - r0, tile.rows);
+        const int64_t tr = std::min(tile.rows, cdiv(cdiv(r1 - r0, band_tiles), row_unit) * row_unit);
+        const std::unique_ptr<float[]> sums(new float[sums_floats]);
+        for (int64_t y0 = r0; y0 < r1; y0 += tr)
+          for (int64_t ct = 0; ct < col_tiles; ++ct)
+            for (int64_t oc = 0; oc < oc_count; oc += oc_per_chunk)
+              run_rows(own, 0, y0, std::min(tr, r1 - y0), ct, oc, std::min(oc_count, oc + oc_per_chunk), sums.get());
+      }
+    }
+    return out.permute({3, 0, 1, 2});
+  }
   auto stage_and_run = [&](int64_t p) {
     at::Tensor own_fallback;
     float* own = parts == 1 ? sp : staging_memory(block_len, own_fallback, x.options());
