@@ -371,13 +371,15 @@ def test_tiled_algorithm_splits_its_work_by_cost_over_any_thread_count(case, thr
                                   (4, 26, 26, 5, 5, 1, 2), (3, 23, 17, 6, 3, 3, 2), (2, 64, 9, 3, 3, 2, 0),
                                   (7, 4, 4, 12, 3, 1, 1), (9, 8, 8, 5, 3, 1, 1), (6, 16, 15, 4, 3, 2, 1),
                                   (5, 8, 8, 11, 1, 2, 0), (4, 2, 8, 6, 3, 1, 1), (3, 6, 6, 5, 5, 1, 1),
-                                  (300, 4, 4, 3, 3, 1, 1)], ids=str)
+                                  (300, 4, 4, 3, 3, 1, 1), (6, 4, 4, 24, 3, 1, 1), (4, 8, 8, 96, 3, 1, 1),
+                                  (5, 16, 16, 90, 3, 2, 1), (3, 6, 6, 50, 5, 1, 1)], ids=str)
 def test_tiled_algorithm_at_batch_1_stages_each_threads_rows(case, threads, isa, monkeypatch):
     # Batch 1, each thread staging into its own memory: on the padded grid, the rows its tiles read
     # (tall maps of many row tiles, thread ranges ending inside one; strides 1 to 3, 1x1 to 5x5 kernels,
-    # no or wide padding); on im2col rows, small maps of whole vectors of positions (4 x 4, 8 x 8, 2 x 8,
-    # 2 x 2 from 6 x 6 by a 5x5 kernel, 1x1 stride 2), output channels split by non-zeros; and past the
-    # im2col rows' size (300 channels at 4 x 4), the grid again. More threads than work, every input
+    # no or wide padding); on im2col rows, small maps of whole vectors of positions with enough non-zeros
+    # (4 x 4, 8 x 8 from 8 x 8 and from 16 x 16 by stride 2, 4 x 4 from 6 x 6 by a 5x5 kernel, 1x1 stride
+    # 2), output channels split by non-zeros; the same maps with few output channels (too few non-zeros
+    # to build the rows for) and past the rows' size (300 channels at 4 x 4) on the grid again. More threads than work, every input
     # layout and a strided view, AVX-512 and AVX2 vectors. The staging memory is first filled from an
     # input of NaN: a row no thread staged, or staged from the wrong place, is NaN.
     if isa != "native":
