@@ -34,16 +34,19 @@
 // The code loops over the positions itself, moving in, partial, residual and out on by a position
 // each time: the call's cost and the first fetch of the chunk's code (from L2 or L3: a layer's code
 // is far larger than L1i) are spread over the run.
-// Work: (batch block, band of output rows, group) items in one contiguous range per thread; per item,
-// chunk by chunk, row by row (a chunk's code and input window stay in L1/L2 while the band's
-// positions run through it; a band is about 16 positions, their partial sums 24 KB). The next
-// chunk's code is prefetched while one runs: instruction fetch otherwise stalls on each of its lines.
+// Work: (batch block, band of output rows, group) items in one contiguous range per thread; a thread's
+// items of one (block, band) run chunk by chunk, each chunk over all their groups, row by row (a
+// chunk's input window stays in L1/L2 while every group's code runs over the band's positions; a band
+// is about 16 positions, a group's partial sums over it 24 KB). The next kernel's code is prefetched
+// while one runs: instruction fetch otherwise stalls on each of its lines. With several blocks over
+// several threads, each thread stages its own blocks into its own memory.
 #include <map>
 #include <memory>
 #include <mutex>
 #include <tuple>
 
 #include <c10/util/intrusive_ptr.h>
+#include <omp.h>
 
 #include "epilogue.h"
 #include "sparse_common.h"
@@ -339,9 +342,6 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
   if (out.numel() == 0) return out.permute({3, 0, 1, 2});
   const int64_t blocks = n / nb, tail = (kw / S + 2) * nb + 2 * kLanes;
   const int64_t block_len = S * S * c * plane + tail;
-  at::Tensor staged_fallback;
-  float* sp = staging_memory(blocks * block_len, staged_fallback, x.options());
-  stage_blocks(x, nb, S, kh, kw, a.pad_h, a.pad_w, gh, gw, block_len, sp);
   float* op = out.mutable_data_ptr<float>();
   const float* rsp = res.defined() ? res.const_data_ptr<float>() : nullptr;
   // Which taps of a position read inside the input (bit r * kw + s; taps from the 64th on always run):
@@ -366,37 +366,78 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
   }
   const int64_t band_rows = std::max<int64_t>(1, kBandPositions / wo), bands = (ho + band_rows - 1) / band_rows;
   const int64_t items = blocks * bands * prog->groups;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    const std::unique_ptr<float[]> partial_memory(new float[band_rows * wo * kGroup * kLanes + kLanes]);
+  const int64_t band_floats = band_rows * wo * kGroup * kLanes;  // one group's partial sums over a band
+  // Items [begin, end) on the staged blocks from block0 on at `staged`.
+  auto run_items = [&](int64_t begin, int64_t end, const float* staged, int64_t block0) {
+    // A thread's items of one (batch block, band) run chunk by chunk, each chunk over all their groups:
+    // the chunk's input window is read from L1 / L2 by every group in turn. Group by group (each over
+    // all chunks), a 512-channel 4x4 layer's staged block (1.2 MB for 16 images) streamed from L3 once
+    // a group. The partial sums are then kept for all the groups at once.
+    const int64_t most_groups = std::min(prog->groups, end - begin);
+    const std::unique_ptr<float[]> partial_memory(new float[most_groups * band_floats + kLanes]);
     // 64-byte aligned: a vector's store then touches one line
     float* partial = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(partial_memory.get()) + 63) & ~uintptr_t{63});
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t g = item % prog->groups, band = (item / prog->groups) % bands, bb = item / (prog->groups * bands);
-      const int64_t y0 = band * band_rows, y1 = std::min(ho, y0 + band_rows), oc0 = g * kGroup;
-      const float* in_block = sp + bb * block_len;
-      const float* bias = a.bias ? a.bias + oc0 : nullptr;
-      for (int64_t ch = 0; ch < prog->chunks; ++ch) {
-        const Kernel kernel = prog->kernel(g, ch);
-        {  // the next kernel's code into L2 while this one runs (instruction fetch stalls on L3)
-          const int64_t next = g * prog->chunks + ch + 1;
-          if (next + 1 < static_cast<int64_t>(prog->entry.size())) {
-            const char* c0 = reinterpret_cast<const char*>(prog->code->at(prog->entry[next]));
-            const char* c1 = reinterpret_cast<const char*>(prog->code->at(prog->entry[next + 1]));
-            for (const char* p = c0; p < c1; p += 64) __builtin_prefetch(p, 0, 2);
+    for (int64_t item = begin; item < end;) {
+      const int64_t g0 = item % prog->groups, band = (item / prog->groups) % bands, bb = item / (prog->groups * bands);
+      const int64_t g1 = std::min(prog->groups, g0 + (end - item));
+      const int64_t y0 = band * band_rows, y1 = std::min(ho, y0 + band_rows);
+      const float* in_block = staged + (bb - block0) * block_len;
+      for (int64_t ch = 0; ch < prog->chunks; ++ch)
+        for (int64_t g = g0; g < g1; ++g) {
+          const Kernel kernel = prog->kernel(g, ch);
+          {  // the next kernel's code into L2 while this one runs (instruction fetch stalls on L3)
+            const int64_t next = g + 1 < g1 ? (g + 1) * prog->chunks + ch : g0 * prog->chunks + ch + 1;
+            if (next + 1 < static_cast<int64_t>(prog->entry.size())) {
+              const char* c0 = reinterpret_cast<const char*>(prog->code->at(prog->entry[next]));
+              const char* c1 = reinterpret_cast<const char*>(prog->code->at(prog->entry[next + 1]));
+              for (const char* p = c0; p < c1; p += 64) __builtin_prefetch(p, 0, 2);
+            }
+          }
+          const int64_t oc0 = g * kGroup;
+          const float* bias = a.bias ? a.bias + oc0 : nullptr;
+          const float* weights = prog->weights.data() + prog->weight_at[g * prog->chunks + ch];
+          float* group_partial = partial + (g - g0) * band_floats;
+          for (int64_t y = y0; y < y1; ++y) {  // a run of a row's positions a call
+            const int64_t at_out = (oc0 * ho + y) * wo * n + bb * nb;
+            for (const ColumnRun& run : runs) {
+              const int64_t at = at_out + run.x0 * n;
+              kernel(in_block + y * gw * nb + run.x0 * nb, group_partial + ((y - y0) * wo + run.x0) * kGroup * kLanes,
+                     weights, rsp ? rsp + at : nullptr, bias, op + at, run.count, row_mask[y] & run.mask);
+            }
           }
         }
-        const float* weights = prog->weights.data() + prog->weight_at[g * prog->chunks + ch];
-        for (int64_t y = y0; y < y1; ++y) {  // a run of a row's positions a call
-          const int64_t at_out = (oc0 * ho + y) * wo * n + bb * nb;
-          for (const ColumnRun& run : runs) {
-            const int64_t at = at_out + run.x0 * n;
-            kernel(in_block + y * gw * nb + run.x0 * nb, partial + ((y - y0) * wo + run.x0) * kGroup * kLanes, weights,
-                   rsp ? rsp + at : nullptr, bias, op + at, run.count, row_mask[y] & run.mask);
-          }
-        }
-      }
+      item += g1 - g0;
     }
-  });
+  };
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
+  const int64_t items_per_block = bands * prog->groups;
+  if (threads <= 1 || blocks < 2) {
+    at::Tensor staged_fallback;
+    float* sp = staging_memory(blocks * block_len, staged_fallback, x.options());
+    stage_blocks(x, nb, S, kh, kw, a.pad_h, a.pad_w, gh, gw, block_len, sp);
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) { run_items(begin, end, sp, 0); });
+    return out.permute({3, 0, 1, 2});
+  }
+  // Several batch blocks over several threads: each thread stages, into its own memory, the blocks its
+  // items read (a block cut between two threads is staged by both), and runs them. A shared staging
+  // (by channel, over all blocks) had each thread read lines the other wrote; here a thread's blocks
+  // are the images whose activations it wrote in the layer before, so a micro-batch split over the
+  // threads by blocks passes no data between the cores.
+#pragma omp parallel num_threads(static_cast<int>(threads))
+  {
+    const int64_t team = omp_get_num_threads();  // fewer than asked: a thread takes several ranges
+    for (int64_t p = omp_get_thread_num(); p < threads; p += team) {
+      const int64_t begin = items * p / threads, end = items * (p + 1) / threads;
+      if (begin >= end) continue;
+      const int64_t first = begin / items_per_block, last = (end - 1) / items_per_block;
+      at::Tensor own_fallback;
+      float* own = staging_memory((last - first + 1) * block_len, own_fallback, x.options());
+      for (int64_t bb = first; bb <= last; ++bb)  // (at::parallel_for inside a parallel region runs inline)
+        stage_blocks(x.narrow(0, bb * nb, nb), nb, S, kh, kw, a.pad_h, a.pad_w, gh, gw, block_len,
+                     own + (bb - first) * block_len);
+      run_items(begin, end, own, first);
+    }
+  }
   return out.permute({3, 0, 1, 2});
 }
 

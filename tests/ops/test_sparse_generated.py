@@ -109,6 +109,32 @@ def test_generated_algorithm_over_any_thread_count(threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 5])
+@pytest.mark.parametrize("n,stride", [(32, 1), (48, 2), (64, 1), (80, 2)], ids=str)
+def test_generated_algorithm_stages_each_threads_blocks(n, stride, threads):
+    # Several batch blocks over several threads: each thread stages the blocks its items read into its
+    # own memory (a block cut between threads staged by both: 3 and 5 threads), from every input layout
+    # (a block of a batch-innermost input is a strided view). The staging memory is first filled from an
+    # input of NaN: a block staged from the wrong images, or not at all, shows.
+    gen = torch.Generator().manual_seed(n * 7 + threads)
+    weight = sparse_weight((30, 12, 3, 3), 0.6, seed=n + threads)
+    bias = torch.randn(30, generator=gen)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    x = torch.randn(n, 12, 7, 6, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for scale, to_layout in enumerate(LAYOUTS, start=1):
+            want = _expected(x * scale, weight, bias, stride, 1, None)[1]
+            sparse_conv2d(to_layout(torch.full_like(x, float("nan"))), row_ptr, col_idx, values, bias, 12, 3, 3,
+                          stride, stride, 1, 1, 1, algo=5)
+            got = sparse_conv2d(to_layout(x * scale), row_ptr, col_idx, values, bias, 12, 3, 3, stride, stride, 1, 1,
+                                1, algo=5)
+            torch.testing.assert_close(got.double(), want, atol=1e-5 * scale, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_generated_code_follows_values_and_patterns_changed_under_its_cache():
     # The code is cached per (col_idx, values) tensors and their versions and the geometry: values
     # changed in place (a training step), a pattern moved in place, new tensors, another batch or map
