@@ -46,7 +46,6 @@
 #include <tuple>
 
 #include <c10/util/intrusive_ptr.h>
-#include <omp.h>
 
 #include "epilogue.h"
 #include "sparse_common.h"
@@ -423,21 +422,17 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
   // (by channel, over all blocks) had each thread read lines the other wrote; here a thread's blocks
   // are the images whose activations it wrote in the layer before, so a micro-batch split over the
   // threads by blocks passes no data between the cores.
-#pragma omp parallel num_threads(static_cast<int>(threads))
-  {
-    const int64_t team = omp_get_num_threads();  // fewer than asked: a thread takes several ranges
-    for (int64_t p = omp_get_thread_num(); p < threads; p += team) {
-      const int64_t begin = items * p / threads, end = items * (p + 1) / threads;
-      if (begin >= end) continue;
-      const int64_t first = begin / items_per_block, last = (end - 1) / items_per_block;
-      at::Tensor own_fallback;
-      float* own = staging_memory((last - first + 1) * block_len, own_fallback, x.options());
-      for (int64_t bb = first; bb <= last; ++bb)  // (at::parallel_for inside a parallel region runs inline)
-        stage_blocks(x.narrow(0, bb * nb, nb), nb, S, kh, kw, a.pad_h, a.pad_w, gh, gw, block_len,
-                     own + (bb - first) * block_len);
-      run_items(begin, end, own, first);
-    }
-  }
+  run_parts(threads, [&](int64_t p) {
+    const int64_t begin = items * p / threads, end = items * (p + 1) / threads;
+    if (begin >= end) return;
+    const int64_t first = begin / items_per_block, last = (end - 1) / items_per_block;
+    at::Tensor own_fallback;
+    float* own = staging_memory((last - first + 1) * block_len, own_fallback, x.options());
+    for (int64_t bb = first; bb <= last; ++bb)  // (at::parallel_for inside a parallel region runs inline)
+      stage_blocks(x.narrow(0, bb * nb, nb), nb, S, kh, kw, a.pad_h, a.pad_w, gh, gw, block_len,
+                   own + (bb - first) * block_len);
+    run_items(begin, end, own, first);
+  });
   return out.permute({3, 0, 1, 2});
 }
 

@@ -16,6 +16,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -77,10 +78,28 @@ bool generated_supported();  // AVX-512 and executable memory here
 
 // The tiled and generated algorithms' staged input (tiled.cpp): x in batch blocks of nb images at
 // staged + b * block_len, each zero-padded and split into S x S stride phases, batch innermost:
-// [(phase * C + ic) * gh * gw * nb + (i * gw + j) * nb + k]; and per-thread memory for it.
+// [(phase * C + ic) * gh * gw * nb + (i * gw + j) * nb + k] (conv_tiled stages batch 1 by rows, per
+// thread, instead); and per-thread memory for it.
 void stage_blocks(const at::Tensor& x, int64_t nb, int64_t S, int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w,
                   int64_t gh, int64_t gw, int64_t block_len, float* staged);
 float* staging_memory(int64_t floats, at::Tensor& fallback, const at::TensorOptions& options);
+
+// fn(p) for p in [0, parts), each on a thread of one OpenMP team (parts > 1; OpenMP may grant fewer
+// threads than asked, and each then takes every team-size-th part). For work whose parts must not be
+// merged or re-cut the way at::parallel_for may (each part stages its own input for its own range).
+// Used inside no other parallel region (there the team would be one thread: still correct).
+template <typename F>
+void run_parts(int64_t parts, const F& fn) {
+  if (parts <= 1) {
+    if (parts == 1) fn(0);
+    return;
+  }
+#pragma omp parallel num_threads(static_cast<int>(parts))
+  {
+    const int64_t team = omp_get_num_threads();
+    for (int64_t p = omp_get_thread_num(); p < parts; p += team) fn(p);
+  }
+}
 
 // The residual (a ResNet block's shortcut) of an output allocated (OC, H', W', N), in that layout (a
 // view when the previous layers wrote it so too); undefined when there is none. conv.cpp.

@@ -24,7 +24,6 @@
 #include <utility>
 
 #include <c10/util/intrusive_ptr.h>
-#include <omp.h>
 
 #include "epilogue.h"
 #include "sparse_common.h"
@@ -276,33 +275,6 @@ constexpr int64_t kSumsFloats = 16 * 1024;
 // One input channel a task, read once in memory order: each position's N values, when the batch is
 // innermost, go to all blocks at once (reading the blocks one at a time costs several times more);
 // otherwise image by image, row by row (a gather across images touches a page per value).
-// One image, stride 1: a channel's padded plane written row by row in one pass each (zeros, the
-// row, zeros), its row read with stride sw (1 for NCHW, C for channels_last). Plain loops, kept from
-// becoming memset/memcpy calls: a 32-float row costs less than the three library calls the general
-// path makes for it (which were a quarter of a small layer at batch 1).
-#if defined(__GNUC__) && !defined(__clang__)
-__attribute__((optimize("no-tree-loop-distribute-patterns")))
-#endif
-static void stage_plane(const float* __restrict__ image, int64_t sh, int64_t sw, int64_t h, int64_t w, int64_t pad_h,
-                 int64_t pad_w, int64_t gh, int64_t gw, float* __restrict__ plane) {
-  for (int64_t i = 0; i < gh; ++i) {
-    float* row = plane + i * gw;
-    const int64_t y = i - pad_h;
-    if (y < 0 || y >= h) {
-      for (int64_t j = 0; j < gw; ++j) row[j] = 0.f;
-      continue;
-    }
-    const float* in = image + y * sh;
-    for (int64_t j = 0; j < pad_w; ++j) row[j] = 0.f;
-    if (sw == 1) {
-      for (int64_t j = 0; j < w; ++j) row[pad_w + j] = in[j];
-    } else {
-      for (int64_t j = 0; j < w; ++j) row[pad_w + j] = in[j * sw];
-    }
-    for (int64_t j = pad_w + w; j < gw; ++j) row[j] = 0.f;
-  }
-}
-
 // One image (batch 1), rows [i0, i1) of every phase grid, every channel: the layout stage_blocks writes
 // with batch blocks of 1 (phase (pa, pb) of channel ci at ((pa * S + pb) * c + ci) * plane, plane = gh *
 // gw), phases no tap reads left alone. Rows and columns are walked with the stride, no division per
@@ -350,10 +322,6 @@ void stage_blocks(const at::Tensor& x, int64_t nb, int64_t S, int64_t kh, int64_
   const int64_t grain = std::max<int64_t>(1, kMinTaskFloats / (S * S * plane * blocks));
   at::parallel_for(0, c, grain, [=](int64_t begin, int64_t end) {
     for (int64_t ci = begin; ci < end; ++ci) {
-      if (n == 1 && S == 1) {
-        stage_plane(src + ci * sc, sh, sw, h, w, pad_h, pad_w, gh, gw, staged + ci * plane);
-        continue;
-      }
       for (int64_t bb = 0; bb < blocks; ++bb) {
         float* block = staged + bb * block_len;
         if (S == 1 && (bb + 1) * nb <= n) {  // only the border: the copy below writes the interior
@@ -370,16 +338,12 @@ void stage_blocks(const at::Tensor& x, int64_t nb, int64_t S, int64_t kh, int64_
             if (ph / S < kh && ph % S < kw) std::fill_n(block + (ph * c + ci) * plane, plane, 0.f);
         }
       }
-      if (sn != 1 || n == 1) {  // NCHW or channels_last (or one image): image by image, rows in order
+      if (sn != 1) {  // NCHW or channels_last: image by image, rows in order
         for (int64_t k = 0; k < n; ++k) {
           float* block = staged + (k / nb) * block_len + ci * plane + k % nb;
           for (int64_t y = 0; y < h; ++y) {
             const int64_t yp = y + pad_h, pa = yp % S, i = yp / S;
             const float* row = src + k * sn + ci * sc + y * sh;
-            if (S == 1 && nb == 1 && sw == 1) {  // batch 1: one row copy
-              std::copy_n(row, w, block + i * gw + pad_w);
-              continue;
-            }
             if (pa >= kh) continue;  // a phase no tap reads (a 1x1 kernel's, stride 2)
             for (int64_t xx = 0; xx < w; ++xx) {
               const int64_t xp = xx + pad_w, pb = xp % S;
@@ -615,15 +579,7 @@ static void conv_im2col_batch1(const at::Tensor& x, const ConvArgs& a, const Isa
       kernel(rows, 0, offp, a.vals, a.rp[oc], a.rp[oc + 1], a.bias ? a.bias[oc] : 0.f, unused_sums, 0, &to_out);
     }
   };
-  if (parts == 1) {
-    run_part(0);
-    return;
-  }
-#pragma omp parallel num_threads(static_cast<int>(parts))
-  {
-    const int64_t team = omp_get_num_threads();
-    for (int64_t p = omp_get_thread_num(); p < parts; p += team) run_part(p);
-  }
+  run_parts(parts, run_part);
 }
 
 at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optional<at::Tensor>& residual) {
@@ -763,57 +719,45 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
   // written: on this VM, whose vCPUs pass cache lines slowly, 38 us a thread to stage 150 KB that one
   // thread alone stages in 4. The rows near a boundary are staged by both threads (a halo of kh - 1).
   const int64_t parts = split.parts();
+  // Stages, into `own`, the grid rows that output rows [r0, r1) read: to past their window (a merged
+  // tile's last vector reads up to a vector past its rows: lanes whose sums are never stored, but
+  // staged all the same).
+  auto stage_rows_for = [&](int64_t r0, int64_t r1, float* own) {
+    stage_image_rows(x, S, kh, kw, a.pad_h, a.pad_w, gh, gw, r0, std::min(gh, r1 + (kh - 1) / S + 1 + cdiv(isa.lanes, gw)),
+                     own);
+    std::fill_n(own + S * S * c * plane, tail, 0.f);
+  };
   // Where every thread gets a row of output (pooled rows: a pair), the threads split the map into bands
   // of rows, each computing every output channel of its band: a layer then reads, but for a halo, the
   // rows the same thread wrote in the layer before (a split by cost cuts inside a tile, and the thread
   // that computes half a tile's channels reads rows the other wrote).
   const int64_t row_unit = pool ? 2 : 1, units = rows_out / row_unit;
   if (parts > 1 && units >= kMinBandRows * parts) {
-#pragma omp parallel num_threads(static_cast<int>(parts))
-    {
-      const int64_t team = omp_get_num_threads();  // fewer than asked: a thread takes several bands
-      for (int64_t p = omp_get_thread_num(); p < parts; p += team) {
-        const int64_t r0 = units * p / parts * row_unit, r1 = units * (p + 1) / parts * row_unit;
-        at::Tensor own_fallback;
-        float* own = staging_memory(block_len, own_fallback, x.options());
-        const int64_t row1 = std::min(gh, r1 + (kh - 1) / S + 1 + cdiv(isa.lanes, gw));
-        stage_image_rows(x, S, kh, kw, a.pad_h, a.pad_w, gh, gw, r0, row1, own);
-        std::fill_n(own + S * S * c * plane, tail, 0.f);
-        // The band in tiles of equal height, at most the tile's (pooling: even heights).
-        const int64_t band_tiles = cdiv(r1 - r0, tile.rows);
-        const int64_t tr = std::min(tile.rows, cdiv(cdiv(r1 - r0, band_tiles), row_unit) * row_unit);
-        const std::unique_ptr<float[]> sums(new float[sums_floats]);
-        for (int64_t y0 = r0; y0 < r1; y0 += tr)
-          for (int64_t ct = 0; ct < col_tiles; ++ct)
-            for (int64_t oc = 0; oc < oc_count; oc += oc_per_chunk)
-              run_rows(own, 0, y0, std::min(tr, r1 - y0), ct, oc, std::min(oc_count, oc + oc_per_chunk), sums.get());
-      }
-    }
+    run_parts(parts, [&](int64_t p) {
+      const int64_t r0 = units * p / parts * row_unit, r1 = units * (p + 1) / parts * row_unit;
+      at::Tensor own_fallback;
+      float* own = staging_memory(block_len, own_fallback, x.options());
+      stage_rows_for(r0, r1, own);
+      // The band in tiles of equal height, at most the tile's (pooling: even heights).
+      const int64_t band_tiles = cdiv(r1 - r0, tile.rows);
+      const int64_t tr = std::min(tile.rows, cdiv(cdiv(r1 - r0, band_tiles), row_unit) * row_unit);
+      const std::unique_ptr<float[]> sums(new float[sums_floats]);
+      for (int64_t y0 = r0; y0 < r1; y0 += tr)
+        for (int64_t ct = 0; ct < col_tiles; ++ct)
+          for (int64_t oc = 0; oc < oc_count; oc += oc_per_chunk)
+            run_rows(own, 0, y0, std::min(tr, r1 - y0), ct, oc, std::min(oc_count, oc + oc_per_chunk), sums.get());
+    });
     return out.permute({3, 0, 1, 2});
   }
-  auto stage_and_run = [&](int64_t p) {
+  // Otherwise the split by cost: each part stages the rows of its tiles, from its first tile's first.
+  run_parts(parts, [&](int64_t p) {
     at::Tensor own_fallback;
     float* own = parts == 1 ? sp : staging_memory(block_len, own_fallback, x.options());
     const int64_t first = split.start[p] / oc_count % tiles, last = (split.start[p + 1] - 1) / oc_count % tiles;
-    // The rows from the first tile's first to past the last tile's window (a merged tile's last vector
-    // reads up to a vector past its rows: lanes whose sums are never stored, but staged all the same).
-    const int64_t row0 = (first / col_tiles) * tile.rows;
-    const int64_t row1 = std::min(gh, (last / col_tiles + 1) * tile.rows + (kh - 1) / S + 1 + cdiv(isa.lanes, gw));
-    stage_image_rows(x, S, kh, kw, a.pad_h, a.pad_w, gh, gw, row0, row1, own);
-    std::fill_n(own + S * S * c * plane, tail, 0.f);
+    stage_rows_for((first / col_tiles) * tile.rows, std::min(rows_out, (last / col_tiles + 1) * tile.rows), own);
     const std::unique_ptr<float[]> sums(new float[sums_floats]);
     run_items(own, p, p + 1, sums.get());
-  };
-  if (parts == 1) {
-    stage_and_run(0);
-    return out.permute({3, 0, 1, 2});
-  }
-#pragma omp parallel num_threads(static_cast<int>(parts))
-  {
-    // OpenMP may grant fewer threads than asked: each thread takes every team-size-th part.
-    const int64_t team = omp_get_num_threads();
-    for (int64_t p = omp_get_thread_num(); p < parts; p += team) stage_and_run(p);
-  }
+  });
   return out.permute({3, 0, 1, 2});
 }
 
