@@ -374,6 +374,8 @@ def test_micro_batches_run_concurrently_one_thread_each_and_give_the_same_output
     seen = []
     hook = sparse.net.register_forward_pre_hook(
         lambda mod, args: seen.append((threading.current_thread().name, args[0].shape[0], args[0][0, 0, 0, 0].item())))
+    strides = []  # of each micro-batch as the net gets it
+    stride_hook = sparse.net.register_forward_pre_hook(lambda mod, args: strides.append(args[0].stride()))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -383,13 +385,16 @@ def test_micro_batches_run_concurrently_one_thread_each_and_give_the_same_output
             one_at_a_time = sparse.run(x, config)
             assert all(not name.startswith("fastprune-micro-batch") for name, _, _ in seen)
             seen.clear()
+            strides.clear()
             sparse.parallel_micro_batches = True
             got = sparse.run(x, config)
+            concurrent_strides = list(strides)
         with torch.inference_mode():
             in_inference_mode = sparse.run(x, config)
     finally:
         torch.set_num_threads(before)
         hook.remove()
+        stride_hook.remove()
     _close(got, want)
     torch.testing.assert_close(got, one_at_a_time, atol=1e-6 * want.abs().max().item(), rtol=1e-6)
     torch.testing.assert_close(in_inference_mode, got, atol=0, rtol=0)
@@ -400,6 +405,10 @@ def test_micro_batches_run_concurrently_one_thread_each_and_give_the_same_output
     # every micro-batch ran once, on the slice it was given
     starts = sorted(first for _, _, first in seen[:parts])
     assert starts == sorted(x[i, 0, 0, 0].item() for i in range(0, batch, micro))
+    # each micro-batch put in the layout on its own (by its worker: no parallel region on the calling
+    # thread, whose OpenMP threads would spin on the workers' cores), not cut from the whole batch's
+    n_of = sorted(b for _, b, _ in seen[:parts])
+    assert sorted((s[0], s[3]) for s in concurrent_strides) == [(1, b) for b in n_of]
 
 
 @needs_extension

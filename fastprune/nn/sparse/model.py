@@ -229,23 +229,23 @@ class SparseModel(nn.Module):
     def run(self, x: torch.Tensor, config: dict) -> torch.Tensor:
         """The network on x under ``config`` (layout, micro-batches, layer choices)."""
         self.use_config(config)
-        x = to_layout(x, config["layout"])
-        micro = config["micro_batch"]
+        layout, micro = config["layout"], config["micro_batch"]
         # The CPU convs' backend once per call, for CPU inputs only (a GPU model under use_backend("cuda")
         # has no CPU backend to resolve); traced, the layers' inference path does not apply anyway.
         if torch.compiler.is_compiling() or x.device.type != "cpu":
-            return self._run_net(x, micro)
+            return self._run_net(x, layout, micro)
         with cpu_backend_per_network_call():
-            return self._run_net(x, micro)
+            return self._run_net(x, layout, micro)
 
-    def _run_net(self, x: torch.Tensor, micro: int | None) -> torch.Tensor:
+    def _run_net(self, x: torch.Tensor, layout: str, micro: int | None) -> torch.Tensor:
         if micro is None or x.shape[0] <= micro:
-            return self.net(x)
+            return self.net(to_layout(x, layout))
         parts = x.split(micro)
         workers = self._micro_batch_workers(x, len(parts))
         if workers < 2:
-            return torch.cat([self.net(part) for part in parts])
-        return torch.cat(self._run_concurrently(parts, workers))
+            x = to_layout(x, layout)
+            return torch.cat([self.net(part) for part in x.split(micro)])
+        return torch.cat(self._run_concurrently(parts, layout, workers))
 
     def _micro_batch_workers(self, x: torch.Tensor, parts: int) -> int:
         """How many threads run whole micro-batches at once (1: one micro-batch at a time): only CPU
@@ -257,15 +257,20 @@ class SparseModel(nn.Module):
             return 1
         return threads
 
-    def _run_concurrently(self, parts: tuple[torch.Tensor, ...], workers: int) -> list[torch.Tensor]:
+    def _run_concurrently(self, parts: tuple[torch.Tensor, ...], layout: str, workers: int) -> list[torch.Tensor]:
         """The network on each part, in order: workers x (len(parts) // workers) of them on the pool,
-        a contiguous run of parts a worker, the rest after them on this thread."""
+        a contiguous run of parts a worker, the rest after them on this thread.
+
+        Each part is put in ``layout`` by the worker that runs it, not here: a parallel region on this
+        thread would leave its OpenMP threads spinning (libgomp's default wait policy) on the cores
+        the workers need, for milliseconds (ResNet-18 at 90%, batch 64, Zen 4: 60-67 ms a batch with
+        the layout made here, 53-54 with the OpenMP threads passive; bench/NOTES.md, session 15)."""
         per = len(parts) // workers
         inference = torch.is_inference_mode_enabled()
 
         def run(group):
             with torch.inference_mode() if inference else torch.no_grad():
-                return [self.net(part) for part in group]
+                return [self.net(to_layout(part, layout)) for part in group]
 
         pool = _micro_batch_pool(workers)
         # Each task in a copy of this thread's context: the CPU backend chosen for this network call
@@ -274,7 +279,7 @@ class SparseModel(nn.Module):
                    for i in range(workers)]
         wait(futures)  # all of them, even when one raised: none is left running on the network
         outs = [y for future in futures for y in future.result()]
-        return outs + [self.net(part) for part in parts[workers * per:]]
+        return outs + [self.net(to_layout(part, layout)) for part in parts[workers * per:]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, ...) -> net(x), under the config of N's bucket on x's device."""
