@@ -20,13 +20,17 @@ void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::T
               "sparse: values must be contiguous float32 with col_idx's length");
 }
 
-at::Tensor residual_batch_innermost(const std::optional<at::Tensor>& residual, const at::Tensor& out_chwn, bool pool) {
-  if (!residual.has_value()) return at::Tensor();
-  const at::Tensor& r = *residual;
-  TORCH_CHECK(!pool && r.dim() == 4 && r.size(0) == out_chwn.size(3) && r.size(1) == out_chwn.size(0) &&
+at::Tensor residual_batch_innermost_view(const at::Tensor& r, const at::Tensor& out_chwn) {
+  TORCH_CHECK(r.dim() == 4 && r.size(0) == out_chwn.size(3) && r.size(1) == out_chwn.size(0) &&
                   r.size(2) == out_chwn.size(1) && r.size(3) == out_chwn.size(2) && r.scalar_type() == at::kFloat,
               "sparse_conv2d: residual must be float32 of the output's shape");
-  return r.permute({1, 2, 3, 0}).contiguous();
+  return r.permute({1, 2, 3, 0});
+}
+
+at::Tensor residual_batch_innermost(const std::optional<at::Tensor>& residual, const at::Tensor& out_chwn, bool pool) {
+  if (!residual.has_value()) return at::Tensor();
+  TORCH_CHECK(!pool, "sparse_conv2d: residual must be float32 of the output's shape");
+  return residual_batch_innermost_view(*residual, out_chwn).contiguous();
 }
 
 namespace {
@@ -41,9 +45,9 @@ at::Tensor run_conv(const at::Tensor& x, const at::Tensor& row_ptr, const at::Te
                     const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t kh, int64_t kw,
                     int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t algo, int64_t epilogue,
                     const std::optional<at::Tensor>& residual, at::Tensor* pool_index) {
-  TORCH_CHECK(algo >= 0 && algo <= 5,
-              "sparse_conv2d: algo must be 0 (auto), 1 (padded), 2 (direct), 3 (batch innermost), 4 (tiled) or 5 "
-              "(generated)");
+  TORCH_CHECK(algo >= 0 && algo <= 6,
+              "sparse_conv2d: algo must be 0 (auto), 1 (padded), 2 (direct), 3 (batch innermost), 4 (tiled), 5 "
+              "(generated) or 6 (generated, output planes padded: for SparseModel's inference path)");
   TORCH_CHECK(epilogue >= 0 && epilogue <= 3,
               "sparse_conv2d: epilogue must be 0 (none), 1 (relu), 2 (relu + pool) or 3 (add residual + relu)");
   TORCH_CHECK((epilogue == 3) == residual.has_value() && (epilogue != 3 || algo >= 3),
@@ -67,7 +71,7 @@ at::Tensor run_conv(const at::Tensor& x, const at::Tensor& row_ptr, const at::Te
     // Each returns a (N, OC, H', W') view of its (OC, H', W', N) output; the index gets the same view.
     at::Tensor out = algo == 3   ? conv_batch_innermost(x, args, residual)
                      : algo == 4 ? conv_tiled(x, args, residual)
-                                 : conv_generated(x, args, residual);
+                                 : conv_generated(x, args, residual, algo == 6);
     if (pool_index != nullptr && pool_index->defined()) {
       *pool_index = pool_index->as_strided(out.sizes(), out.strides());
     } else if (pool_index != nullptr) {  // an empty output: nothing was allocated

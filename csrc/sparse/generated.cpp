@@ -18,7 +18,9 @@
 // output positions of a row:
 //   void kernel(const float* in, float* partial, const float* weights, const float* residual,
 //               const float* bias, float* out, int64_t count, uint64_t taps)
-// in:      the staged input (tiled.cpp's stage_blocks, batch blocks of 16) at the first position's window;
+// in:      the input at the first position's window: the input tensor itself where it is batch innermost
+//          (each position's 16 images one vector; the next position S columns on), else a staged copy
+//          (tiled.cpp's stage_blocks: batch blocks of 16, a zero border, stride phases);
 // partial: the row's partial sums between chunks, 24 vectors a position in a row (read unless chunk
 //          0, written unless the last chunk): the output's channels lie a power of two apart at
 //          batch 16-64, and 24 lines that far apart would share one L1 set (12 ways);
@@ -31,6 +33,9 @@
 //          on a 4x4 map 31% of a 3x3 conv's multiply-adds) is jumped over, its multiply-adds with
 //          the staged zeros never run. The driver cuts each row into runs of equal masks (at most
 //          the left edge, the middle, the right edge).
+// The output (OC, H', W', N): on SparseModel's inference path (algo 6) its channel planes lie one
+// vector further apart than their size (channel_plane), so that the next generated layer reads it in
+// place without its planes sharing cache sets; no staged copy between two generated layers.
 // The code loops over the positions itself, moving in, partial, residual and out on by a position
 // each time: the call's cost and the first fetch of the chunk's code (from L2 or L3: a layer's code
 // is far larger than L1i) are spread over the run.
@@ -44,6 +49,7 @@
 #include <memory>
 #include <mutex>
 #include <tuple>
+#include <vector>
 
 #include <c10/util/intrusive_ptr.h>
 
@@ -99,6 +105,10 @@ struct ColumnRun {
 struct Geometry {
   int64_t c, S, kh, kw, gw, plane, ocs, wo, n;
   bool relu, residual, bias;
+  // Direct: the code reads the input tensor itself (batch innermost), channel plane, row and
+  // position sc, sh, sw floats apart, no staged copy (see conv_generated); pad_h, pad_w place the taps.
+  bool direct;
+  int64_t sc, sh, sw, pad_h, pad_w;
 };
 
 int64_t chunk_channels(const ConvArgs& a, int64_t c) {
@@ -115,11 +125,16 @@ std::shared_ptr<const Program> generate(const ConvArgs& a, const Geometry& geo) 
   auto prog = std::make_shared<Program>();
   prog->groups = (a.oc_count + kGroup - 1) / kGroup;
   prog->chunks = (geo.c + cb - 1) / cb;
-  std::vector<int64_t> tap_offset(ksize);  // as tiled.cpp's compute_offsets: phase, then shift
+  // Where tap (r, s) of input channel 0 lies from the position's window, and the next channel's.
+  std::vector<int64_t> tap_offset(ksize);
   for (int64_t r = 0; r < geo.kh; ++r)
     for (int64_t s = 0; s < geo.kw; ++s)
       tap_offset[r * geo.kw + s] =
-          ((r % geo.S) * geo.S + s % geo.S) * geo.c * geo.plane + ((r / geo.S) * geo.gw + s / geo.S) * kLanes;
+          geo.direct ? (r - geo.pad_h) * geo.sh + (s - geo.pad_w) * geo.sw  // may point before the window
+                     // staged: as tiled.cpp's compute_offsets, phase, then shift
+                     : ((r % geo.S) * geo.S + s % geo.S) * geo.c * geo.plane + ((r / geo.S) * geo.gw + s / geo.S) * kLanes;
+  const int64_t channel_floats = geo.direct ? geo.sc : geo.plane;
+  const int64_t position_floats = geo.direct ? geo.S * geo.sw : kLanes;
   x86::Emitter e;
   struct Entry {
     int32_t col;
@@ -182,7 +197,7 @@ std::shared_ptr<const Program> generate(const ConvArgs& a, const Geometry& geo) 
           const int32_t col = chunk[j].col;
           const int reg = kFirstInputReg + next_reg;
           next_reg = (next_reg + 1) % kInputRegs;
-          e.load(reg, x86::rdi, ((col / ksize) * geo.plane + tap_offset[t]) * 4);
+          e.load(reg, x86::rdi, ((col / ksize) * channel_floats + tap_offset[t]) * 4);
           for (; j < chunk.size() && chunk[j].col == col; ++j) {
             int64_t w = static_cast<int64_t>(prog->weights.size()) - w0 - w_base;
             if (w * 4 > 508) {  // past a one-byte displacement (x4): move the pointer on
@@ -207,7 +222,7 @@ std::shared_ptr<const Program> generate(const ConvArgs& a, const Geometry& geo) 
       }
       // The next position: its input window, partial sums, residual and output (each section sets
       // the weight pointer afresh).
-      e.add_imm(x86::rdi, static_cast<int32_t>(kLanes * 4));
+      e.add_imm(x86::rdi, static_cast<int32_t>(position_floats * 4));
       e.add_imm(x86::rsi, static_cast<int32_t>(kGroup * kLanes * 4));
       e.add_imm(x86::rcx, static_cast<int32_t>(geo.n * 4));
       e.add_imm(x86::r9, static_cast<int32_t>(geo.n * 4));
@@ -235,16 +250,18 @@ std::shared_ptr<const Program> program_for(const ConvArgs& a, const Geometry& ge
   if (a.cols_tensor == nullptr || a.vals_tensor == nullptr || !a.cols_tensor->defined() ||
       !a.vals_tensor->defined())
     return generate(a, geo);
-  using Key = std::tuple<const c10::TensorImpl*, int64_t, const c10::TensorImpl*, int64_t, int64_t, int64_t, int64_t,
-                         int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int>;
+  // (cols, its version, values, its version, every field of the geometry)
+  using Key = std::tuple<const c10::TensorImpl*, int64_t, const c10::TensorImpl*, int64_t, std::vector<int64_t>>;
   static std::mutex mutex;
   static std::map<Key, CacheEntry> cache;
   static int64_t cached_bytes = 0;
   const c10::TensorImpl* ci = a.cols_tensor->unsafeGetTensorImpl();
   const c10::TensorImpl* vi = a.vals_tensor->unsafeGetTensorImpl();
   const Key key{ci, static_cast<int64_t>(ci->version_counter().current_version()), vi,
-                static_cast<int64_t>(vi->version_counter().current_version()), geo.c, geo.S, geo.kh, geo.kw, geo.gw,
-                geo.plane, geo.ocs, geo.wo, geo.n, (geo.relu ? 1 : 0) | (geo.residual ? 2 : 0) | (geo.bias ? 4 : 0)};
+                static_cast<int64_t>(vi->version_counter().current_version()),
+                std::vector<int64_t>{geo.c, geo.S, geo.kh, geo.kw, geo.gw, geo.plane, geo.ocs, geo.wo, geo.n,
+                                     (geo.relu ? 1 : 0) | (geo.residual ? 2 : 0) | (geo.bias ? 4 : 0) | (geo.direct ? 8 : 0),
+                                     geo.sc, geo.sh, geo.sw, geo.pad_h, geo.pad_w}};
   {
     std::lock_guard<std::mutex> lock(mutex);
     const auto found = cache.find(key);
@@ -293,20 +310,39 @@ bool generated_applicable(int64_t n, bool pool, int64_t stride_h, int64_t stride
 
 namespace {
 
-// ReLU, then 2x2 stride-2 max pooling of x (OC, H, W, N) contiguous into (OC, H / 2, W / 2, N), odd
-// edges dropped, by the epilogue every algorithm shares (epilogue.h), with the window positions where
+// Floats from one output channel's plane to the next: a plane of `floats`, padded by one line when
+// asked. Planes a multiple of 4 KiB apart (16x16 and 8x8 maps of batch 16: 16 and 4 KiB) put the
+// same position of every channel in one L1 set, and in one L2 set from 64 KiB on, and the next
+// layer's code reads a chunk's channels at one position together: read in place, such an input ran
+// ResNet-18's 3x3 layers 1.2-2.4x slower than from a staged copy (bench/NOTES.md, session 15).
+int64_t channel_plane(int64_t floats, bool pad_planes) { return pad_planes ? floats + kLanes : floats; }
+
+// The residual (N, OC, H', W') as the code reads it: (OC, H', W', N) with the output's strides (out_chwn),
+// itself when it has them (the usual case: an earlier generated layer's output), else a copy.
+at::Tensor residual_like(const std::optional<at::Tensor>& residual, const at::Tensor& out_chwn) {
+  if (!residual.has_value()) return at::Tensor();
+  const at::Tensor r = residual_batch_innermost_view(*residual, out_chwn);
+  if (r.strides() == out_chwn.strides()) return r;
+  at::Tensor copy = at::empty_strided(out_chwn.sizes(), out_chwn.strides(), out_chwn.options());
+  copy.copy_(r);
+  return copy;
+}
+
+// ReLU, then 2x2 stride-2 max pooling of x (OC, H, W, N) (each plane contiguous) into (OC, H / 2, W / 2,
+// N) (planes padded when asked: channel_plane), odd edges dropped, by the epilogue every algorithm shares (epilogue.h), with the window positions where
 // the backward pass asks for them (a.pool_index).
-at::Tensor pool_chwn(const at::Tensor& x, const ConvArgs& a) {
+at::Tensor pool_chwn(const at::Tensor& x, const ConvArgs& a, bool pad_planes) {
   const int64_t oc_count = x.size(0), h = x.size(1), w = x.size(2), n = x.size(3), oh = h / 2, ow = w / 2;
-  at::Tensor out = pooled_empty({oc_count, oh, ow, n}, x.options());
+  const int64_t in_plane = x.stride(0), out_plane = channel_plane(oh * ow * n, pad_planes);
+  at::Tensor out = pooled_empty({oc_count, oh, ow, n}, {out_plane, ow * n, n, 1}, x.options());
   uint8_t* index = pool_index_like(a, out);
   const float* src = x.const_data_ptr<float>();
   float* dst = out.mutable_data_ptr<float>();
   at::parallel_for(0, oc_count, 1, [&](int64_t begin, int64_t end) {
     for (int64_t oc = begin; oc < end; ++oc)
       for (int64_t py = 0; py < oh; ++py) {
-        const int64_t at = (oc * oh + py) * ow * n;
-        const float* row = src + (oc * h + 2 * py) * w * n;
+        const int64_t at = oc * out_plane + py * ow * n;
+        const float* row = src + oc * in_plane + 2 * py * w * n;
         store_pooled_row(dst + at, n, row, row + w * n, n, ow, n, index ? index + at : nullptr);
       }
   });
@@ -315,33 +351,44 @@ at::Tensor pool_chwn(const at::Tensor& x, const ConvArgs& a) {
 
 }  // namespace
 
-at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::optional<at::Tensor>& residual) {
+at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::optional<at::Tensor>& residual,
+                          bool pad_planes) {
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   if (!generated_applicable(n, a.pool, a.stride_h, a.stride_w, a.rp[a.oc_count] - a.rp[0]))
     return conv_tiled(x, a, residual);
   if (a.pool) {  // the conv with ReLU, then the pooling over its output
     ConvArgs conv = a;
     conv.pool = false, conv.relu = true, conv.pool_index = nullptr;
-    const at::Tensor full = conv_generated(x, conv, residual);  // a (N, OC, H', W') view of (OC, H', W', N)
-    return pool_chwn(full.permute({1, 2, 3, 0}), a).permute({3, 0, 1, 2});
+    // a (N, OC, H', W') view of (OC, H', W', N), its planes padded: the pooling reads them in place
+    const at::Tensor full = conv_generated(x, conv, residual, pad_planes);
+    return pool_chwn(full.permute({1, 2, 3, 0}), a, pad_planes).permute({3, 0, 1, 2});
   }
   const int64_t S = a.stride_h, kh = a.kh, kw = a.kw, oc_count = a.oc_count;
   const int64_t hp = h + 2 * a.pad_h, wp = w + 2 * a.pad_w;
   const int64_t ho = (hp - kh) / S + 1, wo = (wp - kw) / S + 1;
   const int64_t gh = (hp + S - 1) / S, gw = (wp + S - 1) / S, nb = kLanes, plane = gh * gw * nb;
-  const int64_t ocs = ho * wo * n;
+  const int64_t ocs = channel_plane(ho * wo * n, pad_planes);  // the output's channel stride
   // Displacements are 32-bit: larger layers (a staged block or an output over 2 GB) take the tiled path.
   if (S * S * c * plane * 4 >= INT32_MAX || ocs * 4 * kGroup >= INT32_MAX) return conv_tiled(x, a, residual);
-  const Geometry geo{c, S, kh, kw, gw, plane, ocs, wo, n, a.relu, residual.has_value(), a.bias != nullptr};
+  const int64_t sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+  // The input read in place where it is batch innermost, unless its planes are a multiple of 4 KiB apart
+  // (channel_plane: a chunk's channels at one position would share a cache set) or a tap past the 64th
+  // (which the code never skips) could read the padding; else staged, zeros around. In place, a tap
+  // that would read padding is one the code jumps over, so every load lies inside the image.
+  const bool direct = x.stride(0) == 1 && kh * kw <= 64 && (sc * 4) % 4096 != 0 &&
+                      (c * sc + kh * sh + kw * sw) * 4 < INT32_MAX;
+  const Geometry geo{c, S, kh, kw, gw, plane, ocs, wo, n, a.relu, residual.has_value(), a.bias != nullptr,
+                     direct, direct ? sc : 0, direct ? sh : 0, direct ? sw : 0, a.pad_h, a.pad_w};
   const std::shared_ptr<const Program> prog = program_for(a, geo);
   if (prog == nullptr) return conv_tiled(x, a, residual);  // no executable memory here
 
-  at::Tensor out = pooled_empty({oc_count, ho, wo, n}, x.options());
-  const at::Tensor res = residual_batch_innermost(residual, out, false);
+  at::Tensor out = pooled_empty({oc_count, ho, wo, n}, {ocs, wo * n, n, 1}, x.options());
+  const at::Tensor res = residual_like(residual, out);
   if (out.numel() == 0) return out.permute({3, 0, 1, 2});
   const int64_t blocks = n / nb, tail = (kw / S + 2) * nb + 2 * kLanes;
   const int64_t block_len = S * S * c * plane + tail;
   float* op = out.mutable_data_ptr<float>();
+  const float* x_data = x.const_data_ptr<float>();
   const float* rsp = res.defined() ? res.const_data_ptr<float>() : nullptr;
   // Which taps of a position read inside the input (bit r * kw + s; taps from the 64th on always run):
   // the rest read only the staged zero border, and the code skips them. Rows differ at the top and
@@ -380,7 +427,7 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
       const int64_t g0 = item % prog->groups, band = (item / prog->groups) % bands, bb = item / (prog->groups * bands);
       const int64_t g1 = std::min(prog->groups, g0 + (end - item));
       const int64_t y0 = band * band_rows, y1 = std::min(ho, y0 + band_rows);
-      const float* in_block = staged + (bb - block0) * block_len;
+      const float* in_block = direct ? x_data + bb * nb : staged + (bb - block0) * block_len;
       for (int64_t ch = 0; ch < prog->chunks; ++ch)
         for (int64_t g = g0; g < g1; ++g) {
           const Kernel kernel = prog->kernel(g, ch);
@@ -397,10 +444,11 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
           const float* weights = prog->weights.data() + prog->weight_at[g * prog->chunks + ch];
           float* group_partial = partial + (g - g0) * band_floats;
           for (int64_t y = y0; y < y1; ++y) {  // a run of a row's positions a call
-            const int64_t at_out = (oc0 * ho + y) * wo * n + bb * nb;
+            const int64_t at_out = oc0 * ocs + y * wo * n + bb * nb;
             for (const ColumnRun& run : runs) {
               const int64_t at = at_out + run.x0 * n;
-              kernel(in_block + y * gw * nb + run.x0 * nb, group_partial + ((y - y0) * wo + run.x0) * kGroup * kLanes,
+              const float* window = direct ? in_block + y * S * sh + run.x0 * S * sw : in_block + y * gw * nb + run.x0 * nb;
+              kernel(window, group_partial + ((y - y0) * wo + run.x0) * kGroup * kLanes,
                      weights, rsp ? rsp + at : nullptr, bias, op + at, run.count, row_mask[y] & run.mask);
             }
           }
@@ -410,6 +458,10 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
   };
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
   const int64_t items_per_block = bands * prog->groups;
+  if (direct) {
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) { run_items(begin, end, nullptr, 0); });
+    return out.permute({3, 0, 1, 2});
+  }
   if (threads <= 1 || blocks < 2) {
     at::Tensor staged_fallback;
     float* sp = staging_memory(blocks * block_len, staged_fallback, x.options());

@@ -72,7 +72,10 @@ void conv_direct(const at::Tensor& x, const ConvArgs& a, at::Tensor& out);
 at::Tensor conv_batch_innermost(const at::Tensor& x, const ConvArgs& a, const std::optional<at::Tensor>& residual);
 at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optional<at::Tensor>& residual);
 // Algorithm 5 (generated.cpp): code per layer where generated_applicable, else algorithm 4.
-at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::optional<at::Tensor>& residual);
+// pad_planes: the output's channel planes one vector apart more than their size (algo 6; see
+// generated.cpp's channel_plane), for the next generated layer to read in place.
+at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::optional<at::Tensor>& residual,
+                          bool pad_planes = false);
 bool generated_applicable(int64_t n, bool pool, int64_t stride_h, int64_t stride_w, int64_t nnz);
 bool generated_supported();  // AVX-512 and executable memory here
 
@@ -104,6 +107,8 @@ void run_parts(int64_t parts, const F& fn) {
 // The residual (a ResNet block's shortcut) of an output allocated (OC, H', W', N), in that layout (a
 // view when the previous layers wrote it so too); undefined when there is none. conv.cpp.
 at::Tensor residual_batch_innermost(const std::optional<at::Tensor>& residual, const at::Tensor& out_chwn, bool pool);
+// The residual (N, OC, H', W') permuted to (OC, H', W', N), checked against the output's sizes; no copy.
+at::Tensor residual_batch_innermost_view(const at::Tensor& r, const at::Tensor& out_chwn);
 // The CSR arrays' dtypes, shapes and contiguity (TORCH_CHECK): conv.cpp.
 void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values, int64_t rows);
 

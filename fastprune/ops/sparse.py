@@ -71,6 +71,9 @@ def _tiled_conv_cuda(x, weight: TiledWeight, geometry, relu: bool) -> torch.Tens
 ALGORITHMS = {"padded": 1, "direct": 2, "batch_innermost": 3, "tiled": 4, "generated": 5}
 # The algorithms whose output is laid out (OC, H', W', N) and that fuse the residual epilogue.
 _BATCH_INNERMOST_OUT = (ALGORITHMS["batch_innermost"], ALGORITHMS["tiled"], ALGORITHMS["generated"])
+# The generated algorithm with its output's channel planes padded by one vector (csrc/sparse/generated.cpp,
+# channel_plane): batch innermost, but not the op's exact strides, so only the inference path asks for it.
+_GENERATED_PADDED_PLANES = 6
 # Batches the generated algorithm runs itself (whole AVX-512 vectors of images); others go to the tiled one.
 GENERATED_BATCH_MULTIPLE = 16
 GENERATED_MAX_NONZEROS = 400000  # csrc/sparse/generated.cpp, kMaxGeneratedNonzeros
@@ -198,16 +201,21 @@ def _conv_gpu(backend, x, row_ptr, col_idx, values, bias, in_channels, geometry,
     return y, EPILOGUES["relu"] if relu else EPILOGUES["none"]
 
 
-def _conv_cpp(x, row_ptr, col_idx, values, bias, geometry, algo, epilogue, residual):
-    """(output, fused epilogue) of the CPU C++ kernels, which fuse what their algorithm can."""
-    ext = torch.ops.fastprune.sparse_conv2d_ext
+def _conv_cpp(x, row_ptr, col_idx, values, bias, geometry, algo, epilogue, residual, pad_planes=False):
+    """(output, fused epilogue) of the CPU C++ kernels, which fuse what their algorithm can.
+    ``pad_planes``: the generated algorithm pads its output's channel planes (_GENERATED_PADDED_PLANES)."""
+    def ext(*args, algo, epilogue, residual=None):
+        if pad_planes and algo == ALGORITHMS["generated"]:
+            algo = _GENERATED_PADDED_PLANES
+        return torch.ops.fastprune.sparse_conv2d_ext(*args, algo, epilogue, residual)
+
     if epilogue == EPILOGUES["add_relu"] and algo in _BATCH_INNERMOST_OUT:
-        return ext(x, row_ptr, col_idx, values, bias, *geometry, algo, epilogue, residual), epilogue
+        return ext(x, row_ptr, col_idx, values, bias, *geometry, algo=algo, epilogue=epilogue, residual=residual), epilogue
     if epilogue == EPILOGUES["relu_pool"] and pool_fusable(x, geometry[2:4], algo):
         pool_algo = algo if algo in (ALGORITHMS["padded"], *_BATCH_INNERMOST_OUT) else ALGORITHMS["direct"]
-        return ext(x, row_ptr, col_idx, values, bias, *geometry, pool_algo, epilogue), epilogue
+        return ext(x, row_ptr, col_idx, values, bias, *geometry, algo=pool_algo, epilogue=epilogue), epilogue
     fused = EPILOGUES["relu"] if epilogue in (EPILOGUES["relu"], EPILOGUES["relu_pool"]) else EPILOGUES["none"]
-    return ext(x, row_ptr, col_idx, values, bias, *geometry, algo, fused), fused
+    return ext(x, row_ptr, col_idx, values, bias, *geometry, algo=algo, epilogue=fused), fused
 
 
 def _conv_on_cpu(x, row_ptr, col_idx, values, bias, in_channels, geometry, algo, epilogue, residual):
@@ -308,7 +316,9 @@ def sparse_conv2d_cpu_inference(x: torch.Tensor, row_ptr: torch.Tensor, col_idx:
         return None
     if (_network_cpu_backend.get() or backends.choose(_CONV_SPEC, x.device)) != "cpp":
         return None
-    y, fused = _conv_cpp(x, row_ptr, col_idx, values, bias, geometry, algo, epilogue, residual)
+    # The generated algorithm here pads its output's channel planes, for the next generated layer to
+    # read in place: batch innermost, but not the exact strides the op's contract (output_layout) says.
+    y, fused = _conv_cpp(x, row_ptr, col_idx, values, bias, geometry, algo, epilogue, residual, pad_planes=True)
     if algo in _BATCH_INNERMOST_OUT:  # the kernel's own (OC, H', W', N) output: the layout by construction
         return y if fused == epilogue else in_layout(finish_epilogue(y, epilogue, fused, residual), "batch_innermost")
     return in_layout(finish_epilogue(y, epilogue, fused, residual), output_layout(x, algo))

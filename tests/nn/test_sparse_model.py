@@ -338,7 +338,7 @@ def test_the_backend_chosen_at_a_network_call_holds_for_all_its_layers(monkeypat
     sparse = sparsify(model, benchmark=False)  # untuned "sparse": batch 8 puts the convs on the tiled kernel
     calls = []
     real = sparse_ops._conv_cpp
-    monkeypatch.setattr(sparse_ops, "_conv_cpp", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(sparse_ops, "_conv_cpp", lambda *args, **kw: calls.append(1) or real(*args, **kw))
     with torch.no_grad():
         want = model(x)
         _close(sparse(x), want)

@@ -190,3 +190,70 @@ def test_generated_applicable_says_where_the_code_runs():
     assert generated_applicable(x, (1, 1), 100, pool=True) == supported  # pooling after the conv
     assert not generated_applicable(torch.randn(20, 4, 6, 6), (1, 1), 100)  # not whole vectors of images
     assert not generated_applicable(x, (1, 1), GENERATED_MAX_NONZEROS + 1)  # code past its size bound
+
+
+def _in_nan_frame(x: torch.Tensor, plane_stride: int, sw_factor: int = 1) -> torch.Tensor:
+    """x (N, C, H, W) batch innermost inside a buffer of NaN: each channel plane ``plane_stride`` floats
+    from the last (at least its size), the batch ``sw_factor`` times wider than x (x one slice of it),
+    and NaN before the first plane and after the last: a tap read outside the image shows in the output."""
+    n, c, h, w = x.shape
+    wide = n * sw_factor
+    buf = torch.full((64 + c * plane_stride + 64,), float("nan"))
+    view = buf[64:64 + c * plane_stride].view(c, plane_stride)[:, :h * w * wide].view(c, h, w, wide)
+    view[..., :n] = x.permute(1, 2, 3, 0)
+    return view[..., :n].permute(3, 0, 1, 2)
+
+
+# (N, C, H, W, OC, k, stride, padding): maps whose planes are 4 KiB multiples at batch 16 (8x8, 16x16:
+# read from a staged copy) and others (read in place), 1x1 to 7x7 kernels, strides 1-3.
+PADDED_CASES = [
+    (16, 12, 8, 8, 30, 3, 1, 1),
+    (16, 9, 16, 16, 26, 3, 2, 1),
+    (32, 10, 5, 7, 25, 3, 1, 1),
+    (16, 8, 9, 9, 24, 1, 2, 0),
+    (16, 6, 11, 10, 10, 5, 3, 2),
+    (48, 7, 6, 6, 20, 7, 1, 3),
+    (16, 20, 4, 4, 50, 3, 1, 1),
+]
+
+
+@pytest.mark.skipif(not generated_supported(), reason="no AVX-512 here: the tiled algorithm runs algo 5")
+@pytest.mark.parametrize("case", PADDED_CASES, ids=str)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_generated_inference_path_pads_output_planes_and_reads_inputs_in_place(case, threads):
+    # SparseModel's inference path (sparse_conv2d_cpu_inference) asks the generated algorithm for output
+    # planes one vector apart more than their size (algo 6), which the next generated layer reads in
+    # place: every epilogue's values against float64, the strides, and inputs in a frame of NaN (padded
+    # planes, a slice of a wider batch, strides 1-3), which any read past the image would carry out.
+    from fastprune.ops.sparse import EPILOGUES, sparse_conv2d_cpu_inference
+
+    n, c, h, w, oc, k, stride, pad = case
+    gen = torch.Generator().manual_seed(n + c * 7 + threads)
+    weight = sparse_weight((oc, c, k, k), 0.6, seed=c + oc, empty_row=True)
+    bias = torch.randn(oc, generator=gen)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    x = torch.randn(n, c, h, w, generator=gen)
+    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    residual = torch.randn(n, oc, ho, wo, generator=gen)
+    wants = _expected(x, weight, bias, stride, pad, residual)
+    inputs = {"contiguous planes": to_batch_innermost(x), "padded planes": _in_nan_frame(x, h * w * n + 16),
+              "slice of a wider batch": _in_nan_frame(x, h * w * n * 2 + 48, sw_factor=2)}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            for what, xin in inputs.items():
+                for epilogue, want in wants.items():
+                    res = residual if epilogue == 3 else None
+                    got = sparse_conv2d_cpu_inference(xin, row_ptr, col_idx, values, bias, (k, k, stride, stride, pad, pad),
+                                                      5, epilogue, res)
+                    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5, msg=f"{what}, epilogue {epilogue}")
+                    oh, ow = want.shape[-2:]
+                    assert got.stride() == (1, oh * ow * n + 16, ow * n, n), (what, epilogue)
+                # a residual in the output's own padded layout (the usual case in a ResNet block) is read in place
+                padded_res = _in_nan_frame(residual, ho * wo * n + 16)
+                got = sparse_conv2d_cpu_inference(xin, row_ptr, col_idx, values, bias, (k, k, stride, stride, pad, pad),
+                                                  5, EPILOGUES["add_relu"], padded_res)
+                torch.testing.assert_close(got.double(), wants[3], atol=1e-5, rtol=1e-5, msg=what)
+    finally:
+        torch.set_num_threads(before)
