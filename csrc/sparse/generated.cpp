@@ -1,7 +1,9 @@
 // The generated algorithm (algo 5): machine code written per layer for its non-zero pattern, for
 // batches of whole vectors on AVX-512 x86-64; the tiled algorithm (tiled.cpp) runs whatever else it
-// is asked to (a batch that is not a multiple of 16, another CPU). Pooling (ReLU, then 2x2 max) runs
-// after the generated conv, over its output (epilogue.h's store_pooled_row, as the others store it).
+// is asked to (a batch that is not a multiple of 16, another CPU). Pooling (ReLU, then 2x2 max): at
+// inference each band of two output rows is written to a thread's scratch rows and pooled from there
+// while in cache (epilogue.h's store_pooled_row, as the others store it), the full-size output never
+// written; when the backward pass asks for the window positions, over the whole conv output after it.
 //
 // Why: the tiled micro-kernel keeps one output channel's tile of positions in registers, so each
 // non-zero reads its tile's input window afresh: about 0.85 lines from L2 per multiply-add at 90%
@@ -356,7 +358,11 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   if (!generated_applicable(n, a.pool, a.stride_h, a.stride_w, a.rp[a.oc_count] - a.rp[0]))
     return conv_tiled(x, a, residual);
-  if (a.pool) {  // the conv with ReLU, then the pooling over its output
+  // Pooled layers: without window positions to keep (inference), each band of two output rows is
+  // pooled as soon as it is computed, from a thread's scratch rows still in cache (fuse_pool); with
+  // them (the backward pass asks), the conv with ReLU, then the pooling over its output.
+  const bool fuse_pool = a.pool && a.pool_index == nullptr;
+  if (a.pool && !fuse_pool) {
     ConvArgs conv = a;
     conv.pool = false, conv.relu = true, conv.pool_index = nullptr;
     // a (N, OC, H', W') view of (OC, H', W', N), its planes padded: the pooling reads them in place
@@ -367,9 +373,18 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
   const int64_t hp = h + 2 * a.pad_h, wp = w + 2 * a.pad_w;
   const int64_t ho = (hp - kh) / S + 1, wo = (wp - kw) / S + 1;
   const int64_t gh = (hp + S - 1) / S, gw = (wp + S - 1) / S, nb = kLanes, plane = gh * gw * nb;
-  const int64_t ocs = channel_plane(ho * wo * n, pad_planes);  // the output's channel stride
+  // Rows computed (an odd last row is one the pooling drops) and the rows an item runs over: an even
+  // number when pooling, so that a band is pooled on its own.
+  const int64_t rows = fuse_pool ? ho / 2 * 2 : ho;
+  const int64_t band_rows = fuse_pool ? std::max<int64_t>(2, kBandPositions / wo / 2 * 2)
+                                      : std::max<int64_t>(1, kBandPositions / wo);
+  const int64_t oh = fuse_pool ? ho / 2 : ho, ow = fuse_pool ? wo / 2 : wo;  // the output's map
+  const int64_t ocs = channel_plane(oh * ow * n, pad_planes);  // the output's channel stride
+  // Where the code writes: the output, or when pooling a thread's scratch rows (a group's 24 channels
+  // over a band, one batch block; planes padded as channel_plane's), then pooled into the output.
+  const int64_t code_ocs = fuse_pool ? band_rows * wo * kLanes + kLanes : ocs, code_n = fuse_pool ? kLanes : n;
   // Displacements are 32-bit: larger layers (a staged block or an output over 2 GB) take the tiled path.
-  if (S * S * c * plane * 4 >= INT32_MAX || ocs * 4 * kGroup >= INT32_MAX) return conv_tiled(x, a, residual);
+  if (S * S * c * plane * 4 >= INT32_MAX || code_ocs * 4 * kGroup >= INT32_MAX) return conv_tiled(x, a, residual);
   const int64_t sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
   // The input read in place where it is batch innermost, unless its planes are a multiple of 4 KiB apart
   // (channel_plane: a chunk's channels at one position would share a cache set) or a tap past the 64th
@@ -377,12 +392,12 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
   // that would read padding is one the code jumps over, so every load lies inside the image.
   const bool direct = x.stride(0) == 1 && kh * kw <= 64 && (sc * 4) % 4096 != 0 &&
                       (c * sc + kh * sh + kw * sw) * 4 < INT32_MAX;
-  const Geometry geo{c, S, kh, kw, gw, plane, ocs, wo, n, a.relu, residual.has_value(), a.bias != nullptr,
+  const Geometry geo{c, S, kh, kw, gw, plane, code_ocs, wo, code_n, a.relu, residual.has_value(), a.bias != nullptr,
                      direct, direct ? sc : 0, direct ? sh : 0, direct ? sw : 0, a.pad_h, a.pad_w};
   const std::shared_ptr<const Program> prog = program_for(a, geo);
   if (prog == nullptr) return conv_tiled(x, a, residual);  // no executable memory here
 
-  at::Tensor out = pooled_empty({oc_count, ho, wo, n}, {ocs, wo * n, n, 1}, x.options());
+  at::Tensor out = pooled_empty({oc_count, oh, ow, n}, {ocs, ow * n, n, 1}, x.options());
   const at::Tensor res = residual_like(residual, out);
   if (out.numel() == 0) return out.permute({3, 0, 1, 2});
   const int64_t blocks = n / nb, tail = (kw / S + 2) * nb + 2 * kLanes;
@@ -410,7 +425,7 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
     if (runs.empty() || runs.back().mask != bits) runs.push_back({x, 0, bits});
     ++runs.back().count;
   }
-  const int64_t band_rows = std::max<int64_t>(1, kBandPositions / wo), bands = (ho + band_rows - 1) / band_rows;
+  const int64_t bands = (rows + band_rows - 1) / band_rows;
   const int64_t items = blocks * bands * prog->groups;
   const int64_t band_floats = band_rows * wo * kGroup * kLanes;  // one group's partial sums over a band
   // Items [begin, end) on the staged blocks from block0 on at `staged`.
@@ -423,10 +438,14 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
     const std::unique_ptr<float[]> partial_memory(new float[most_groups * band_floats + kLanes]);
     // 64-byte aligned: a vector's store then touches one line
     float* partial = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(partial_memory.get()) + 63) & ~uintptr_t{63});
+    const std::unique_ptr<float[]> scratch_memory(fuse_pool ? new float[most_groups * kGroup * code_ocs + kLanes] : nullptr);
+    float* scratch = fuse_pool ? reinterpret_cast<float*>(
+                                     (reinterpret_cast<uintptr_t>(scratch_memory.get()) + 63) & ~uintptr_t{63})
+                               : nullptr;
     for (int64_t item = begin; item < end;) {
       const int64_t g0 = item % prog->groups, band = (item / prog->groups) % bands, bb = item / (prog->groups * bands);
       const int64_t g1 = std::min(prog->groups, g0 + (end - item));
-      const int64_t y0 = band * band_rows, y1 = std::min(ho, y0 + band_rows);
+      const int64_t y0 = band * band_rows, y1 = std::min(rows, y0 + band_rows);
       const float* in_block = direct ? x_data + bb * nb : staged + (bb - block0) * block_len;
       for (int64_t ch = 0; ch < prog->chunks; ++ch)
         for (int64_t g = g0; g < g1; ++g) {
@@ -443,16 +462,25 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
           const float* bias = a.bias ? a.bias + oc0 : nullptr;
           const float* weights = prog->weights.data() + prog->weight_at[g * prog->chunks + ch];
           float* group_partial = partial + (g - g0) * band_floats;
+          // (pooling: the group's scratch channels from row y0 on, one batch block: code_n = 16)
+          float* group_out = fuse_pool ? scratch + (g - g0) * kGroup * code_ocs - y0 * wo * kLanes
+                                       : op + oc0 * ocs + bb * nb;
           for (int64_t y = y0; y < y1; ++y) {  // a run of a row's positions a call
-            const int64_t at_out = oc0 * ocs + y * wo * n + bb * nb;
             for (const ColumnRun& run : runs) {
-              const int64_t at = at_out + run.x0 * n;
+              const int64_t at = (y * wo + run.x0) * code_n;
               const float* window = direct ? in_block + y * S * sh + run.x0 * S * sw : in_block + y * gw * nb + run.x0 * nb;
               kernel(window, group_partial + ((y - y0) * wo + run.x0) * kGroup * kLanes,
-                     weights, rsp ? rsp + at : nullptr, bias, op + at, run.count, row_mask[y] & run.mask);
+                     weights, rsp ? rsp + oc0 * ocs + bb * nb + at : nullptr, bias, group_out + at, run.count,
+                     row_mask[y] & run.mask);
             }
           }
         }
+      for (int64_t g = g0; fuse_pool && g < g1; ++g)  // the band's rows, in cache, pooled (ReLU applied)
+        for (int64_t oc = g * kGroup; oc < std::min(oc_count, (g + 1) * kGroup); ++oc)
+          for (int64_t y = y0; y < y1; y += 2) {
+            const float* row = scratch + ((g - g0) * kGroup + oc - g * kGroup) * code_ocs + (y - y0) * wo * kLanes;
+            store_pooled_row(op + oc * ocs + y / 2 * ow * n + bb * nb, n, row, row + wo * kLanes, kLanes, ow, kLanes);
+          }
       item += g1 - g0;
     }
   };
