@@ -68,6 +68,9 @@ constexpr int kGroup = 24;            // output channels a kernel keeps, zmm0..z
 constexpr int kFirstInputReg = 24;    // the input loads take zmm24..zmm30 in turn
 constexpr int kInputRegs = 7;
 constexpr int kZeroReg = 31;          // zero, for the ReLU
+// Inputs of at most this many channels are read in place even with planes a multiple of 4 KiB apart:
+// a tap of every channel then fits the ways of one L1 set (8) (a network's first conv, RGB).
+constexpr int64_t kFewChannels = 4;
 constexpr int64_t kBandPositions = 16;  // output positions (whole rows) an item runs each chunk over
 // Input channels a chunk: enough for about this many multiply-adds a call (the partial sums' 24
 // loads and stores between chunks cost what a few dozen of them do), at least 8, at most all.
@@ -387,10 +390,11 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
   if (S * S * c * plane * 4 >= INT32_MAX || code_ocs * 4 * kGroup >= INT32_MAX) return conv_tiled(x, a, residual);
   const int64_t sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
   // The input read in place where it is batch innermost, unless its planes are a multiple of 4 KiB apart
-  // (channel_plane: a chunk's channels at one position would share a cache set) or a tap past the 64th
+  // with more than kFewChannels channels (channel_plane: a chunk's channels at one position would share a
+  // cache set) or a tap past the 64th
   // (which the code never skips) could read the padding; else staged, zeros around. In place, a tap
   // that would read padding is one the code jumps over, so every load lies inside the image.
-  const bool direct = x.stride(0) == 1 && kh * kw <= 64 && (sc * 4) % 4096 != 0 &&
+  const bool direct = x.stride(0) == 1 && kh * kw <= 64 && ((sc * 4) % 4096 != 0 || c <= kFewChannels) &&
                       (c * sc + kh * sh + kw * sw) * 4 < INT32_MAX;
   const Geometry geo{c, S, kh, kw, gw, plane, code_ocs, wo, code_n, a.relu, residual.has_value(), a.bias != nullptr,
                      direct, direct ? sc : 0, direct ? sh : 0, direct ? sw : 0, a.pad_h, a.pad_w};
