@@ -391,9 +391,9 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
   const int64_t sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
   // The input read in place where it is batch innermost, unless its planes are a multiple of 4 KiB apart
   // with more than kFewChannels channels (channel_plane: a chunk's channels at one position would share a
-  // cache set) or a tap past the 64th
-  // (which the code never skips) could read the padding; else staged, zeros around. In place, a tap
-  // that would read padding is one the code jumps over, so every load lies inside the image.
+  // cache set) or a tap past the 64th (which the code never skips) could read the padding; else staged,
+  // zeros around. In place, a tap that would read padding is one the code jumps over, so every load
+  // lies inside the image.
   const bool direct = x.stride(0) == 1 && kh * kw <= 64 && ((sc * 4) % 4096 != 0 || c <= kFewChannels) &&
                       (c * sc + kh * sh + kw * sw) * 4 < INT32_MAX;
   const Geometry geo{c, S, kh, kw, gw, plane, code_ocs, wo, code_n, a.relu, residual.has_value(), a.bias != nullptr,
