@@ -204,18 +204,15 @@ def _conv_gpu(backend, x, row_ptr, col_idx, values, bias, in_channels, geometry,
 def _conv_cpp(x, row_ptr, col_idx, values, bias, geometry, algo, epilogue, residual, pad_planes=False):
     """(output, fused epilogue) of the CPU C++ kernels, which fuse what their algorithm can.
     ``pad_planes``: the generated algorithm pads its output's channel planes (_GENERATED_PADDED_PLANES)."""
-    def ext(*args, algo, epilogue, residual=None):
-        if pad_planes and algo == ALGORITHMS["generated"]:
-            algo = _GENERATED_PADDED_PLANES
-        return torch.ops.fastprune.sparse_conv2d_ext(*args, algo, epilogue, residual)
-
+    ext = torch.ops.fastprune.sparse_conv2d_ext
+    kernel_algo = _GENERATED_PADDED_PLANES if pad_planes and algo == ALGORITHMS["generated"] else algo
     if epilogue == EPILOGUES["add_relu"] and algo in _BATCH_INNERMOST_OUT:
-        return ext(x, row_ptr, col_idx, values, bias, *geometry, algo=algo, epilogue=epilogue, residual=residual), epilogue
+        return ext(x, row_ptr, col_idx, values, bias, *geometry, kernel_algo, epilogue, residual), epilogue
     if epilogue == EPILOGUES["relu_pool"] and pool_fusable(x, geometry[2:4], algo):
-        pool_algo = algo if algo in (ALGORITHMS["padded"], *_BATCH_INNERMOST_OUT) else ALGORITHMS["direct"]
-        return ext(x, row_ptr, col_idx, values, bias, *geometry, algo=pool_algo, epilogue=epilogue), epilogue
+        pool_algo = kernel_algo if algo in (ALGORITHMS["padded"], *_BATCH_INNERMOST_OUT) else ALGORITHMS["direct"]
+        return ext(x, row_ptr, col_idx, values, bias, *geometry, pool_algo, epilogue), epilogue
     fused = EPILOGUES["relu"] if epilogue in (EPILOGUES["relu"], EPILOGUES["relu_pool"]) else EPILOGUES["none"]
-    return ext(x, row_ptr, col_idx, values, bias, *geometry, algo=algo, epilogue=fused), fused
+    return ext(x, row_ptr, col_idx, values, bias, *geometry, kernel_algo, fused), fused
 
 
 def _conv_on_cpu(x, row_ptr, col_idx, values, bias, in_channels, geometry, algo, epilogue, residual):
