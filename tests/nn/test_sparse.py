@@ -118,12 +118,21 @@ def test_semi_structured_linear_matches_the_masked_dense_layer(dtype, tmp_path):
 
 def test_fast_adaptive_avg_pooling_equals_pytorch():
     from fastprune.nn.sparse import FastAdaptiveAvgPool2d
+    from fastprune.ops.sparse import to_batch_innermost
+
+    def padded_planes(x):  # batch innermost, channel planes 16 floats further apart (the generated convs' output)
+        n, c, h, w = x.shape
+        buf = torch.full((c, h * w * n + 16), float("nan"))
+        view = buf[:, :h * w * n].view(c, h, w, n)
+        view.copy_(x.permute(1, 2, 3, 0))
+        return view.permute(3, 0, 1, 2)
 
     for size in (2, (2, 3), 1):
         pool = FastAdaptiveAvgPool2d.from_module(nn.AdaptiveAvgPool2d(size))
-        for shape in [(2, 3, 1, 1), (2, 3, 8, 6), (1, 4, 7, 9), (2, 2, 4, 12)]:  # broadcast, multiples, other
+        # broadcast, multiples, other, global pooling of 16 images
+        for shape in [(2, 3, 1, 1), (2, 3, 8, 6), (1, 4, 7, 9), (2, 2, 4, 12), (16, 5, 4, 4)]:
             x = torch.randn(shape)
-            for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+            for xin in (x, x.contiguous(memory_format=torch.channels_last), to_batch_innermost(x), padded_planes(x)):
                 torch.testing.assert_close(pool(xin), F.adaptive_avg_pool2d(x, size), atol=1e-6, rtol=1e-6)
     assert FastAdaptiveAvgPool2d.replaces(nn.AdaptiveAvgPool2d(2))
     assert not FastAdaptiveAvgPool2d.replaces(nn.AdaptiveAvgPool2d((None, 2)))
