@@ -486,3 +486,52 @@ def test_large_outputs_reuse_memory_without_aliasing_live_ones(algo, layout):
     assert release_cpu_memory() == 0
     fresh = run(xs[0])  # after the release: new memory, still right
     torch.testing.assert_close(fresh.double(), wants[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not fastprune.backends.extension_info()["cpp"], reason="needs the C++ extension")
+def test_pooled_output_memory_goes_back_to_the_thread_that_freed_it():
+    # Blocks of 1 MiB and more come from a pool (csrc/sparse/memory_pool.cpp): a thread is given a block
+    # it gave back itself before a more recent one of the same size from another thread (whose lines
+    # the other core may hold), and another thread's when it has none of its own.
+    import threading
+
+    from fastprune.ops.sparse import release_cpu_memory
+
+    weight = sparse_weight((64, 8, 3, 3), 0.5, seed=1)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    x = torch.randn(1, 8, 64, 64)  # a 64 x 64 x 64 float output: 1 MiB
+
+    def conv():
+        return sparse_conv2d(x, row_ptr, col_idx, values, None, 8, 3, 3, 1, 1, 1, 1, algo=4)
+
+    release_cpu_memory()
+    try:
+        mine = conv()
+        mine_at = mine.data_ptr()
+        made, freed_mine = threading.Event(), threading.Event()
+        theirs_at = []
+
+        def other_thread():
+            theirs = conv()
+            theirs_at.append(theirs.data_ptr())
+            made.set()
+            freed_mine.wait()
+            del theirs  # given back after mine: the most recent block of that size
+
+        t = threading.Thread(target=other_thread)
+        t.start()
+        made.wait()
+        del mine  # given back by this thread
+        freed_mine.set()
+        t.join()
+        assert theirs_at[0] != mine_at
+        assert conv().data_ptr() == mine_at  # this thread's own block, not the more recent one
+        # (that output died at once: its block is this thread's again) another thread with none of
+        # its own takes one of this thread's
+        got = []
+        t = threading.Thread(target=lambda: got.append(conv().data_ptr()))
+        t.start()
+        t.join()
+        assert got[0] in (mine_at, theirs_at[0])
+    finally:
+        release_cpu_memory()
