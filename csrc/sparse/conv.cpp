@@ -29,7 +29,7 @@ at::Tensor residual_batch_innermost_view(const at::Tensor& r, const at::Tensor& 
 
 at::Tensor residual_batch_innermost(const std::optional<at::Tensor>& residual, const at::Tensor& out_chwn, bool pool) {
   if (!residual.has_value()) return at::Tensor();
-  TORCH_CHECK(!pool, "sparse_conv2d: residual must be float32 of the output's shape");
+  TORCH_CHECK(!pool, "sparse_conv2d: the residual epilogue does not pool");
   return residual_batch_innermost_view(*residual, out_chwn).contiguous();
 }
 

@@ -51,6 +51,7 @@
 #include <memory>
 #include <mutex>
 #include <tuple>
+#include <array>
 #include <vector>
 
 #include <c10/util/intrusive_ptr.h>
@@ -256,7 +257,7 @@ std::shared_ptr<const Program> program_for(const ConvArgs& a, const Geometry& ge
       !a.vals_tensor->defined())
     return generate(a, geo);
   // (cols, its version, values, its version, every field of the geometry)
-  using Key = std::tuple<const c10::TensorImpl*, int64_t, const c10::TensorImpl*, int64_t, std::vector<int64_t>>;
+  using Key = std::tuple<const c10::TensorImpl*, int64_t, const c10::TensorImpl*, int64_t, std::array<int64_t, 15>>;
   static std::mutex mutex;
   static std::map<Key, CacheEntry> cache;
   static int64_t cached_bytes = 0;
@@ -264,7 +265,7 @@ std::shared_ptr<const Program> program_for(const ConvArgs& a, const Geometry& ge
   const c10::TensorImpl* vi = a.vals_tensor->unsafeGetTensorImpl();
   const Key key{ci, static_cast<int64_t>(ci->version_counter().current_version()), vi,
                 static_cast<int64_t>(vi->version_counter().current_version()),
-                std::vector<int64_t>{geo.c, geo.S, geo.kh, geo.kw, geo.gw, geo.plane, geo.ocs, geo.wo, geo.n,
+                std::array<int64_t, 15>{geo.c, geo.S, geo.kh, geo.kw, geo.gw, geo.plane, geo.ocs, geo.wo, geo.n,
                                      (geo.relu ? 1 : 0) | (geo.residual ? 2 : 0) | (geo.bias ? 4 : 0) | (geo.direct ? 8 : 0),
                                      geo.sc, geo.sh, geo.sw, geo.pad_h, geo.pad_w}};
   {
@@ -333,9 +334,10 @@ at::Tensor residual_like(const std::optional<at::Tensor>& residual, const at::Te
   return copy;
 }
 
-// ReLU, then 2x2 stride-2 max pooling of x (OC, H, W, N) (each plane contiguous) into (OC, H / 2, W / 2,
-// N) (planes padded when asked: channel_plane), odd edges dropped, by the epilogue every algorithm shares (epilogue.h), with the window positions where
-// the backward pass asks for them (a.pool_index).
+// ReLU, then 2x2 stride-2 max pooling of x (OC, H, W, N) (each plane contiguous) into (OC, H / 2,
+// W / 2, N) (planes padded when asked: channel_plane), odd edges dropped, by the epilogue every
+// algorithm shares (epilogue.h), with the window positions where the backward pass asks for them
+// (a.pool_index).
 at::Tensor pool_chwn(const at::Tensor& x, const ConvArgs& a, bool pad_planes) {
   const int64_t oc_count = x.size(0), h = x.size(1), w = x.size(2), n = x.size(3), oh = h / 2, ow = w / 2;
   const int64_t in_plane = x.stride(0), out_plane = channel_plane(oh * ow * n, pad_planes);
