@@ -7,6 +7,8 @@
 //   batch_innermost.cpp  algo 3: activations (C, H, W, N), the batch is the vector dimension;
 //   tiled.cpp            algo 4: register-blocked output tiles over a staged, padded, batch-blocked
 //                        copy of the input (tiled_kernel.h: the micro-kernel, per instruction set);
+//   small_map.cpp        inside algo 4 at batch 1: maps of at most 64 positions, each tap a shift of
+//                        the whole plane;
 //   generated.cpp        algo 5: AVX-512 machine code written per layer for its pattern (24 output
 //                        channels a kernel) over the tiled algorithm's staging (x86_emitter.h);
 //   conv.cpp             the op: checks, algorithm by shape, output allocation; linear.cpp the
@@ -79,6 +81,13 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
 bool generated_applicable(int64_t n, bool pool, int64_t stride_h, int64_t stride_w, int64_t nnz);
 bool generated_supported();  // AVX-512 and executable memory here
 
+// Batch 1 on a small map (small_map.cpp, inside the tiled algorithm): at most kSmallMapMaxPositions
+// positions, stride 1, "same" padding, planes contiguous, AVX-512. op / rsp: the (OC, H, W, 1)
+// output and residual.
+constexpr int64_t kSmallMapMaxPositions = 64;
+bool small_map_batch1_applicable(const at::Tensor& x, const ConvArgs& a);
+void conv_small_map_batch1(const at::Tensor& x, const ConvArgs& a, float* op, const float* rsp);
+
 // The tiled and generated algorithms' staged input (tiled.cpp): x in batch blocks of nb images at
 // staged + b * block_len, each zero-padded and split into S x S stride phases, batch innermost:
 // [(phase * C + ic) * gh * gw * nb + (i * gw + j) * nb + k] (conv_tiled stages batch 1 by rows, per
@@ -102,6 +111,21 @@ void run_parts(int64_t parts, const F& fn) {
     const int64_t team = omp_get_num_threads();
     for (int64_t p = omp_get_thread_num(); p < parts; p += team) fn(p);
   }
+}
+
+// Where part q of `parts` starts in a split of output channels [0, oc_count) into ranges of equal
+// cost, an output channel costing its non-zeros (rp: the CSR row pointers, their prefix sums) plus
+// `per_channel`: the first channel at or past q / parts of the total (0 for q = 0, oc_count for q = parts).
+inline int64_t channel_split(const int32_t* rp, int64_t oc_count, int64_t per_channel, int64_t q, int64_t parts) {
+  if (q <= 0) return 0;
+  if (q >= parts) return oc_count;
+  const double target = static_cast<double>(rp[oc_count] + oc_count * per_channel) * q / parts;
+  int64_t lo = 0, hi = oc_count;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (rp[mid] + mid * per_channel < target) lo = mid + 1; else hi = mid;
+  }
+  return lo;
 }
 
 // The residual (a ResNet block's shortcut) of an output allocated (OC, H', W', N), in that layout (a

@@ -536,7 +536,8 @@ static void stage_im2col(const at::Tensor& x, int64_t kh, int64_t kw, int64_t S,
   }
 }
 
-// Batch 1 on a small map (positions a whole number of vectors, at most kIm2colMaxPositions; no
+// Batch 1 on a small map that the small-map path (small_map.cpp) does not take (stride 2, other
+// padding, AVX2; positions a whole number of vectors, at most kIm2colMaxPositions; no
 // pooling): each thread builds the image's im2col rows in its own memory and runs a range of output
 // channels of equal non-zero count, each non-zero one fused multiply-add per vector on an aligned row.
 // On the padded grid (the tile path) a 4 x 4 map's tile is 4 rows of 6: two vectors a non-zero for 16
@@ -555,20 +556,9 @@ static void conv_im2col_batch1(const at::Tensor& x, const ConvArgs& a, const Isa
   const int32_t* offp = offs->data();
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), oc_count));
   auto run_part = [&](int64_t p) {
-    // Output channels [oc0, oc1): the part's share of the non-zeros (the CSR row pointers are their
-    // prefix sums), plus one output channel's worth of stores each.
-    auto bound = [&](int64_t q) {
-      if (q == 0) return int64_t{0};
-      if (q == parts) return oc_count;
-      const double target = static_cast<double>(nnz + oc_count * vr) * q / parts;
-      int64_t lo = 0, hi = oc_count;
-      while (lo < hi) {
-        const int64_t mid = (lo + hi) / 2;
-        if (a.rp[mid] + mid * vr < target) lo = mid + 1; else hi = mid;
-      }
-      return lo;
-    };
-    const int64_t oc0 = bound(p), oc1 = bound(p + 1);
+    // Output channels [oc0, oc1): the part's share of the non-zeros plus one output channel's worth
+    // of stores each.
+    const int64_t oc0 = channel_split(a.rp, oc_count, vr, p, parts), oc1 = channel_split(a.rp, oc_count, vr, p + 1, parts);
     if (oc0 >= oc1) return;
     at::Tensor fallback;
     float* rows = staging_memory(rows_floats, fallback, x.options());
@@ -599,6 +589,13 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
   // floats of rows (below, the build costs more than the grid loses: Zen 4, ResNet-18 at 99%, 512 ->
   // 512 4 x 4 69 us on im2col rows against 55 on the grid; at 95% 99 against 125).
   const bool enough = kh * kw == 1 || 2 * a.rp[oc_count] >= im2col_floats;
+  // Batch 1, stride 1, "same" padding, at most 64 positions: whole planes shifted per tap (small_map.cpp).
+  // Zen 4, 2 threads, ResNet-18 at 99%: 512 -> 512 4 x 4 54 -> 20 us, 256 -> 256 8 x 8 50 -> 23; at 90%
+  // 145 (im2col rows, session 14) -> 80 and 122 (the grid, session 14) -> 98.
+  if (n == 1 && small_map_batch1_applicable(x, a)) {
+    conv_small_map_batch1(x, a, out.mutable_data_ptr<float>(), res.defined() ? res.const_data_ptr<float>() : nullptr);
+    return out.permute({3, 0, 1, 2});
+  }
   if (n == 1 && !pool && (ho * wo) % isa.lanes == 0 && ho * wo <= kIm2colMaxPositions &&
       im2col_floats <= kIm2colMaxFloats && enough) {
     conv_im2col_batch1(x, a, isa, ho, wo, out.mutable_data_ptr<float>(), res.defined() ? res.const_data_ptr<float>() : nullptr);

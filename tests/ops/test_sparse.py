@@ -413,6 +413,86 @@ def test_tiled_algorithm_at_batch_1_stages_each_threads_rows(case, threads, isa,
         torch.set_num_threads(before)
 
 
+def _planes_in_nan(x: torch.Tensor, gap: int) -> torch.Tensor:
+    """x (1, C, H, W) with its channel planes ``gap`` floats further apart than their size, the gaps
+    and one more plane past the last NaN: a read outside a plane that reaches the output is NaN."""
+    _, c, h, w = x.shape
+    plane = h * w + gap
+    storage = torch.full(((c + 1) * plane,), float("nan"))
+    framed = storage.as_strided((1, c, h, w), (c * plane, plane, w, 1))
+    framed.copy_(x)
+    return framed
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("case", [(64, 4, 4, 40, 3, 3), (32, 8, 8, 24, 3, 3), (48, 2, 2, 17, 3, 3), (9, 3, 5, 8, 3, 3),
+                                  (7, 7, 9, 6, 3, 3), (5, 1, 7, 9, 3, 3), (3, 1, 1, 5, 3, 3), (12, 4, 4, 10, 1, 1),
+                                  (6, 5, 6, 7, 5, 5), (10, 4, 6, 9, 3, 1), (1, 4, 4, 3, 3, 3), (700, 4, 4, 3, 3, 3)],
+                         ids=str)
+def test_batch_1_small_maps_shift_whole_planes_per_tap(case, threads):
+    # Batch 1 on a map of at most 64 positions, stride 1, "same" padding (the tiled algorithm's
+    # small-map path on AVX-512; elsewhere the same cases run the grid or im2col rows): each tap is a
+    # shift of the flattened plane, with the positions it cannot reach masked. Maps of one to four
+    # vectors and partial last vectors (3 x 5, 7 x 9, 2 x 2, 1 x 7, 1 x 1), 1x1, 5x5 and 3x1 kernels,
+    # one input channel and 700 of them, empty and dense output channels, more threads than work;
+    # input planes packed and 16 / 5 floats apart in a frame of NaN (the generated algorithm's padded
+    # planes), every epilogue without pooling, with and without a bias.
+    c, h, w, oc, kh, kw = case
+    gen = torch.Generator().manual_seed(c * 13 + h * 7 + w + oc)
+    weight = sparse_weight((oc, c, kh, kw), 0.8, seed=c + oc + kh, empty_row=oc > 1)
+    if oc > 3:
+        weight[3] = torch.randn(c, kh, kw, generator=gen)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    x = torch.randn(1, c, h, w, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for bias in (torch.randn(oc, generator=gen), None):
+            conv = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(),
+                            padding=(kh // 2, kw // 2))
+            residual = torch.randn(conv.shape, generator=gen)
+            wants = {0: conv, 1: F.relu(conv), 3: F.relu(conv + residual.double())}
+            for name, given in {"packed": x.contiguous(), "planes 16 apart": _planes_in_nan(x, 16),
+                                "planes 5 apart": _planes_in_nan(x, 5)}.items():
+                for epilogue, want in wants.items():
+                    got = sparse_conv2d(given, row_ptr, col_idx, values, bias, c, kh, kw, 1, 1, kh // 2, kw // 2,
+                                        epilogue, residual if epilogue == 3 else None, algo=4)
+                    assert got.shape == want.shape
+                    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5,
+                                               msg=lambda m: f"{name}, epilogue {epilogue}: {m}")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_batch_1_small_maps_follow_values_and_patterns_changed_under_their_cache():
+    # The small-map path keeps each weight's non-zeros grouped by tap, with their values, per (col_idx,
+    # values) tensor and version: values scaled in place, a pattern edited in place, a new values
+    # tensor and new row pointers each give the convolution of what the tensors hold now.
+    gen = torch.Generator().manual_seed(5)
+    c, oc = 16, 12
+    x = torch.randn(1, c, 4, 4, generator=gen)
+
+    def check(row_ptr, col_idx, values):
+        weight = csr_to_dense(row_ptr, col_idx, values, (oc, c, 3, 3))
+        got = sparse_conv2d(x, row_ptr, col_idx, values, None, c, 3, 3, 1, 1, 1, 1, 0, None, algo=4)
+        torch.testing.assert_close(got.double(), F.conv2d(x.double(), weight.double(), padding=1),
+                                   atol=1e-5, rtol=1e-5)
+
+    row_ptr, col_idx, values = dense_to_csr(sparse_weight((oc, c, 3, 3), 0.7, seed=3))
+    check(row_ptr, col_idx, values)
+    values.mul_(-2.5)  # in place: the same tensors, a new version
+    check(row_ptr, col_idx, values)
+    col_idx[: col_idx.numel() // 2] = (col_idx[: col_idx.numel() // 2] + 1) % (c * 9)  # taps and channels move
+    check(row_ptr, col_idx, values)
+    check(row_ptr, col_idx, torch.randn(values.shape, generator=gen))  # a new values tensor
+    other_ptr, other_idx, other_vals = dense_to_csr(sparse_weight((oc, c, 3, 3), 0.4, seed=4))
+    check(other_ptr, other_idx, other_vals)
+    # The same col_idx and values under other row pointers (non-zeros moved between output channels).
+    moved = row_ptr.clone()
+    moved[1:-1] = torch.minimum(moved[1:-1] + 1, moved[-1])
+    check(moved, col_idx, values)
+
+
 def test_tiled_algorithm_follows_patterns_that_change_under_its_offset_cache():
     # The tiled algorithm caches each pattern's offsets per col_idx tensor and geometry: a pattern
     # edited in place, another batch size or map size, and a new col_idx tensor (perhaps at a freed
