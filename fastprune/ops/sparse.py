@@ -328,6 +328,11 @@ _network_cpu_backend: contextvars.ContextVar[Optional[str]] = contextvars.Contex
     "fastprune_network_cpu_backend", default=None)
 
 
+def network_cpu_backend() -> Optional[str]:
+    """The CPU sparse convs' backend chosen for the network call in progress (None outside one)."""
+    return _network_cpu_backend.get()
+
+
 @contextlib.contextmanager
 def cpu_backend_per_network_call():
     """Within the block, the CPU sparse convs' inference path uses the backend chosen on entry."""

@@ -9,7 +9,7 @@ from torch import nn
 
 from fastprune.models import get_model
 from fastprune.nn import SparseConv2d, SparseLinear, SparseModel, load_sparse, prune_model, save_sparse, sparsify
-from fastprune.nn.sparse import add_relu, bucket_of
+from fastprune.nn.sparse import add_relu, bucket_of, inference_graph
 from fastprune.nn.sparse.model import device_key, make_config
 from fastprune.nn.sparse.tuner import build_sparse_network
 
@@ -339,10 +339,22 @@ def test_the_backend_chosen_at_a_network_call_holds_for_all_its_layers(monkeypat
     calls = []
     real = sparse_ops._conv_cpp
     monkeypatch.setattr(sparse_ops, "_conv_cpp", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    real_kernel_call = inference_graph._kernel_call  # the convs the inference graph calls directly
+
+    def counted_kernel_call(layer, algo):
+        fn = real_kernel_call(layer, algo)
+
+        def counted(*args):
+            calls.append(1)
+            return fn(*args)
+
+        return counted
+
+    monkeypatch.setattr(inference_graph, "_kernel_call", counted_kernel_call)
     with torch.no_grad():
         want = model(x)
         _close(sparse(x), want)
-        assert len(calls) >= 20  # every sparse conv on the C++ kernels' direct path
+        assert len(calls) >= 20  # every sparse conv on the C++ kernels, through its layer or directly
         calls.clear()
         with use_backend("reference"):
             _close(sparse(x), want)
@@ -483,3 +495,83 @@ def test_a_forked_child_gets_micro_batch_threads_of_its_own():
         process.join(timeout=10)
         if process.is_alive():
             process.kill()
+
+
+def _with_module_path(sparse):
+    """sparse's output with every layer called as a module: a forward hook on the network turns the
+    inference graph off (hooks must see every call)."""
+    hook = sparse.net.register_forward_pre_hook(lambda mod, args: None)
+    return hook
+
+
+@pytest.mark.parametrize("name,choice,batch", [("resnet18", "tiled", 1), ("resnet18", "tiled", 64),
+                                               ("vgg16", "tiled", 1), ("resnet18", "generated", 32),
+                                               ("resnet18", "batch_innermost", 16)])
+def test_inference_graph_calls_the_kernels_of_convs_fed_by_convs_and_changes_no_output(name, choice, batch,
+                                                                                          monkeypatch):
+    # CPU inference runs the network's inference graph: each sparse conv whose inputs are other sparse
+    # convs' outputs (not the first, fed by the input's normalisation; not the pooled ones) calls its
+    # kernel without its module. The outputs are the module path's, bit for bit (the same kernels on
+    # the same arguments), at batch 1 and in concurrent micro-batches; the layers' weights are read
+    # at each call (edited in place after the graph was built, the output follows).
+    from fastprune.ops.sparse import generated_supported
+
+    if choice == "generated" and not generated_supported():
+        pytest.skip("the generated kernel needs AVX-512 and executable memory")
+    model = _pruned(name, 0.9, seed=batch)
+    sparse = sparsify(model, benchmark=False)
+    layers = {n: choice if isinstance(m, SparseConv2d) else m.choices[1] for n, m in sparse.sparse_layers().items()}
+    config = make_config("batch_innermost" if choice == "batch_innermost" else "contiguous",
+                         16 if batch > 16 else None, layers, "sparse")
+    x = _input(name, batch)
+    calls = []
+    real_forward = SparseConv2d.forward
+    monkeypatch.setattr(SparseConv2d, "forward", lambda self, *a: calls.append(1) or real_forward(self, *a))
+    convs = [m for m in sparse.sparse_layers().values() if isinstance(m, SparseConv2d)]
+    fed_by_input_or_pooled = 1 + sum(m.epilogue == 2 for m in convs)
+    with torch.no_grad():
+        got = sparse.run(x, config)
+        micro_batches = 1 if batch <= 16 else batch // 16
+        assert len(calls) == micro_batches * fed_by_input_or_pooled, calls
+        hook = _with_module_path(sparse)
+        calls.clear()
+        want = sparse.run(x, config)
+        assert len(calls) == micro_batches * len(convs)
+        assert torch.equal(got, want)
+        _close(got, model(x))
+        hook.remove()
+        for m in convs:
+            m.values.mul_(-1.5)  # in place: the graph built before must read the new values
+        convs[-1].values = torch.randn_like(convs[-1].values)  # and a new tensor in a layer's place
+        got = sparse.run(x, config)
+        hook = _with_module_path(sparse)
+        assert torch.equal(got, sparse.run(x, config))
+        hook.remove()
+
+
+def test_inference_graph_steps_aside_for_autograd_hooks_and_copies():
+    # Under autograd, with a forward hook on a layer, and in a deep copy, the layers run as modules (a
+    # copy's graph calls the copy's layers: its weights edited leave the original's outputs alone).
+    import copy
+
+    model = _pruned("resnet18", 0.9, seed=3)
+    sparse = sparsify(model, benchmark=False)
+    x = _input("resnet18", 1)
+    with torch.no_grad():
+        want = sparse(x)
+    conv = [m for m in sparse.sparse_layers().values() if isinstance(m, SparseConv2d)][-1]
+    seen = []
+    hook = conv.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        assert torch.equal(sparse(x), want)
+    assert len(seen) == 1
+    hook.remove()
+    grads = sparse(x.clone().requires_grad_())  # autograd on: the layers' differentiable path
+    assert grads.requires_grad
+    copied = copy.deepcopy(sparse)
+    with torch.no_grad():
+        for m in copied.sparse_layers().values():
+            if isinstance(m, SparseConv2d):
+                m.values.zero_()
+        assert not torch.equal(copied(x), want)
+        assert torch.equal(sparse(x), want)

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ... import backends
-from ...ops.sparse import cpu_backend_per_network_call, to_batch_innermost
+from ...ops.sparse import cpu_backend_per_network_call, network_cpu_backend, to_batch_innermost
+from .inference_graph import build_inference_graph
 from .layers import SparseConv2d, SparseLinear
 
 # Batch-size buckets (first, last or None: no end). A plan tuned on one batch size is used only for
@@ -99,6 +100,15 @@ def _micro_batch_pool(workers: int) -> ThreadPoolExecutor:
         return pool
 
 
+def _hooks_registered(layers) -> bool:
+    """Whether a forward hook would see a call of one of ``layers`` (its own, or a global one)."""
+    from torch.nn.modules import module as module_globals
+
+    if getattr(module_globals, "_global_forward_hooks", None) or getattr(module_globals, "_global_forward_pre_hooks", None):
+        return True
+    return any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
+
+
 def make_config(layout: str, micro_batch: int | None, layers: dict[str, str], kind: str) -> dict:
     """One bucket's entry of a plan: plain data (saved as is)."""
     if layout not in LAYOUTS:
@@ -140,6 +150,8 @@ class SparseModel(nn.Module):
         self.fastprune_recipe = recipe
         self.repeats = repeats  # timing repeats when a bucket is tuned on first use
         self._active = None     # the config the layers are set to
+        # {id(config): (config, its choices, net, inference graph or None, the layers it calls directly)}
+        self._inference_graphs: dict[int, tuple] = {}
         self.no_kernel: list[str] = []  # sparse convs left dense: no sparse kernel takes them (sparsify fills it)
 
     def _check_plan(self) -> None:
@@ -233,19 +245,47 @@ class SparseModel(nn.Module):
         # The CPU convs' backend once per call, for CPU inputs only (a GPU model under use_backend("cuda")
         # has no CPU backend to resolve); traced, the layers' inference path does not apply anyway.
         if torch.compiler.is_compiling() or x.device.type != "cpu":
-            return self._run_net(x, layout, micro)
+            return self._run_net(self.net, x, layout, micro)
         with cpu_backend_per_network_call():
-            return self._run_net(x, layout, micro)
+            return self._run_net(self._inference_net(x, config), x, layout, micro)
 
-    def _run_net(self, x: torch.Tensor, layout: str, micro: int | None) -> torch.Tensor:
+    def _inference_net(self, x: torch.Tensor, config: dict) -> nn.Module:
+        """What runs x under ``config`` on the CPU: the network, or, for float32 inference on the C++
+        kernels (autograd and autocast off), its inference graph (inference_graph.py: the sparse convs
+        fed by other sparse convs call their kernel directly, 8 us a layer less at batch 1). Not while
+        a forward hook is registered on the network or one of those layers, or globally: hooks see
+        every call."""
+        if (x.dtype != torch.float32 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")
+                or network_cpu_backend() != "cpp"):
+            return self.net
+        choices = tuple(config["layers"].values())
+        entry = self._inference_graphs.get(id(config))
+        if entry is None or entry[0] is not config or entry[1] != choices or entry[2] is not self.net:
+            if len(self._inference_graphs) >= 16:  # configs tuned and dropped: start over
+                self._inference_graphs.clear()
+            built = build_inference_graph(self.net, config["layers"])
+            graph, direct = (None, ()) if built is None else built
+            entry = self._inference_graphs[id(config)] = (config, choices, self.net, graph, direct)
+        graph, direct = entry[3], entry[4]
+        if graph is None or _hooks_registered((self.net, *direct)):
+            return self.net
+        return graph
+
+    def __getstate__(self):
+        # The inference graphs call the layers they were built on: a copy builds its own.
+        state = dict(super().__getstate__())
+        state["_inference_graphs"] = {}
+        return state
+
+    def _run_net(self, net: nn.Module, x: torch.Tensor, layout: str, micro: int | None) -> torch.Tensor:
         if micro is None or x.shape[0] <= micro:
-            return self.net(to_layout(x, layout))
+            return net(to_layout(x, layout))
         parts = x.split(micro)
         workers = self._micro_batch_workers(x, len(parts))
         if workers < 2:
             x = to_layout(x, layout)
-            return torch.cat([self.net(part) for part in x.split(micro)])
-        return torch.cat(self._run_concurrently(parts, layout, workers))
+            return torch.cat([net(part) for part in x.split(micro)])
+        return torch.cat(self._run_concurrently(net, parts, layout, workers))
 
     def _micro_batch_workers(self, x: torch.Tensor, parts: int) -> int:
         """How many threads run whole micro-batches at once (1: one micro-batch at a time): only CPU
@@ -257,8 +297,9 @@ class SparseModel(nn.Module):
             return 1
         return threads
 
-    def _run_concurrently(self, parts: tuple[torch.Tensor, ...], layout: str, workers: int) -> list[torch.Tensor]:
-        """The network on each part, in order: workers x (len(parts) // workers) of them on the pool,
+    def _run_concurrently(self, net: nn.Module, parts: tuple[torch.Tensor, ...], layout: str,
+                          workers: int) -> list[torch.Tensor]:
+        """``net`` on each part, in order: workers x (len(parts) // workers) of them on the pool,
         a contiguous run of parts a worker, the rest after them on this thread.
 
         Each part is put in ``layout`` by the worker that runs it, not here: a parallel region on this
@@ -270,7 +311,7 @@ class SparseModel(nn.Module):
 
         def run(group):
             with torch.inference_mode() if inference else torch.no_grad():
-                return [self.net(to_layout(part, layout)) for part in group]
+                return [net(to_layout(part, layout)) for part in group]
 
         pool = _micro_batch_pool(workers)
         # Each task in a copy of this thread's context: the CPU backend chosen for this network call
@@ -279,7 +320,7 @@ class SparseModel(nn.Module):
                    for i in range(workers)]
         wait(futures)  # all of them, even when one raised: none is left running on the network
         outs = [y for future in futures for y in future.result()]
-        return outs + [self.net(to_layout(part, layout)) for part in parts[workers * per:]]
+        return outs + [net(to_layout(part, layout)) for part in parts[workers * per:]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, ...) -> net(x), under the config of N's bucket on x's device."""
