@@ -18,14 +18,14 @@ import torch
 import torch.fx
 from torch import nn
 
-from ...ops.sparse import ALGORITHMS, EPILOGUES
+from ...ops.sparse import _GENERATED_PADDED_PLANES, ALGORITHMS, EPILOGUES
 from .layers import SparseConv2d
 
 # The choices whose kernels return a batch-innermost output by construction and fuse every epilogue
 # but pooling (sparse_conv2d_cpu_inference returns their output as is): a direct call gives the same
-# tensor. The generated one pads its output planes there (algo 6), as on the layer's own path.
+# tensor. The generated one pads its output planes there, as on the layer's own path.
 _DIRECT_ALGOS = {"batch_innermost": ALGORITHMS["batch_innermost"], "tiled": ALGORITHMS["tiled"],
-                 "generated": 6}
+                 "generated": _GENERATED_PADDED_PLANES}
 _DIRECT_EPILOGUES = (EPILOGUES["none"], EPILOGUES["relu"], EPILOGUES["add_relu"])
 
 

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_globals  # the global forward hooks
 
 from ... import backends
 from ...ops.sparse import cpu_backend_per_network_call, network_cpu_backend, to_batch_innermost
@@ -102,8 +103,6 @@ def _micro_batch_pool(workers: int) -> ThreadPoolExecutor:
 
 def _hooks_registered(layers) -> bool:
     """Whether a forward hook would see a call of one of ``layers`` (its own, or a global one)."""
-    from torch.nn.modules import module as module_globals
-
     if getattr(module_globals, "_global_forward_hooks", None) or getattr(module_globals, "_global_forward_pre_hooks", None):
         return True
     return any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
