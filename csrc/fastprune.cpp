@@ -5,7 +5,10 @@
 // custom ops defined in fastprune/ops/, which choose a backend (reference, triton, cpp, cuda) and
 // call these for the cpp and cuda backends.
 #include <Python.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <vector>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -84,9 +87,89 @@ TORCH_LIBRARY(fastprune, m) {
   m.def("set_thread_intra_op_threads_ext(int threads) -> ()", &set_thread_intra_op_threads);
 }
 
-// `import fastprune._C` only needs to load the library (its static initialisers register the ops);
-// this empty module makes the shared object importable as a Python extension.
+namespace {
+
+// fastprune._C.run_team(callables) -> list: callables[i]() on thread i of one OpenMP team (thread 0
+// is the caller), their results in order; the first exception raised is raised again here, after
+// every thread has finished. Each thread's own parallel regions run on it alone (one thread), so a
+// torch op inside runs serially on its thread.
+//
+// Why a team and not a Python thread pool: SparseModel runs its CPU micro-batches concurrently, one
+// a thread, and may then run the rest of the network on the whole batch with every layer split over
+// the threads. Split layers open OpenMP parallel regions on the calling thread, whose team threads
+// then spin for milliseconds (libgomp's default wait policy) on the cores that pool threads would need
+// for the next call's micro-batches (VGG16 at 90%, batch 64, Zen 4: 30-32 ms a call against 24-25 with
+// OMP_WAIT_POLICY=passive; bench/NOTES.md, session 17). Running the micro-batches on that same team,
+// no thread waits on a core another one needs.
+PyObject* run_team(PyObject*, PyObject* arg) {
+  PyObject* seq = PySequence_Fast(arg, "run_team: expected a sequence of callables");
+  if (seq == nullptr) return nullptr;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  PyObject** fns = PySequence_Fast_ITEMS(seq);
+  for (Py_ssize_t i = 0; i < n; ++i)
+    if (!PyCallable_Check(fns[i])) {
+      Py_DECREF(seq);
+      PyErr_Format(PyExc_TypeError, "run_team: item %zd is not callable", i);
+      return nullptr;
+    }
+  std::vector<PyObject*> results(static_cast<size_t>(n), nullptr);
+  PyObject *err_type = nullptr, *err_value = nullptr, *err_tb = nullptr;
+  Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+#pragma omp parallel num_threads(static_cast<int>(n > 0 ? n : 1))
+#endif
+  {
+#ifdef _OPENMP
+    // This thread's regions (the torch ops its callable runs): itself alone. ATen first sets a thread
+    // it has not seen to the process's thread count (lazily, at its first op): that happens here, before.
+    at::get_num_threads();
+    omp_set_num_threads(1);
+    const Py_ssize_t first = omp_get_thread_num(), step = omp_get_num_threads();
+#else
+    const Py_ssize_t first = 0, step = 1;
+#endif
+    for (Py_ssize_t i = first; i < n; i += step) {
+      const PyGILState_STATE gil = PyGILState_Ensure();
+      results[static_cast<size_t>(i)] = PyObject_CallNoArgs(fns[i]);
+      if (results[static_cast<size_t>(i)] == nullptr) {
+        PyObject *t, *v, *tb;
+        PyErr_Fetch(&t, &v, &tb);
+        if (err_type == nullptr) {  // the first error (under the GIL) is kept, the others dropped
+          err_type = t, err_value = v, err_tb = tb;
+        } else {
+          Py_XDECREF(t), Py_XDECREF(v), Py_XDECREF(tb);
+        }
+      }
+      PyGILState_Release(gil);
+    }
+  }
+  Py_END_ALLOW_THREADS
+  Py_DECREF(seq);
+  if (err_type != nullptr) {
+    for (PyObject* r : results) Py_XDECREF(r);
+    PyErr_Restore(err_type, err_value, err_tb);
+    return nullptr;
+  }
+  PyObject* out = PyList_New(n);
+  if (out == nullptr) {
+    for (PyObject* r : results) Py_XDECREF(r);
+    return nullptr;
+  }
+  for (Py_ssize_t i = 0; i < n; ++i) PyList_SET_ITEM(out, i, results[static_cast<size_t>(i)]);  // steals
+  return out;
+}
+
+PyMethodDef methods[] = {
+    {"run_team", run_team, METH_O,
+     "run_team(callables) -> list: callables[i]() on thread i of one OpenMP team, each thread's own "
+     "parallel regions on it alone; their results in order"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+// `import fastprune._C` loads the library (its static initialisers register the ops); the module
+// holds one Python function of its own, run_team.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }

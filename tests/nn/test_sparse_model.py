@@ -10,6 +10,7 @@ from torch import nn
 from fastprune.models import get_model
 from fastprune.nn import SparseConv2d, SparseLinear, SparseModel, load_sparse, prune_model, save_sparse, sparsify
 from fastprune.nn.sparse import add_relu, bucket_of, inference_graph
+from fastprune.nn.sparse.micro_batches import join_candidates
 from fastprune.nn.sparse.model import device_key, make_config
 from fastprune.nn.sparse.tuner import build_sparse_network
 
@@ -87,6 +88,9 @@ def _configs(sparse: SparseModel, seed: int) -> dict:
                                             rng.choice((None, 4)), mixed, "sparse")
     configs["batch innermost, micro-batches of 4"] = make_config("batch_innermost", 4, every("batch_innermost"),
                                                                  "sparse")
+    join_at = join_candidates(sparse.net, torch.rand(1, 3, 32, 32))[0]
+    configs[f"tiled, micro-batches of 4 joined at {join_at}"] = make_config("batch_innermost", 4, every("tiled"),
+                                                                           "sparse", join_at)
     return configs
 
 
@@ -294,6 +298,8 @@ def test_sparsify_tries_the_batch_innermost_layout_and_micro_batches_on_cpu_batc
     assert {"sparse, batch_innermost, micro-batches of 32", "sparse, batch_innermost, micro-batches of 16"} <= set(
         seconds)  # and in halves and quarters of that
     assert sparse.tuned(x.device)["64-255"]["micro_batch"] in (None, 64, 32, 16)
+    joined = {k for k in seconds if "joined at" in k}  # and joined into one batch before a late layer
+    assert joined and all(k.startswith("sparse, batch_innermost, micro-batches of ") for k in joined)
     small = sparse.tuned(x.device)["2-7"]["seconds"]  # a batch of 2 does not fill a vector register
     assert not any("batch_innermost" in k for k in small)
     forced = sparsify(model, x, batch_sizes=(70,), repeats=1, batch_innermost=True, channels_last=False)
@@ -377,15 +383,16 @@ needs_extension = pytest.mark.skipif(not __import__("fastprune").backends.extens
 @needs_extension
 @pytest.mark.parametrize("batch, micro, threads", [(64, 16, 2), (48, 16, 2), (40, 16, 2), (96, 16, 3)])
 def test_micro_batches_run_concurrently_one_thread_each_and_give_the_same_outputs(batch, micro, threads):
-    # Whole rounds of micro-batches on the pool (a contiguous run of them a worker), the rest on the
-    # calling thread; the outputs in the batch's order, equal to one micro-batch at a time.
+    # Whole rounds of micro-batches on one team of threads (the calling one and its OpenMP threads: a
+    # contiguous run of them a thread), the rest on the calling thread; the outputs in the batch's order,
+    # equal to one micro-batch at a time.
     import threading
 
     model, sparse, config = _sparse_in_micro_batches(3, micro)
     x = _input("resnet18", batch)
     seen = []
     hook = sparse.net.register_forward_pre_hook(
-        lambda mod, args: seen.append((threading.current_thread().name, args[0].shape[0], args[0][0, 0, 0, 0].item())))
+        lambda mod, args: seen.append((threading.get_ident(), args[0].shape[0], args[0][0, 0, 0, 0].item())))
     strides = []  # of each micro-batch as the net gets it
     stride_hook = sparse.net.register_forward_pre_hook(lambda mod, args: strides.append(args[0].stride()))
     before = torch.get_num_threads()
@@ -395,7 +402,7 @@ def test_micro_batches_run_concurrently_one_thread_each_and_give_the_same_output
             want = model(x)
             sparse.parallel_micro_batches = False
             one_at_a_time = sparse.run(x, config)
-            assert all(not name.startswith("fastprune-micro-batch") for name, _, _ in seen)
+            assert all(ident == threading.get_ident() for ident, _, _ in seen)
             seen.clear()
             strides.clear()
             sparse.parallel_micro_batches = True
@@ -411,14 +418,17 @@ def test_micro_batches_run_concurrently_one_thread_each_and_give_the_same_output
     torch.testing.assert_close(got, one_at_a_time, atol=1e-6 * want.abs().max().item(), rtol=1e-6)
     torch.testing.assert_close(in_inference_mode, got, atol=0, rtol=0)
     parts = -(-batch // micro)
-    on_pool = [s for s in seen[:parts] if s[0].startswith("fastprune-micro-batch")]
-    assert len(on_pool) == (parts // threads) * threads
-    assert len({name for name, _, _ in on_pool}) == threads
+    per_thread = {}
+    for ident, _, _ in seen[:parts]:
+        per_thread[ident] = per_thread.get(ident, 0) + 1
+    per, rest = parts // threads, parts % threads
+    assert len(per_thread) == threads and threading.get_ident() in per_thread
+    assert per_thread.pop(threading.get_ident()) == per + rest and set(per_thread.values()) == {per}
     # every micro-batch ran once, on the slice it was given
     starts = sorted(first for _, _, first in seen[:parts])
     assert starts == sorted(x[i, 0, 0, 0].item() for i in range(0, batch, micro))
-    # each micro-batch put in the layout on its own (by its worker: no parallel region on the calling
-    # thread, whose OpenMP threads would spin on the workers' cores), not cut from the whole batch's
+    # each micro-batch put in the layout on its own (by the thread that runs it), not cut from the
+    # whole batch's
     n_of = sorted(b for _, b, _ in seen[:parts])
     assert sorted((s[0], s[3]) for s in concurrent_strides) == [(1, b) for b in n_of]
 
@@ -429,7 +439,7 @@ def test_micro_batches_stay_on_the_calling_thread_under_autograd_or_with_few_of_
 
     _, sparse, config = _sparse_in_micro_batches(4, 16)
     names = []
-    hook = sparse.net.register_forward_pre_hook(lambda mod, args: names.append(threading.current_thread().name))
+    hook = sparse.net.register_forward_pre_hook(lambda mod, args: names.append(threading.get_ident()))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -444,7 +454,7 @@ def test_micro_batches_stay_on_the_calling_thread_under_autograd_or_with_few_of_
     finally:
         torch.set_num_threads(before)
         hook.remove()
-    assert names and all(name == threading.current_thread().name for name in names)
+    assert names and all(name == threading.get_ident() for name in names)
 
 
 @needs_extension
@@ -466,35 +476,6 @@ def test_an_error_in_a_concurrent_micro_batch_reaches_the_caller():
     finally:
         torch.set_num_threads(before)
         hook.remove()
-
-
-@needs_extension
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork: POSIX only")
-def test_a_forked_child_gets_micro_batch_threads_of_its_own():
-    # The parent's pool threads do not exist in a forked child: a pool it kept would queue work that
-    # no thread runs. (The child runs no model: GNU OpenMP itself hangs in a child of a parent that
-    # ran parallel regions, whatever fastprune does; PyTorch's DataLoader workers run one thread.)
-    import multiprocessing
-
-    from fastprune.nn.sparse.model import _micro_batch_pool
-
-    parent_pool = _micro_batch_pool(2)
-    assert parent_pool.submit(lambda: 7).result(timeout=30) == 7  # its threads exist now
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-
-    def child():
-        pool = _micro_batch_pool(2)
-        queue.put((pool is not parent_pool, pool.submit(lambda: 7).result(timeout=30)))
-
-    process = ctx.Process(target=child)
-    process.start()
-    try:
-        assert queue.get(timeout=60) == (True, 7)
-    finally:
-        process.join(timeout=10)
-        if process.is_alive():
-            process.kill()
 
 
 def _with_module_path(sparse):

@@ -7,11 +7,6 @@ data, saved with the model (files.py) and switched per call by the batch size.
 """
 from __future__ import annotations
 
-import contextvars
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor, wait
-
 import torch
 from torch import nn
 from torch.nn.modules import module as module_globals  # the global forward hooks
@@ -20,6 +15,7 @@ from ... import backends
 from ...ops.sparse import cpu_backend_per_network_call, network_cpu_backend, to_batch_innermost
 from .inference_graph import build_inference_graph
 from .layers import SparseConv2d, SparseLinear
+from .micro_batches import join_micro_batches, run_team, split_network
 
 # Batch-size buckets (first, last or None: no end). A plan tuned on one batch size is used only for
 # the batch sizes of its bucket: the best layout at 64 can be the worst at 1.
@@ -73,34 +69,6 @@ def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     return to_batch_innermost(x)
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
-
-
-def _forget_pools_after_fork() -> None:
-    # A forked child has none of the parent's threads: a pool it inherited would queue work that no
-    # thread ever runs (a child running the model would hang). It starts pools of its own.
-    global _POOLS_LOCK
-    _POOLS.clear()
-    _POOLS_LOCK = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pools_after_fork)
-
-
-def _micro_batch_pool(workers: int) -> ThreadPoolExecutor:
-    """The process's pool of ``workers`` threads for concurrent micro-batches; each thread's parallel
-    regions run on that thread alone (its own OpenMP setting, nobody else's)."""
-    with _POOLS_LOCK:
-        pool = _POOLS.get(workers)
-        if pool is None:
-            pool = _POOLS[workers] = ThreadPoolExecutor(
-                workers, thread_name_prefix="fastprune-micro-batch",
-                initializer=torch.ops.fastprune.set_thread_intra_op_threads_ext, initargs=(1,))
-        return pool
-
-
 def _hooks_registered(layers) -> bool:
     """Whether a forward hook would see a call of one of ``layers`` (its own, or a global one)."""
     if getattr(module_globals, "_global_forward_hooks", None) or getattr(module_globals, "_global_forward_pre_hooks", None):
@@ -108,11 +76,16 @@ def _hooks_registered(layers) -> bool:
     return any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
 
 
-def make_config(layout: str, micro_batch: int | None, layers: dict[str, str], kind: str) -> dict:
-    """One bucket's entry of a plan: plain data (saved as is)."""
+def make_config(layout: str, micro_batch: int | None, layers: dict[str, str], kind: str,
+                join_at: str | None = None) -> dict:
+    """One bucket's entry of a plan: plain data (saved as is). ``join_at``: the sparse conv from which
+    on concurrent micro-batches run joined as one batch (micro_batches.py); absent when None."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    return {"kind": kind, "layout": layout, "micro_batch": micro_batch, "layers": dict(layers)}
+    config = {"kind": kind, "layout": layout, "micro_batch": micro_batch, "layers": dict(layers)}
+    if join_at is not None:
+        config["join_at"] = join_at
+    return config
 
 
 class SparseModel(nn.Module):
@@ -150,7 +123,10 @@ class SparseModel(nn.Module):
         self.repeats = repeats  # timing repeats when a bucket is tuned on first use
         self._active = None     # the config the layers are set to
         # {id(config): (config, its choices, net, inference graph or None, the layers it calls directly)}
-        self._inference_graphs: dict[int, tuple] = {}
+        # {(id(config), id(net or its part)): (config, its choices, net or part, inference graph or None,
+        #  the layers it calls directly)}
+        self._inference_graphs: dict[tuple[int, int], tuple] = {}
+        self._splits: dict[str, tuple] = {}  # {join_at: (net, (prefix, suffix) or None)}
         self.no_kernel: list[str] = []  # sparse convs left dense: no sparse kernel takes them (sparsify fills it)
 
     def _check_plan(self) -> None:
@@ -166,6 +142,10 @@ class SparseModel(nn.Module):
                 micro = config.get("micro_batch")
                 if micro is not None and (not isinstance(micro, int) or micro < 1):
                     raise ValueError(f"{where}: micro_batch must be None or a positive int, got {micro!r}")
+                join_at = config.get("join_at")
+                if join_at is not None and not isinstance(layers.get(join_at) if isinstance(join_at, str) else None,
+                                                          SparseConv2d):
+                    raise ValueError(f"{where}: join_at must be None or the name of a sparse conv, got {join_at!r}")
                 if set(config["layers"]) != set(layers):
                     raise ValueError(f"{where}: its layers do not match the network's sparse layers")
                 for name, choice in config["layers"].items():
@@ -246,34 +226,60 @@ class SparseModel(nn.Module):
         if torch.compiler.is_compiling() or x.device.type != "cpu":
             return self._run_net(self.net, x, layout, micro)
         with cpu_backend_per_network_call():
-            return self._run_net(self._inference_net(x, config), x, layout, micro)
+            split = self._split(config.get("join_at"), x, micro)
+            if split is not None:
+                return self._run_joined(x, config, *split)
+            return self._run_net(self._inference_net(x, config, self.net), x, layout, micro)
 
-    def _inference_net(self, x: torch.Tensor, config: dict) -> nn.Module:
-        """What runs x under ``config`` on the CPU: the network, or, for float32 inference on the C++
-        kernels (autograd and autocast off), its inference graph (inference_graph.py: the sparse convs
-        fed by other sparse convs call their kernel directly, 8 us a layer less at batch 1). Not while
-        a forward hook is registered on the network or one of those layers, or globally: hooks see
-        every call."""
+    def _split(self, join_at: str | None, x: torch.Tensor, micro: int | None):
+        """(prefix, suffix) of the network cut before ``join_at`` (micro_batches.split_network) where the
+        call runs concurrent micro-batches, else None (every micro-batch then runs the whole network)."""
+        if join_at is None or micro is None or x.shape[0] <= micro:
+            return None
+        if self._micro_batch_workers(x, len(range(0, x.shape[0], micro))) < 2:
+            return None
+        entry = self._splits.get(join_at)
+        if entry is None or entry[0] is not self.net:
+            entry = self._splits[join_at] = (self.net, split_network(self.net, join_at))
+        return entry[1]
+
+    def _run_joined(self, x: torch.Tensor, config: dict, prefix: nn.Module, suffix: nn.Module) -> torch.Tensor:
+        """The prefix on concurrent micro-batches, then the suffix on them joined, every layer split
+        over the threads (micro_batches.py)."""
+        parts = x.split(config["micro_batch"])
+        outs = self._run_concurrently(self._inference_net(x, config, prefix), parts, config["layout"],
+                                      self._micro_batch_workers(x, len(parts)))
+        return self._inference_net(x, config, suffix)(join_micro_batches(outs))
+
+    def _inference_net(self, x: torch.Tensor, config: dict, net: nn.Module) -> nn.Module:
+        """What runs x under ``config`` on the CPU in place of ``net`` (the network, or a part of it):
+        ``net``, or, for float32 inference on the C++ kernels (autograd and autocast off), its inference
+        graph (inference_graph.py: the sparse convs fed by other sparse convs call their kernel
+        directly, 8 us a layer less at batch 1). Not while a forward hook is registered on the network
+        or one of those layers, or globally: hooks see every call."""
         if (x.dtype != torch.float32 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")
                 or network_cpu_backend() != "cpp"):
-            return self.net
+            return net
         choices = tuple(config["layers"].values())
-        entry = self._inference_graphs.get(id(config))
-        if entry is None or entry[0] is not config or entry[1] != choices or entry[2] is not self.net:
-            if len(self._inference_graphs) >= 16:  # configs tuned and dropped: start over
+        key = (id(config), id(net))
+        entry = self._inference_graphs.get(key)
+        if entry is None or entry[0] is not config or entry[1] != choices or entry[2] is not net:
+            if len(self._inference_graphs) >= 48:  # configs tuned and dropped: start over
                 self._inference_graphs.clear()
-            built = build_inference_graph(self.net, config["layers"])
+            built = build_inference_graph(net, config["layers"])
             graph, direct = (None, ()) if built is None else built
-            entry = self._inference_graphs[id(config)] = (config, choices, self.net, graph, direct)
+            entry = self._inference_graphs[key] = (config, choices, net, graph, direct)
         graph, direct = entry[3], entry[4]
         if graph is None or _hooks_registered((self.net, *direct)):
-            return self.net
+            return net
         return graph
 
     def __getstate__(self):
-        # The inference graphs call the layers they were built on: a copy builds its own.
+        # The inference graphs and the network's parts call the layers they were built on: a copy
+        # builds its own.
         state = dict(super().__getstate__())
         state["_inference_graphs"] = {}
+        state["_splits"] = {}
         return state
 
     def _run_net(self, net: nn.Module, x: torch.Tensor, layout: str, micro: int | None) -> torch.Tensor:
@@ -298,13 +304,14 @@ class SparseModel(nn.Module):
 
     def _run_concurrently(self, net: nn.Module, parts: tuple[torch.Tensor, ...], layout: str,
                           workers: int) -> list[torch.Tensor]:
-        """``net`` on each part, in order: workers x (len(parts) // workers) of them on the pool,
-        a contiguous run of parts a worker, the rest after them on this thread.
+        """``net`` on each part, in order: workers x (len(parts) // workers) of them on one OpenMP team
+        of ``workers`` threads (this one and the threads its parallel regions run on:
+        micro_batches.run_team), a contiguous run of parts a thread, the rest after them on this thread
+        with every layer split over the threads.
 
-        Each part is put in ``layout`` by the worker that runs it, not here: a parallel region on this
-        thread would leave its OpenMP threads spinning (libgomp's default wait policy) on the cores
-        the workers need, for milliseconds (ResNet-18 at 90%, batch 64, Zen 4: 60-67 ms a batch with
-        the layout made here, 53-54 with the OpenMP threads passive; bench/NOTES.md, session 15)."""
+        Each part is put in ``layout`` by the thread that runs it, not before: a parallel region here
+        first would only cost a fork and join (bench/NOTES.md, session 15: with the micro-batches on a
+        Python thread pool, the OpenMP threads of such a region spun on the cores the pool needed)."""
         per = len(parts) // workers
         inference = torch.is_inference_mode_enabled()
 
@@ -312,14 +319,8 @@ class SparseModel(nn.Module):
             with torch.inference_mode() if inference else torch.no_grad():
                 return [net(to_layout(part, layout)) for part in group]
 
-        pool = _micro_batch_pool(workers)
-        # Each task in a copy of this thread's context: the CPU backend chosen for this network call
-        # (cpu_backend_per_network_call) is a context variable.
-        futures = [pool.submit(contextvars.copy_context().run, run, parts[i * per:(i + 1) * per])
-                   for i in range(workers)]
-        wait(futures)  # all of them, even when one raised: none is left running on the network
-        outs = [y for future in futures for y in future.result()]
-        return outs + [net(to_layout(part, layout)) for part in parts[workers * per:]]
+        outs = run_team([lambda i=i: run(parts[i * per:(i + 1) * per]) for i in range(workers)])
+        return [y for group in outs for y in group] + [net(to_layout(part, layout)) for part in parts[workers * per:]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, ...) -> net(x), under the config of N's bucket on x's device."""
@@ -332,6 +333,8 @@ class SparseModel(nn.Module):
             for bucket, config in buckets.items():
                 sparse = sum(choice != "dense" for choice in config["layers"].values())
                 micro = f", micro-batches of {config['micro_batch']}" if config["micro_batch"] else ""
+                if config.get("join_at"):
+                    micro += f" joined at {config['join_at']}"
                 lines.append(f"{device}, batch {bucket}: {config['kind']}, {config['layout']}{micro}, "
                              f"{sparse}/{len(config['layers'])} layers sparse")
         lines.append(f"other batch sizes: {self.untuned}")

@@ -12,6 +12,7 @@ from ...ops.sparse import EPILOGUES, direct_applicable, generated_applicable
 from ...utils.timing import interleaved_fastest, median_time
 from ..masked import _replace, check_sparsity, effective_weight, fold_masks
 from .layers import SparseConv2d, SparseLinear, is_2to4
+from .micro_batches import join_candidates
 from .model import DEFAULT_BATCH_SIZES, SparseModel, bucket_of, device_key, make_config
 from .passes import _fast_pooling, fold_batchnorm, fuse_epilogues
 
@@ -150,7 +151,9 @@ def tune_bucket(model: SparseModel, x: torch.Tensor, repeats: int = 5, channels_
     and channels_last also give an all-dense candidate. On CPU batches of 64 and more the sparse
     candidates run in micro-batches of 64 (layers tuned on 64 images), and each also in slices of
     32 and of 16 (layers tuned on slices of that size: the best kernel of a layer can change with the
-    batch, the generated one's code is worth more over 16 images than over 64 split into blocks):
+    batch, the generated one's code is worth more over 16 images than over 64 split into blocks),
+    batch-innermost slices also joined into the whole batch before one of the last map sizes
+    (micro_batches.py: the last layers' weights read once for the batch, not once a slice):
     each slice's activations stay in cache through the network
     (ResNet-18 at 99%, batch 64: 20 ms whole, 17 in slices of 32, 15 in slices of 16; VGG16's best
     slices are 32 or 64), a larger batch in the bucket costs per image what the tuned one did, and no
@@ -163,6 +166,7 @@ def tune_bucket(model: SparseModel, x: torch.Tensor, repeats: int = 5, channels_
     bucket, key = bucket_of(x.shape[0]), device_key(x.device)
     micro = _MICRO_BATCH if x.device.type == "cpu" and x.dim() == 4 and x.shape[0] >= _MICRO_BATCH else None
     layers_x = x if micro is None else x[:micro]
+    joins = [] if micro is None else join_candidates(model.net, x)
     candidates = {}
     for layout in _layouts(x, channels_last, batch_innermost):
         choices = tune_layers(model, layers_x, layout, repeats)
@@ -173,6 +177,11 @@ def tune_bucket(model: SparseModel, x: torch.Tensor, repeats: int = 5, channels_
                 part_choices = tune_layers(model, layers_x[:part], layout, repeats)
                 candidates[f"sparse, {layout}, micro-batches of {part}"] = make_config(layout, part, part_choices,
                                                                                        "sparse")
+                # ... and joined into one batch before one of the last map sizes (micro_batches.py),
+                # in the layout the generated kernels read in place
+                for join_at in (joins if layout == "batch_innermost" else ()):
+                    candidates[f"sparse, {layout}, micro-batches of {part} joined at {join_at}"] = make_config(
+                        layout, part, part_choices, "sparse", join_at)
         if layout != "batch_innermost":  # oneDNN has no batch-innermost convolution: it would convert
             all_dense = {name: "dense" for name in choices}
             candidates[f"dense, {layout}"] = make_config(layout, None, all_dense, "dense")
