@@ -16,10 +16,11 @@
 // 64- and 128-channel layers in the network on Zen 5, slower there on the 512-channel ones: see
 // kMaxGeneratedNonzeros).
 //
-// A kernel (group g of 24 output channels, chunk ch of input channels) runs `count` consecutive
-// output positions of a row:
+// A kernel (group g of 24 output channels, chunk ch of input channels) runs `count` slots: consecutive
+// output positions of a row, or one position of consecutive batch blocks (see blocks a call below):
 //   void kernel(const float* in, float* partial, const float* weights, const float* residual,
-//               const float* bias, float* out, int64_t count, uint64_t taps)
+//               const float* bias, float* out, int64_t count, uint64_t taps, int64_t in_step,
+//               int64_t out_step)
 // in:      the input at the first position's window: the input tensor itself where it is batch innermost
 //          (each position's 16 images one vector; the next position S columns on), else a staged copy
 //          (tiled.cpp's stage_blocks: batch blocks of 16, a zero border, stride phases);
@@ -30,6 +31,8 @@
 // bias + the group's first channel, read by chunk 0; residual and out: the output (OC, H', W', N) at
 //          (the group's first channel, the row's first position, the block's first image), read and
 //          written by the last chunk (bias, + residual, ReLU as the layer's epilogue says).
+// in_step, out_step: bytes from one slot's input window, and output (and residual), to the next's;
+//          the partial sums of consecutive slots lie 24 vectors apart.
 // taps:    bit r * kw + s set where tap (r, s) reads inside the input at these positions: the code
 //          is laid out tap by tap, and a tap whose window is all padding (a border row or column;
 //          on a 4x4 map 31% of a 3x3 conv's multiply-adds) is jumped over, its multiply-adds with
@@ -38,13 +41,17 @@
 // The output (OC, H', W', N): on SparseModel's inference path (algo 6) its channel planes lie one
 // vector further apart than their size (channel_plane), so that the next generated layer reads it in
 // place without its planes sharing cache sets; no staged copy between two generated layers.
-// The code loops over the positions itself, moving in, partial, residual and out on by a position
-// each time: the call's cost and the first fetch of the chunk's code (from L2 or L3: a layer's code
-// is far larger than L1i) are spread over the run.
-// Work: (batch block, band of output rows, group) items in one contiguous range per thread; a thread's
-// items of one (block, band) run chunk by chunk, each chunk over all their groups, row by row (a
-// chunk's input window stays in L1/L2 while every group's code runs over the band's positions; a band
-// is about 16 positions, a group's partial sums over it 24 KB). The next kernel's code is prefetched
+// The code loops over the slots itself, moving in, partial, residual and out on by a slot each time:
+// the call's cost and the first fetch of the chunk's code (from L2 or L3: a layer's code is far larger
+// than L1i) are spread over the run.
+// Blocks a call: on maps at most kBlockLoopWidth wide read in place, a call runs one position over
+// all the batch blocks of the call instead of a run of positions over one block. A 2x2 or 4x4 map's
+// rows cut into runs of one or two positions (each edge reads other taps), so a chunk's code was
+// fetched for a position or two of 16 images; over 64 images it serves four times as many.
+// Work: (the call's batch blocks, band of output rows, group) items in one contiguous range per thread;
+// a thread's items of one (blocks, band) run chunk by chunk, each chunk over all their groups, row by
+// row (a chunk's input window stays in L1/L2 while every group's code runs over the band's slots; a
+// band is about 16 slots, a group's partial sums over it 24 KB). The next kernel's code is prefetched
 // while one runs: instruction fetch otherwise stalls on each of its lines. With several blocks over
 // several threads, each thread stages its own blocks into its own memory.
 #include <map>
@@ -72,7 +79,8 @@ constexpr int kZeroReg = 31;          // zero, for the ReLU
 // Inputs of at most this many channels are read in place even with planes a multiple of 4 KiB apart:
 // a tap of every channel then fits the ways of one L1 set (8) (a network's first conv, RGB).
 constexpr int64_t kFewChannels = 4;
-constexpr int64_t kBandPositions = 16;  // output positions (whole rows) an item runs each chunk over
+constexpr int64_t kBandPositions = 16;  // slots (positions x blocks a call) an item runs each chunk over
+constexpr int64_t kBlockLoopWidth = 4;  // maps at most this wide run a position over all blocks a call
 // Input channels a chunk: enough for about this many multiply-adds a call (the partial sums' 24
 // loads and stores between chunks cost what a few dozen of them do), at least 8, at most all.
 constexpr double kChunkMultiplyAdds = 640;
@@ -85,7 +93,8 @@ constexpr double kChunkMultiplyAdds = 640;
 constexpr int64_t kMaxGeneratedNonzeros = 400000;
 constexpr int64_t kProgramCacheBytes = int64_t{512} << 20;  // code and weights kept, in all
 
-using Kernel = void (*)(const float*, float*, const float*, const float*, const float*, float*, int64_t, uint64_t);
+using Kernel = void (*)(const float*, float*, const float*, const float*, const float*, float*, int64_t, uint64_t,
+                        int64_t, int64_t);
 
 // One layer's generated code for one geometry: kernel (g, ch) at code->at(entry[g * chunks + ch])
 // with its weights from weights[weight_at[g * chunks + ch]].
@@ -140,7 +149,6 @@ std::shared_ptr<const Program> generate(const ConvArgs& a, const Geometry& geo) 
                      // staged: as tiled.cpp's compute_offsets, phase, then shift
                      : ((r % geo.S) * geo.S + s % geo.S) * geo.c * geo.plane + ((r / geo.S) * geo.gw + s / geo.S) * kLanes;
   const int64_t channel_floats = geo.direct ? geo.sc : geo.plane;
-  const int64_t position_floats = geo.direct ? geo.S * geo.sw : kLanes;
   x86::Emitter e;
   struct Entry {
     int32_t col;
@@ -226,12 +234,12 @@ std::shared_ptr<const Program> generate(const ConvArgs& a, const Geometry& geo) 
         if (geo.relu || geo.residual) e.max(k, kZeroReg, k);  // max(0, v), NaN kept
         e.store(k, x86::r9, k * geo.ocs * 4);
       }
-      // The next position: its input window, partial sums, residual and output (each section sets
-      // the weight pointer afresh).
-      e.add_imm(x86::rdi, static_cast<int32_t>(position_floats * 4));
+      // The next slot: its input window, partial sums, residual and output (each section sets the
+      // weight pointer afresh).
+      e.add_stack(x86::rdi, 24);  // in_step
       e.add_imm(x86::rsi, static_cast<int32_t>(kGroup * kLanes * 4));
-      e.add_imm(x86::rcx, static_cast<int32_t>(geo.n * 4));
-      e.add_imm(x86::r9, static_cast<int32_t>(geo.n * 4));
+      e.add_stack(x86::rcx, 32);  // out_step
+      e.add_stack(x86::r9, 32);
       e.dec_eax_jnz(loop);
       e.vzeroupper();
       e.ret();
@@ -378,18 +386,6 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
   const int64_t hp = h + 2 * a.pad_h, wp = w + 2 * a.pad_w;
   const int64_t ho = (hp - kh) / S + 1, wo = (wp - kw) / S + 1;
   const int64_t gh = (hp + S - 1) / S, gw = (wp + S - 1) / S, nb = kLanes, plane = gh * gw * nb;
-  // Rows computed (an odd last row is one the pooling drops) and the rows an item runs over: an even
-  // number when pooling, so that a band is pooled on its own.
-  const int64_t rows = fuse_pool ? ho / 2 * 2 : ho;
-  const int64_t band_rows = fuse_pool ? std::max<int64_t>(2, kBandPositions / wo / 2 * 2)
-                                      : std::max<int64_t>(1, kBandPositions / wo);
-  const int64_t oh = fuse_pool ? ho / 2 : ho, ow = fuse_pool ? wo / 2 : wo;  // the output's map
-  const int64_t ocs = channel_plane(oh * ow * n, pad_planes);  // the output's channel stride
-  // Where the code writes: the output, or when pooling a thread's scratch rows (a group's 24 channels
-  // over a band, one batch block; planes padded as channel_plane's), then pooled into the output.
-  const int64_t code_ocs = fuse_pool ? band_rows * wo * kLanes + kLanes : ocs, code_n = fuse_pool ? kLanes : n;
-  // Displacements are 32-bit: larger layers (a staged block or an output over 2 GB) take the tiled path.
-  if (S * S * c * plane * 4 >= INT32_MAX || code_ocs * 4 * kGroup >= INT32_MAX) return conv_tiled(x, a, residual);
   const int64_t sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
   // The input read in place where it is batch innermost, unless its planes are a multiple of 4 KiB apart
   // with more than kFewChannels channels (channel_plane: a chunk's channels at one position would share a
@@ -398,6 +394,25 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
   // lies inside the image.
   const bool direct = x.stride(0) == 1 && kh * kw <= 64 && ((sc * 4) % 4096 != 0 || c <= kFewChannels) &&
                       (c * sc + kh * sh + kw * sw) * 4 < INT32_MAX;
+  const int64_t blocks = n / nb;
+  // Batch blocks a kernel call runs at one position (see "Blocks a call" above): all of them on narrow
+  // maps read in place, else one (the call then runs a run of positions).
+  const int64_t bpc = direct && blocks > 1 && wo <= kBlockLoopWidth ? blocks : 1;
+  // Rows computed (an odd last row is one the pooling drops) and the rows an item runs over (about
+  // kBandPositions slots, no more rows than there are): an even number when pooling, so that a band is
+  // pooled on its own.
+  const int64_t rows = fuse_pool ? ho / 2 * 2 : ho;
+  const int64_t band_rows = fuse_pool ? std::min(rows, std::max<int64_t>(2, kBandPositions / bpc / wo / 2 * 2))
+                                      : std::min(rows, std::max<int64_t>(1, kBandPositions / bpc / wo));
+  const int64_t oh = fuse_pool ? ho / 2 : ho, ow = fuse_pool ? wo / 2 : wo;  // the output's map
+  const int64_t ocs = channel_plane(oh * ow * n, pad_planes);  // the output's channel stride
+  // Where the code writes: the output, or when pooling a thread's scratch rows (a group's 24 channels
+  // over a band of each of the call's batch blocks, one after the other; planes padded as
+  // channel_plane's), then pooled into the output.
+  const int64_t scratch_block = band_rows * wo * kLanes;  // a channel's band of one block, when pooling
+  const int64_t code_ocs = fuse_pool ? bpc * scratch_block + kLanes : ocs, code_n = fuse_pool ? kLanes : n;
+  // Displacements are 32-bit: larger layers (a staged block or an output over 2 GB) take the tiled path.
+  if (S * S * c * plane * 4 >= INT32_MAX || code_ocs * 4 * kGroup >= INT32_MAX) return conv_tiled(x, a, residual);
   const Geometry geo{c, S, kh, kw, gw, plane, code_ocs, wo, code_n, a.relu, residual.has_value(), a.bias != nullptr,
                      direct, direct ? sc : 0, direct ? sh : 0, direct ? sw : 0, a.pad_h, a.pad_w};
   const std::shared_ptr<const Program> prog = program_for(a, geo);
@@ -406,7 +421,7 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
   at::Tensor out = pooled_empty({oc_count, oh, ow, n}, {ocs, ow * n, n, 1}, x.options());
   const at::Tensor res = residual_like(residual, out);
   if (out.numel() == 0) return out.permute({3, 0, 1, 2});
-  const int64_t blocks = n / nb, tail = (kw / S + 2) * nb + 2 * kLanes;
+  const int64_t tail = (kw / S + 2) * nb + 2 * kLanes;
   const int64_t block_len = S * S * c * plane + tail;
   float* op = out.mutable_data_ptr<float>();
   const float* x_data = x.const_data_ptr<float>();
@@ -432,8 +447,12 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
     ++runs.back().count;
   }
   const int64_t bands = (rows + band_rows - 1) / band_rows;
-  const int64_t items = blocks * bands * prog->groups;
-  const int64_t band_floats = band_rows * wo * kGroup * kLanes;  // one group's partial sums over a band
+  const int64_t items = blocks / bpc * bands * prog->groups;  // (the call's blocks, band, group)
+  const int64_t band_floats = band_rows * wo * bpc * kGroup * kLanes;  // one group's partial sums over a band
+  // A call's steps from slot to slot (in bytes): the next block (16 images on, in the scratch rows the
+  // next block's band) or the next position.
+  const int64_t in_step = (bpc > 1 ? nb : direct ? S * sw : kLanes) * 4;
+  const int64_t out_step = (bpc > 1 ? (fuse_pool ? scratch_block : nb) : code_n) * 4;
   // Items [begin, end) on the staged blocks from block0 on at `staged`.
   auto run_items = [&](int64_t begin, int64_t end, const float* staged, int64_t block0) {
     // A thread's items of one (batch block, band) run chunk by chunk, each chunk over all their groups:
@@ -449,7 +468,8 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
                                      (reinterpret_cast<uintptr_t>(scratch_memory.get()) + 63) & ~uintptr_t{63})
                                : nullptr;
     for (int64_t item = begin; item < end;) {
-      const int64_t g0 = item % prog->groups, band = (item / prog->groups) % bands, bb = item / (prog->groups * bands);
+      const int64_t g0 = item % prog->groups, band = (item / prog->groups) % bands;
+      const int64_t bb = item / (prog->groups * bands) * bpc;  // the call's first block
       const int64_t g1 = std::min(prog->groups, g0 + (end - item));
       const int64_t y0 = band * band_rows, y1 = std::min(rows, y0 + band_rows);
       const float* in_block = direct ? x_data + bb * nb : staged + (bb - block0) * block_len;
@@ -468,25 +488,30 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
           const float* bias = a.bias ? a.bias + oc0 : nullptr;
           const float* weights = prog->weights.data() + prog->weight_at[g * prog->chunks + ch];
           float* group_partial = partial + (g - g0) * band_floats;
-          // (pooling: the group's scratch channels from row y0 on, one batch block: code_n = 16)
+          // (pooling: the group's scratch channels from row y0 on, the call's first block: code_n = 16)
           float* group_out = fuse_pool ? scratch + (g - g0) * kGroup * code_ocs - y0 * wo * kLanes
                                        : op + oc0 * ocs + bb * nb;
-          for (int64_t y = y0; y < y1; ++y) {  // a run of a row's positions a call
+          for (int64_t y = y0; y < y1; ++y) {  // a run of a row's positions, or a position's blocks, a call
             for (const ColumnRun& run : runs) {
-              const int64_t at = (y * wo + run.x0) * code_n;
-              const float* window = direct ? in_block + y * S * sh + run.x0 * S * sw : in_block + y * gw * nb + run.x0 * nb;
-              kernel(window, group_partial + ((y - y0) * wo + run.x0) * kGroup * kLanes,
-                     weights, rsp ? rsp + oc0 * ocs + bb * nb + at : nullptr, bias, group_out + at, run.count,
-                     row_mask[y] & run.mask);
+              for (int64_t x0 = run.x0; x0 < run.x0 + run.count; x0 += bpc > 1 ? 1 : run.count) {
+                const int64_t at = (y * wo + x0) * code_n;
+                const float* window = direct ? in_block + y * S * sh + x0 * S * sw : in_block + y * gw * nb + x0 * nb;
+                kernel(window, group_partial + ((y - y0) * wo + x0) * bpc * kGroup * kLanes, weights,
+                       rsp ? rsp + oc0 * ocs + bb * nb + (y * wo + x0) * n : nullptr, bias, group_out + at,
+                       bpc > 1 ? bpc : run.count, row_mask[y] & run.mask, in_step, out_step);
+              }
             }
           }
         }
       for (int64_t g = g0; fuse_pool && g < g1; ++g)  // the band's rows, in cache, pooled (ReLU applied)
         for (int64_t oc = g * kGroup; oc < std::min(oc_count, (g + 1) * kGroup); ++oc)
-          for (int64_t y = y0; y < y1; y += 2) {
-            const float* row = scratch + ((g - g0) * kGroup + oc - g * kGroup) * code_ocs + (y - y0) * wo * kLanes;
-            store_pooled_row(op + oc * ocs + y / 2 * ow * n + bb * nb, n, row, row + wo * kLanes, kLanes, ow, kLanes);
-          }
+          for (int64_t b = 0; b < bpc; ++b)
+            for (int64_t y = y0; y < y1; y += 2) {
+              const float* row = scratch + ((g - g0) * kGroup + oc - g * kGroup) * code_ocs + b * scratch_block +
+                                 (y - y0) * wo * kLanes;
+              store_pooled_row(op + oc * ocs + y / 2 * ow * n + (bb + b) * nb, n, row, row + wo * kLanes, kLanes, ow,
+                               kLanes);
+            }
       item += g1 - g0;
     }
   };

@@ -52,6 +52,14 @@ class Emitter {
     byte(0xC0 | (reg & 7));
     dword(imm);
   }
+  // reg += the 64-bit stack argument at [rsp + disp]   (add r64, r/m64: REX.W, REX.R for r8-r15)
+  void add_stack(Gpr reg, int8_t disp) {
+    byte(reg >= 8 ? 0x4C : 0x48);
+    byte(0x03);
+    byte(static_cast<uint8_t>(0x44 | (reg & 7) << 3));
+    byte(0x24);
+    byte(static_cast<uint8_t>(disp));
+  }
   // eax -= 1; jump to `target` (an earlier offset in code) unless it reached zero (dec eax; jnz rel32)
   void dec_eax_jnz(size_t target) {
     byte(0xFF), byte(0xC8);

@@ -134,6 +134,10 @@ def test_fast_adaptive_avg_pooling_equals_pytorch():
             x = torch.randn(shape)
             for xin in (x, x.contiguous(memory_format=torch.channels_last), to_batch_innermost(x), padded_planes(x)):
                 torch.testing.assert_close(pool(xin), F.adaptive_avg_pool2d(x, size), atol=1e-6, rtol=1e-6)
+    # a 1 x 1 batch-innermost input broadcast stays batch innermost: flattened, its transpose is
+    # contiguous (what the CPU sparse linear reads without a copy)
+    out = FastAdaptiveAvgPool2d.from_module(nn.AdaptiveAvgPool2d(2))(padded_planes(torch.randn(16, 5, 1, 1)))
+    assert out.stride() == (1, 4 * 16, 2 * 16, 16) and torch.flatten(out, 1).t().is_contiguous()
     assert FastAdaptiveAvgPool2d.replaces(nn.AdaptiveAvgPool2d(2))
     assert not FastAdaptiveAvgPool2d.replaces(nn.AdaptiveAvgPool2d((None, 2)))
     assert not FastAdaptiveAvgPool2d.replaces(nn.AdaptiveMaxPool2d(2))

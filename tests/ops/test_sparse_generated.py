@@ -205,7 +205,9 @@ def _in_nan_frame(x: torch.Tensor, plane_stride: int, sw_factor: int = 1) -> tor
 
 
 # (N, C, H, W, OC, k, stride, padding): maps whose planes are 4 KiB multiples at batch 16 (8x8, 16x16:
-# read from a staged copy) and others (read in place), 1x1 to 7x7 kernels, strides 1-3.
+# read from a staged copy) and others (read in place), 1x1 to 7x7 kernels, strides 1-3; outputs at most
+# 4 wide over several batch blocks read in place (a call runs a position over all the blocks: 4x4 and
+# 2x2 maps, 3 rows of 4 whose pooling drops the last, a stride-2 layer down to 4x4).
 PADDED_CASES = [
     (16, 12, 8, 8, 30, 3, 1, 1),
     (16, 9, 16, 16, 26, 3, 2, 1),
@@ -214,6 +216,10 @@ PADDED_CASES = [
     (16, 6, 11, 10, 10, 5, 3, 2),
     (48, 7, 6, 6, 20, 7, 1, 3),
     (16, 20, 4, 4, 50, 3, 1, 1),
+    (48, 20, 4, 4, 50, 3, 1, 1),
+    (64, 24, 2, 2, 30, 3, 1, 1),
+    (32, 9, 3, 4, 26, 3, 1, 1),
+    (32, 10, 8, 8, 25, 3, 2, 1),
 ]
 
 

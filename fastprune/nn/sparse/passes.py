@@ -82,7 +82,15 @@ class FastAdaptiveAvgPool2d(_AdaptivePool):
         if x.dim() == 4:
             h, w = x.shape[2], x.shape[3]
             if (h, w) == (1, 1):
-                return x.expand(-1, -1, oh, ow).contiguous()
+                if x.stride(0) != 1:
+                    return x.expand(-1, -1, oh, ow).contiguous()
+                # A batch-innermost input (the sparse convs' output) stays batch innermost: the copy
+                # runs along the batch, and a flatten after it is a view whose transpose is
+                # contiguous, which the CPU sparse linear reads as is (VGG16's classifier at batch
+                # 64, Zen 4: this pooling 0.11 ms and the linear's transposed copy 0.07 ms before).
+                n, c = x.shape[:2]
+                out = torch.empty_strided((n, c, oh, ow), (1, oh * ow * n, ow * n, n), dtype=x.dtype, device=x.device)
+                return out.copy_(x.expand(-1, -1, oh, ow))
             if (oh, ow) == (1, 1) and _planes_batch_innermost(x):  # global average pooling
                 return x.permute(1, 2, 3, 0).flatten(1, 2).mean(1).t()[:, :, None, None]
             if h % oh == 0 and w % ow == 0:
