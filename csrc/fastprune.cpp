@@ -13,15 +13,6 @@
 #include <omp.h>
 #endif
 
-namespace {
-void set_thread_intra_op_threads(int64_t threads) {
-  TORCH_CHECK(threads >= 1, "set_thread_intra_op_threads_ext: threads must be at least 1, got ", threads);
-#ifdef _OPENMP
-  omp_set_num_threads(static_cast<int>(threads));
-#endif
-}
-}  // namespace
-
 namespace fastprune {
 namespace sparse_cpu {
 int64_t release_pooled_memory();  // csrc/sparse/memory_pool.cpp
@@ -81,10 +72,6 @@ TORCH_LIBRARY(fastprune, m) {
   // Whether the CPU sparse conv's generated algorithm (5) runs here: AVX-512 on x86-64 and memory the
   // system lets it make executable. (Any device.)
   m.def("sparse_generated_supported_ext() -> bool", &fastprune::sparse_cpu::generated_supported);
-  // How many OpenMP threads the calling thread's parallel regions start (its own setting: other
-  // threads keep theirs; torch.set_num_threads would also reset process-wide pools and caches).
-  // SparseModel's workers, each running whole micro-batches, take 1. (Any device.)
-  m.def("set_thread_intra_op_threads_ext(int threads) -> ()", &set_thread_intra_op_threads);
 }
 
 namespace {

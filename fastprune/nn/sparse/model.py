@@ -122,7 +122,6 @@ class SparseModel(nn.Module):
         self.fastprune_recipe = recipe
         self.repeats = repeats  # timing repeats when a bucket is tuned on first use
         self._active = None     # the config the layers are set to
-        # {id(config): (config, its choices, net, inference graph or None, the layers it calls directly)}
         # {(id(config), id(net or its part)): (config, its choices, net or part, inference graph or None,
         #  the layers it calls directly)}
         self._inference_graphs: dict[tuple[int, int], tuple] = {}
@@ -143,8 +142,8 @@ class SparseModel(nn.Module):
                 if micro is not None and (not isinstance(micro, int) or micro < 1):
                     raise ValueError(f"{where}: micro_batch must be None or a positive int, got {micro!r}")
                 join_at = config.get("join_at")
-                if join_at is not None and not isinstance(layers.get(join_at) if isinstance(join_at, str) else None,
-                                                          SparseConv2d):
+                if join_at is not None and not (isinstance(join_at, str)
+                                                and isinstance(layers.get(join_at), SparseConv2d)):
                     raise ValueError(f"{where}: join_at must be None or the name of a sparse conv, got {join_at!r}")
                 if set(config["layers"]) != set(layers):
                     raise ValueError(f"{where}: its layers do not match the network's sparse layers")
@@ -236,7 +235,7 @@ class SparseModel(nn.Module):
         call runs concurrent micro-batches, else None (every micro-batch then runs the whole network)."""
         if join_at is None or micro is None or x.shape[0] <= micro:
             return None
-        if self._micro_batch_workers(x, len(range(0, x.shape[0], micro))) < 2:
+        if self._micro_batch_workers(x, -(-x.shape[0] // micro)) < 2:  # parts: ceil(N / micro)
             return None
         entry = self._splits.get(join_at)
         if entry is None or entry[0] is not self.net:
