@@ -3,9 +3,15 @@
 // anew by the C library: its first write then faults on every 4 KiB page (four thousand faults,
 // 2-4 ms, as long as the layer's arithmetic at 99% sparsity; how often depends on the order earlier
 // blocks were freed, so a network's time also swung by 1.5-2x between runs). Blocks of at least
-// kPoolMinBytes therefore come from here: a block whose tensor dies goes back to a free list by its
-// exact size and serves the next request of that size (a network asks for the same sizes call after
-// call), at most kPoolMaxBytes kept (the oldest sizes freed first beyond that).
+// kPoolMinBytes therefore come from here: a block whose tensor dies goes back to a free list, at most
+// kPoolMaxBytes kept (the oldest freed first beyond that).
+// A request takes the most recently returned block large enough (up to kMostWaste times its size),
+// not one of its exact size: within a network pass each size is asked for again only a pass later,
+// when its blocks' lines have long left the caches, while the block a tensor gave back a layer ago
+// (the input the last layer read, perhaps larger) still has lines in L2 / L3, and an output written
+// into cold memory first reads every line for ownership. ResNet-18 at 90%, batch 64, micro-batches
+// of 16 on Zen 4, alternating processes on one plan: 45.5 -> 44.1 ms (median of five), 95% 32.9 ->
+// 31.4, VGG16 at 90% 23.9 -> 22.8 (bench/NOTES.md, session 18).
 #include "sparse_common.h"
 
 #include <cstdlib>
@@ -18,8 +24,10 @@ namespace fastprune {
 namespace sparse_cpu {
 namespace {
 
-constexpr size_t kPoolMinBytes = size_t{1} << 20;
+// (512 KiB: ResNet-18's 512 x 4 x 4 activations of 16 images; a batch-1 activation stays below it)
+constexpr size_t kPoolMinBytes = size_t{512} << 10;
 constexpr size_t kPoolMaxBytes = size_t{1} << 30;
+constexpr size_t kMostWaste = 8;  // a block serves requests down to an eighth of its size
 constexpr size_t kGranule = size_t{64} << 10;  // sizes rounded up to 64 KiB, so near sizes share blocks
 
 // A free block, with the thread that gave it back: a thread is given its own blocks first, whose lines
@@ -58,23 +66,25 @@ void give_back(void* block, size_t bytes) {
   for (const FreeBlock& f : evicted) std::free(f.block);
 }
 
-void* take(size_t bytes) {
+// A block of at least `bytes` (at most kMostWaste times as large), and its size: the most recently
+// returned such block of this thread, else of any thread, else a new one.
+std::pair<void*, size_t> take(size_t bytes) {
   Pool& p = pool();
   {
     std::lock_guard<std::mutex> lock(p.mutex);
     const std::thread::id me = std::this_thread::get_id();
     for (const bool own_only : {true, false})  // this thread's own blocks first, then any
       for (auto it = p.free_blocks.begin(); it != p.free_blocks.end(); ++it) {
-        if (it->bytes != bytes || (own_only && it->owner != me)) continue;
-        void* block = it->block;
-        p.cached -= bytes;
+        if (it->bytes < bytes || it->bytes > bytes * kMostWaste || (own_only && it->owner != me)) continue;
+        const std::pair<void*, size_t> block{it->block, it->bytes};
+        p.cached -= it->bytes;
         p.free_blocks.erase(it);
         return block;
       }
   }
   void* block = std::aligned_alloc(64, bytes);
   TORCH_CHECK(block != nullptr, "sparse_conv2d: out of memory (", bytes, " bytes)");
-  return block;
+  return {block, bytes};
 }
 
 }  // namespace
@@ -89,8 +99,9 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, at::IntArrayRef strides, const at
   const size_t nbytes = static_cast<size_t>(extent) * options.dtype().itemsize();
   if (nbytes < kPoolMinBytes) return at::empty_strided(sizes, strides, options);
   const size_t bytes = (nbytes + kGranule - 1) / kGranule * kGranule;
-  void* block = take(bytes);
-  return at::from_blob(block, sizes, strides, [bytes](void* ptr) { give_back(ptr, bytes); }, options);
+  const auto [block, block_bytes] = take(bytes);
+  return at::from_blob(block, sizes, strides, [block_bytes = block_bytes](void* ptr) { give_back(ptr, block_bytes); },
+                       options);
 }
 
 at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {

@@ -60,9 +60,9 @@ inline uint8_t* pool_index_like(const ConvArgs& a, const at::Tensor& out) {
   return a.pool_index->mutable_data_ptr<uint8_t>();
 }
 
-// An uninitialised CPU tensor of these sizes (and strides), its memory reused from tensors of the
-// same size that died (memory_pool.cpp: a large fresh allocation page-faults on its first write);
-// small ones from at::empty. release_pooled_memory frees the kept blocks, returning their bytes.
+// An uninitialised CPU tensor of these sizes (and strides), its memory reused from a tensor that
+// died, the most recent one large enough (memory_pool.cpp: a large fresh allocation page-faults on
+// its first write; a recently freed block is still in cache); small ones from at::empty. release_pooled_memory frees the kept blocks, returning their bytes.
 at::Tensor pooled_empty(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options);
 at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
 int64_t release_pooled_memory();

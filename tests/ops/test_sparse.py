@@ -533,7 +533,7 @@ def test_tiled_algorithm_refuses_unequal_strides():
 @pytest.mark.parametrize("algo,layout", [(4, "batch_innermost"), (3, "batch_innermost"), (1, "contiguous"),
                                          (2, "contiguous"), (1, "channels_last")])
 def test_large_outputs_reuse_memory_without_aliasing_live_ones(algo, layout):
-    # Outputs of 1 MiB and more come from the kernels' memory pool: a dead output's block serves the
+    # Outputs of 512 KiB and more come from the kernels' memory pool: a dead output's block serves the
     # next one of its size, a live one is never handed out again, and the layout is the usual one.
     from fastprune.ops.sparse import release_cpu_memory
     n, c, hw, oc = 16, 4, 32, 24  # outputs 16 * 24 * 32 * 32 floats: 1.5 MiB
@@ -570,7 +570,7 @@ def test_large_outputs_reuse_memory_without_aliasing_live_ones(algo, layout):
 
 @pytest.mark.skipif(not fastprune.backends.extension_info()["cpp"], reason="needs the C++ extension")
 def test_pooled_output_memory_goes_back_to_the_thread_that_freed_it():
-    # Blocks of 1 MiB and more come from a pool (csrc/sparse/memory_pool.cpp): a thread is given a block
+    # Blocks of 512 KiB and more come from a pool (csrc/sparse/memory_pool.cpp): a thread is given a block
     # it gave back itself before a more recent one of the same size from another thread (whose lines
     # the other core may hold), and another thread's when it has none of its own.
     import threading
@@ -613,5 +613,50 @@ def test_pooled_output_memory_goes_back_to_the_thread_that_freed_it():
         t.start()
         t.join()
         assert got[0] in (mine_at, theirs_at[0])
+    finally:
+        release_cpu_memory()
+
+
+@pytest.mark.skipif(not fastprune.backends.extension_info()["cpp"], reason="needs the C++ extension")
+def test_pooled_output_takes_the_most_recently_freed_block_large_enough():
+    # A pooled output takes the block given back last that holds it, up to 8 times its size (its
+    # lines are the likeliest still in cache), not only one of its own size; a smaller request than
+    # an eighth of every free block gets new memory. Values stay right in a larger block.
+    from fastprune.ops.sparse import release_cpu_memory
+
+    x = torch.randn(1, 8, 64, 64)
+    convs = {}
+    for oc in (32, 64, 128, 512):  # outputs of 0.5, 1, 2 and 8 MiB (oc x 64 x 64 floats)
+        weight = sparse_weight((oc, 8, 3, 3), 0.5, seed=oc)
+        convs[oc] = (weight, *dense_to_csr(weight))
+
+    def conv(oc):
+        _, row_ptr, col_idx, values = convs[oc]
+        return sparse_conv2d(x, row_ptr, col_idx, values, None, 8, 3, 3, 1, 1, 1, 1, algo=4)
+
+    def want(oc):
+        return F.conv2d(x.double(), convs[oc][0].double(), padding=1)
+
+    release_cpu_memory()
+    try:
+        small, large = conv(64), conv(128)
+        small_at, large_at = small.data_ptr(), large.data_ptr()
+        del small
+        del large  # the most recent: 2 MiB
+        got = conv(64)  # 1 MiB: into the 2 MiB block, not its own size's older one
+        assert got.data_ptr() == large_at
+        torch.testing.assert_close(got.double(), want(64), atol=1e-5, rtol=1e-5)
+        other = conv(64)  # the 2 MiB block is taken: the 1 MiB one
+        assert other.data_ptr() == small_at
+        torch.testing.assert_close(other.double(), want(64), atol=1e-5, rtol=1e-5)
+        del got, other
+        release_cpu_memory()
+        huge = conv(512)
+        huge_at = huge.data_ptr()
+        del huge  # 8 MiB free: sixteen times a 0.5 MiB output
+        tiny = conv(32)
+        assert tiny.data_ptr() != huge_at
+        torch.testing.assert_close(tiny.double(), want(32), atol=1e-5, rtol=1e-5)
+        assert conv(64).data_ptr() == huge_at  # eight times: taken
     finally:
         release_cpu_memory()
