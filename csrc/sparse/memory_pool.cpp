@@ -99,8 +99,8 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, at::IntArrayRef strides, const at
   const size_t nbytes = static_cast<size_t>(extent) * options.dtype().itemsize();
   if (nbytes < kPoolMinBytes) return at::empty_strided(sizes, strides, options);
   const size_t bytes = (nbytes + kGranule - 1) / kGranule * kGranule;
-  const auto [block, block_bytes] = take(bytes);
-  return at::from_blob(block, sizes, strides, [block_bytes = block_bytes](void* ptr) { give_back(ptr, block_bytes); },
+  const std::pair<void*, size_t> block = take(bytes);  // (memory, its size: perhaps more than asked)
+  return at::from_blob(block.first, sizes, strides, [held = block.second](void* ptr) { give_back(ptr, held); },
                        options);
 }
 

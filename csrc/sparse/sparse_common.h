@@ -62,7 +62,8 @@ inline uint8_t* pool_index_like(const ConvArgs& a, const at::Tensor& out) {
 
 // An uninitialised CPU tensor of these sizes (and strides), its memory reused from a tensor that
 // died, the most recent one large enough (memory_pool.cpp: a large fresh allocation page-faults on
-// its first write; a recently freed block is still in cache); small ones from at::empty. release_pooled_memory frees the kept blocks, returning their bytes.
+// its first write; a recently freed block is still in cache); small ones from at::empty.
+// release_pooled_memory frees the kept blocks, returning their bytes.
 at::Tensor pooled_empty(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options);
 at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
 int64_t release_pooled_memory();
