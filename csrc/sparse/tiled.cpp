@@ -277,10 +277,12 @@ constexpr int64_t kSumsFloats = 16 * 1024;
 // otherwise image by image, row by row (a gather across images touches a page per value).
 // One image (batch 1), rows [i0, i1) of every phase grid, every channel: the layout stage_blocks writes
 // with batch blocks of 1 (phase (pa, pb) of channel ci at ((pa * S + pb) * c + ci) * plane, plane = gh *
-// gw), phases no tap reads left alone. Rows and columns are walked with the stride, no division per
-// element (the per-element path of stage_blocks took 45% of a 1x1 stride-2 layer at batch 1).
+// gw), phases no tap reads left alone; rows from i_read_end on are zeros, as outside the image. Rows
+// and columns are walked with the stride, no division per element (the per-element path of
+// stage_blocks took 45% of a 1x1 stride-2 layer at batch 1).
 static void stage_image_rows(const at::Tensor& x, int64_t S, int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w,
-                             int64_t gh, int64_t gw, int64_t i0, int64_t i1, float* __restrict__ staged) {
+                             int64_t gh, int64_t gw, int64_t i0, int64_t i1, int64_t i_read_end,
+                             float* __restrict__ staged) {
   const int64_t c = x.size(1), h = x.size(2), w = x.size(3), plane = gh * gw;
   const float* src = x.const_data_ptr<float>();
   const int64_t sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
@@ -295,7 +297,7 @@ static void stage_image_rows(const at::Tensor& x, int64_t S, int64_t kh, int64_t
         for (int64_t i = i0; i < i1; ++i) {
           float* row = p + i * gw;
           const int64_t y = i * S + pa - pad_h;
-          if (y < 0 || y >= h) {
+          if (y < 0 || y >= h || i >= i_read_end) {
             std::fill_n(row, gw, 0.f);
             continue;
           }
@@ -716,12 +718,15 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
   // written: on this VM, whose vCPUs pass cache lines slowly, 38 us a thread to stage 150 KB that one
   // thread alone stages in 4. The rows near a boundary are staged by both threads (a halo of kh - 1).
   const int64_t parts = split.parts();
-  // Stages, into `own`, the grid rows that output rows [r0, r1) read: to past their window (a merged
-  // tile's last vector reads up to a vector past its rows: lanes whose sums are never stored, but
-  // staged all the same).
+  // Stages, into `own`, the grid rows that output rows [r0, r1) read, and zeros past them to the end
+  // of the kernels' reach (a merged tile's last vector reads up to a vector past its rows: lanes whose
+  // sums are never stored). Zeros, not the image's next rows: those rows are the other thread's band,
+  // and reading them moved cache lines between the cores for nothing (ResNet-18 at 95%, batch 1,
+  // Zen 4, 2 threads: 1260 -> 1250 and 1268 -> 1264 us, 1860 -> 1828 while the two vCPUs sat on
+  // different CCDs; bench/NOTES.md, session 19).
   auto stage_rows_for = [&](int64_t r0, int64_t r1, float* own) {
     stage_image_rows(x, S, kh, kw, a.pad_h, a.pad_w, gh, gw, r0, std::min(gh, r1 + (kh - 1) / S + 1 + cdiv(isa.lanes, gw)),
-                     own);
+                     r1 + (kh - 1) / S, own);
     std::fill_n(own + S * S * c * plane, tail, 0.f);
   };
   // Where every thread gets a row of output (pooled rows: a pair), the threads split the map into bands
