@@ -129,8 +129,8 @@ def test_fast_adaptive_avg_pooling_equals_pytorch():
 
     for size in (2, (2, 3), 1):
         pool = FastAdaptiveAvgPool2d.from_module(nn.AdaptiveAvgPool2d(size))
-        # broadcast, multiples, other, global pooling of 16 images
-        for shape in [(2, 3, 1, 1), (2, 3, 8, 6), (1, 4, 7, 9), (2, 2, 4, 12), (16, 5, 4, 4)]:
+        # broadcast, multiples, other, global pooling of 16 images and of one
+        for shape in [(2, 3, 1, 1), (2, 3, 8, 6), (1, 4, 7, 9), (2, 2, 4, 12), (16, 5, 4, 4), (1, 6, 4, 4)]:
             x = torch.randn(shape)
             for xin in (x, x.contiguous(memory_format=torch.channels_last), to_batch_innermost(x), padded_planes(x)):
                 torch.testing.assert_close(pool(xin), F.adaptive_avg_pool2d(x, size), atol=1e-6, rtol=1e-6)

@@ -91,7 +91,9 @@ class FastAdaptiveAvgPool2d(_AdaptivePool):
                 n, c = x.shape[:2]
                 out = torch.empty_strided((n, c, oh, ow), (1, oh * ow * n, ow * n, n), dtype=x.dtype, device=x.device)
                 return out.copy_(x.expand(-1, -1, oh, ow))
-            if (oh, ow) == (1, 1) and _planes_batch_innermost(x):  # global average pooling
+            # Global average pooling; of one image, avg_pool2d below (ResNet-18's 512 x 4 x 4, Zen 4:
+            # 5.6 us against 14.9 for the sum's four ops).
+            if (oh, ow) == (1, 1) and x.shape[0] > 1 and _planes_batch_innermost(x):
                 return x.permute(1, 2, 3, 0).flatten(1, 2).mean(1).t()[:, :, None, None]
             if h % oh == 0 and w % ow == 0:
                 return torch.nn.functional.avg_pool2d(x, (h // oh, w // ow))
