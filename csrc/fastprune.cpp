@@ -6,7 +6,11 @@
 // call these for the cpp and cuda backends.
 #include <Python.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
+
+#include <optional>
 
 #include <vector>
 #ifdef _OPENMP
@@ -17,6 +21,10 @@ namespace fastprune {
 namespace sparse_cpu {
 int64_t release_pooled_memory();  // csrc/sparse/memory_pool.cpp
 bool generated_supported();       // csrc/sparse/generated.cpp
+at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,  // conv.cpp
+                             const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t kh, int64_t kw,
+                             int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t algo,
+                             int64_t epilogue, const std::optional<at::Tensor>& residual);
 }  // namespace sparse_cpu
 }  // namespace fastprune
 
@@ -146,7 +154,75 @@ PyObject* run_team(PyObject*, PyObject* arg) {
   return out;
 }
 
+// fastprune._C.sparse_conv2d_cpu(x, row_ptr, col_idx, values, bias, kh, kw, stride_h, stride_w, pad_h,
+// pad_w, algo, epilogue, residual=None) -> Tensor: the CPU kernel of fastprune::sparse_conv2d_ext (the same
+// function, the same checks and output) called without the dispatcher, for inference on CPU tensors
+// (SparseModel's inference path; no autograd: the output records no graph). At batch 1 a layer's
+// kernel is tens of microseconds, and the op call's argument conversion and dispatch cost about 2 us
+// of it (Zen 4). bias and residual may be None; the GIL is released while the kernel runs, as the op
+// call does (micro-batches run Python on the other threads meanwhile).
+const at::Tensor* tensor_arg(PyObject* obj, const char* name) {
+  if (!THPVariable_Check(obj)) {
+    PyErr_Format(PyExc_TypeError, "sparse_conv2d_cpu: %s must be a Tensor, got %s", name, Py_TYPE(obj)->tp_name);
+    return nullptr;
+  }
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  if (!t.device().is_cpu()) {
+    PyErr_Format(PyExc_ValueError, "sparse_conv2d_cpu: %s must be a CPU tensor", name);
+    return nullptr;
+  }
+  return &t;
+}
+
+PyObject* sparse_conv2d_cpu_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 13 && nargs != 14) {
+    PyErr_Format(PyExc_TypeError, "sparse_conv2d_cpu: expected 13 or 14 arguments, got %zd", nargs);
+    return nullptr;
+  }
+  static const char* const tensor_names[] = {"x", "row_ptr", "col_idx", "values"};
+  const at::Tensor* tensors[4];
+  for (int i = 0; i < 4; ++i)
+    if ((tensors[i] = tensor_arg(args[i], tensor_names[i])) == nullptr) return nullptr;
+  std::optional<at::Tensor> bias, residual;
+  if (args[4] != Py_None) {
+    const at::Tensor* b = tensor_arg(args[4], "bias");
+    if (b == nullptr) return nullptr;
+    bias = *b;
+  }
+  if (nargs == 14 && args[13] != Py_None) {
+    const at::Tensor* r = tensor_arg(args[13], "residual");
+    if (r == nullptr) return nullptr;
+    residual = *r;
+  }
+  int64_t ints[8];  // kh, kw, stride_h, stride_w, pad_h, pad_w, algo, epilogue
+  for (int i = 0; i < 8; ++i) {
+    PyObject* arg = args[5 + i];
+    if (!PyLong_Check(arg)) {
+      PyErr_Format(PyExc_TypeError, "sparse_conv2d_cpu: argument %d must be an int, got %s", 5 + i,
+                   Py_TYPE(arg)->tp_name);
+      return nullptr;
+    }
+    ints[i] = PyLong_AsLongLong(arg);
+    if (ints[i] == -1 && PyErr_Occurred()) return nullptr;
+  }
+  at::Tensor out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    out = fastprune::sparse_cpu::sparse_conv2d_cpu(*tensors[0], *tensors[1], *tensors[2], *tensors[3], bias, ints[0],
+                                                   ints[1], ints[2], ints[3], ints[4], ints[5], ints[6], ints[7],
+                                                   residual);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
+    {"sparse_conv2d_cpu", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sparse_conv2d_cpu_call)),
+     METH_FASTCALL,
+     "sparse_conv2d_cpu(x, row_ptr, col_idx, values, bias, kh, kw, stride_h, stride_w, pad_h, pad_w, algo, "
+     "epilogue, residual=None) -> Tensor: fastprune::sparse_conv2d_ext's CPU kernel without the dispatcher "
+     "(inference: no autograd)"},
     {"run_team", run_team, METH_O,
      "run_team(callables) -> list: callables[i]() on thread i of one OpenMP team, each thread's own "
      "parallel regions on it alone; their results in order"},
@@ -155,7 +231,7 @@ PyMethodDef methods[] = {
 }  // namespace
 
 // `import fastprune._C` loads the library (its static initialisers register the ops); the module
-// holds one Python function of its own, run_team.
+// holds two Python functions of its own, run_team and sparse_conv2d_cpu.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);

@@ -103,14 +103,6 @@ at::Tensor run_conv(const at::Tensor& x, const at::Tensor& row_ptr, const at::Te
   return out;
 }
 
-at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                             const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t kh, int64_t kw,
-                             int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t algo,
-                             int64_t epilogue, const std::optional<at::Tensor>& residual) {
-  return run_conv(x, row_ptr, col_idx, values, bias, kh, kw, stride_h, stride_w, pad_h, pad_w, algo, epilogue,
-                  residual, nullptr);
-}
-
 // ReLU then 2x2 max pooling fused, with the pooling's window positions for the backward pass.
 std::tuple<at::Tensor, at::Tensor> sparse_conv2d_pool_cpu(const at::Tensor& x, const at::Tensor& row_ptr,
                                                           const at::Tensor& col_idx, const at::Tensor& values,
@@ -124,6 +116,16 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_pool_cpu(const at::Tensor& x, c
 }
 
 }  // namespace
+
+// The op's CPU kernel; also called without the dispatcher by fastprune._C.sparse_conv2d_cpu (fastprune.cpp).
+at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                             const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t kh, int64_t kw,
+                             int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t algo,
+                             int64_t epilogue, const std::optional<at::Tensor>& residual) {
+  return run_conv(x, row_ptr, col_idx, values, bias, kh, kw, stride_h, stride_w, pad_h, pad_w, algo, epilogue,
+                  residual, nullptr);
+}
+
 }  // namespace sparse_cpu
 
 TORCH_LIBRARY_IMPL(fastprune, CPU, m) {

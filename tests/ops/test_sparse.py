@@ -530,6 +530,46 @@ def test_tiled_algorithm_refuses_unequal_strides():
 
 
 @pytest.mark.skipif(not fastprune.backends.extension_info()["cpp"], reason="needs the C++ extension")
+def test_the_cpu_kernel_called_without_the_dispatcher_equals_the_op_and_checks_its_arguments():
+    # fastprune._C.sparse_conv2d_cpu (SparseModel's inference path) runs the op's own CPU kernel:
+    # the same output, strides included, for every algorithm and fused epilogue, with and without a
+    # bias, the residual passed or left out; bad arguments raise, naming the argument.
+    import fastprune._C as native
+    direct = native.sparse_conv2d_cpu
+    ext = torch.ops.fastprune.sparse_conv2d_ext
+    gen = torch.Generator().manual_seed(11)
+    weight = sparse_weight((10, 6, 3, 3), 0.7, seed=5)
+    row_ptr, col_idx, values = dense_to_csr(weight)
+    bias = torch.randn(10, generator=gen)
+    for n, algo in [(1, 4), (3, 4), (2, 3), (2, 1), (2, 2), (1, 0)]:
+        x = torch.randn(n, 6, 9, 9, generator=gen)
+        x = to_batch_innermost(x) if algo in (3, 4) else x
+        conv = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+        residual = torch.randn(conv.shape, generator=gen)
+        for epilogue in ([0, 1, 3] if algo in (3, 4) else [0, 1]):
+            res = residual if epilogue == 3 else None
+            for b in (bias, None):
+                args = (x, row_ptr, col_idx, values, b, 3, 3, 1, 1, 1, 1, algo, epilogue)
+                got, want = (direct(*args, res), ext(*args, res)) if res is not None else (direct(*args), ext(*args))
+                assert got.stride() == want.stride(), (n, algo, epilogue)
+                torch.testing.assert_close(got, want, atol=0, rtol=0)
+            ref = {0: conv, 1: F.relu(conv), 3: F.relu(conv + residual.double())}[epilogue]
+            torch.testing.assert_close(direct(x, row_ptr, col_idx, values, bias, 3, 3, 1, 1, 1, 1, algo, epilogue, res)
+                                       .double(), ref, atol=1e-5, rtol=1e-5)
+    x = torch.randn(1, 6, 9, 9)
+    with pytest.raises(TypeError, match="values must be a Tensor"):
+        direct(x, row_ptr, col_idx, values.tolist(), None, 3, 3, 1, 1, 1, 1, 4, 1)
+    with pytest.raises(TypeError, match="argument 7 must be an int"):
+        direct(x, row_ptr, col_idx, values, None, 3, 3, 1.0, 1, 1, 1, 4, 1)
+    with pytest.raises(TypeError, match="13 or 14 arguments"):
+        direct(x, row_ptr, col_idx, values)
+    with pytest.raises(RuntimeError, match="algo must be"):
+        direct(x, row_ptr, col_idx, values, None, 3, 3, 1, 1, 1, 1, 9, 1)
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        direct(x.double(), row_ptr, col_idx, values, None, 3, 3, 1, 1, 1, 1, 4, 1)
+
+
+@pytest.mark.skipif(not fastprune.backends.extension_info()["cpp"], reason="needs the C++ extension")
 @pytest.mark.parametrize("algo,layout", [(4, "batch_innermost"), (3, "batch_innermost"), (1, "contiguous"),
                                          (2, "contiguous"), (1, "channels_last")])
 def test_large_outputs_reuse_memory_without_aliasing_live_ones(algo, layout):

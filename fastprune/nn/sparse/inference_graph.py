@@ -18,7 +18,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ...ops.sparse import _GENERATED_PADDED_PLANES, ALGORITHMS, EPILOGUES
+from ...ops.sparse import _GENERATED_PADDED_PLANES, ALGORITHMS, EPILOGUES, direct_cpu_conv
 from .layers import SparseConv2d
 
 # The choices whose kernels return a batch-innermost output by construction and fuse every epilogue
@@ -31,14 +31,17 @@ _DIRECT_EPILOGUES = (EPILOGUES["none"], EPILOGUES["relu"], EPILOGUES["add_relu"]
 
 def _kernel_call(layer: SparseConv2d, algo: int):
     """fn(x, residual=None): the layer's C++ kernel on x, its CSR tensors read at each call (weights
-    loaded or edited in place later are used)."""
+    loaded or edited in place later are used); called without the dispatcher (the graph runs only
+    without autograd), but through the op while torch.compile traces."""
     ext = torch.ops.fastprune.sparse_conv2d_ext
+    direct = direct_cpu_conv()
     geometry = (*layer.kernel_size, *layer.stride, *layer.padding)
     epilogue = layer.epilogue
 
     def sparse_conv_kernel(x, residual=None):
         row_ptr, col_idx, values, bias = layer._csr()
-        return ext(x, row_ptr, col_idx, values, bias, *geometry, algo, epilogue, residual)
+        kernel = ext if torch.compiler.is_compiling() else direct
+        return kernel(x, row_ptr, col_idx, values, bias, *geometry, algo, epilogue, residual)
 
     return sparse_conv_kernel
 
