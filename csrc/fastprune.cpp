@@ -11,7 +11,6 @@
 #include <torch/library.h>
 
 #include <optional>
-
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -155,8 +154,8 @@ PyObject* run_team(PyObject*, PyObject* arg) {
 }
 
 // fastprune._C.sparse_conv2d_cpu(x, row_ptr, col_idx, values, bias, kh, kw, stride_h, stride_w, pad_h,
-// pad_w, algo, epilogue, residual=None) -> Tensor: the CPU kernel of fastprune::sparse_conv2d_ext (the same
-// function, the same checks and output) called without the dispatcher, for inference on CPU tensors
+// pad_w, algo, epilogue, residual=None) -> Tensor: the CPU kernel of fastprune::sparse_conv2d_ext (the
+// same function, the same checks and output) called without the dispatcher, for inference on CPU tensors
 // (SparseModel's inference path; no autograd: the output records no graph). At batch 1 a layer's
 // kernel is tens of microseconds, and the op call's argument conversion and dispatch cost about 2 us
 // of it (Zen 4). bias and residual may be None; the GIL is released while the kernel runs, as the op

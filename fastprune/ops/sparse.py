@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import weakref
 from typing import Optional
 
@@ -201,11 +202,12 @@ def _conv_gpu(backend, x, row_ptr, col_idx, values, bias, in_channels, geometry,
     return y, EPILOGUES["relu"] if relu else EPILOGUES["none"]
 
 
+@functools.lru_cache(maxsize=None)
 def direct_cpu_conv():
     """fastprune._C.sparse_conv2d_cpu: the CPU kernel of ``fastprune::sparse_conv2d_ext`` (same
     arguments, same output) called without the dispatcher, 2 us a call less (Zen 4), for inference
     only (its output records no autograd graph; torch.compile cannot trace it). The op where the
-    extension predates it."""
+    extension predates it. Looked up once: the layers' inference path asks at every call."""
     import fastprune._C as native  # (loaded by the caller's backend choice already)
 
     return getattr(native, "sparse_conv2d_cpu", None) or torch.ops.fastprune.sparse_conv2d_ext
