@@ -51,8 +51,9 @@
 // Work: (the call's batch blocks, band of output rows, group) items in one contiguous range per thread;
 // a thread's items of one (blocks, band) run chunk by chunk, each chunk over all their groups, row by
 // row (a chunk's input window stays in L1/L2 while every group's code runs over the band's slots; a
-// band is about 16 slots, a group's partial sums over it 24 KB). The next kernel's code is prefetched
-// while one runs: instruction fetch otherwise stalls on each of its lines. With several blocks over
+// band is about 16 slots, a group's partial sums over it 24 KB). The next kernel's code and weights are
+// prefetched while one runs (NextKernelPrefetch): instruction fetch otherwise stalls on each of its
+// lines. With several blocks over
 // several threads, each thread stages its own blocks into its own memory.
 #include <map>
 #include <memory>
@@ -96,8 +97,9 @@ constexpr int64_t kProgramCacheBytes = int64_t{512} << 20;  // code and weights 
 using Kernel = void (*)(const float*, float*, const float*, const float*, const float*, float*, int64_t, uint64_t,
                         int64_t, int64_t);
 
-// One layer's generated code for one geometry: kernel (g, ch) at code->at(entry[g * chunks + ch])
-// with its weights from weights[weight_at[g * chunks + ch]].
+// One layer's generated code for one geometry: kernel k = g * chunks + ch (group g, chunk ch) at
+// code->at(entry[k]) up to entry[k + 1], with its weights from weights[weight_at[k]] up to
+// weight_at[k + 1] (each vector holds one entry past the last kernel).
 struct Program {
   std::unique_ptr<x86::ExecutableCode> code;
   int64_t groups = 0, chunks = 0, bytes = 0;
@@ -107,6 +109,38 @@ struct Program {
   Kernel kernel(int64_t g, int64_t ch) const {
     return reinterpret_cast<Kernel>(const_cast<uint8_t*>(code->at(entry[g * chunks + ch])));
   }
+};
+
+// The next kernel's code and weights brought into L2 while the current one runs, a share before each
+// of its calls: both come from memory in the network (a layer's code and weights pass through the
+// caches once a micro-batch, behind every other layer's), and instruction fetch stalls on them. All
+// lines at once before the first call filled the core's miss buffers with the code's 100-odd lines
+// for a while, stalling the kernel's own input loads behind them; spread over the calls, with the
+// weights too (in network order the next kernel's weights lie elsewhere: the hardware prefetcher does
+// not follow), a ResNet-18 512 -> 512 4 x 4 layer whose code and weights come from memory ran 1.15 ms
+// against 1.32, 1.07 with them in cache (bench/NOTES.md, session 20).
+class NextKernelPrefetch {
+ public:
+  // Kernel k's lines, spread over `calls` calls of the current one.
+  void start(const Program& prog, int64_t k, int64_t calls) {
+    code_ = reinterpret_cast<const char*>(prog.code->at(prog.entry[k]));
+    code_end_ = reinterpret_cast<const char*>(prog.code->at(prog.entry[k + 1]));
+    weights_ = reinterpret_cast<const char*>(prog.weights.data() + prog.weight_at[k]);
+    weights_end_ = reinterpret_cast<const char*>(prog.weights.data() + prog.weight_at[k + 1]);
+    code_lines_ = ((code_end_ - code_) / 64 + calls) / calls;
+    weight_lines_ = ((weights_end_ - weights_) / 64 + calls) / calls;
+  }
+  void stop() { code_ = code_end_, weights_ = weights_end_; }
+  // Before a call: the next share.
+  void some() {
+    for (int64_t i = 0; i < code_lines_ && code_ < code_end_; ++i, code_ += 64) __builtin_prefetch(code_, 0, 2);
+    for (int64_t i = 0; i < weight_lines_ && weights_ < weights_end_; ++i, weights_ += 64)
+      __builtin_prefetch(weights_, 0, 2);
+  }
+
+ private:
+  const char *code_ = nullptr, *code_end_ = nullptr, *weights_ = nullptr, *weights_end_ = nullptr;
+  int64_t code_lines_ = 0, weight_lines_ = 0;
 };
 
 // Consecutive output positions of a row whose taps reach the input alike: one call of a kernel.
@@ -246,6 +280,7 @@ std::shared_ptr<const Program> generate(const ConvArgs& a, const Geometry& geo) 
     }
   }
   prog->entry.push_back(e.code.size());  // the end of the last kernel
+  prog->weight_at.push_back(static_cast<int64_t>(prog->weights.size()));
   prog->code = std::make_unique<x86::ExecutableCode>(e.code);
   if (!prog->code->ok()) return nullptr;
   prog->bytes = static_cast<int64_t>(e.code.size() + prog->weights.size() * sizeof(float));
@@ -473,17 +508,17 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
       const int64_t g1 = std::min(prog->groups, g0 + (end - item));
       const int64_t y0 = band * band_rows, y1 = std::min(rows, y0 + band_rows);
       const float* in_block = direct ? x_data + bb * nb : staged + (bb - block0) * block_len;
+      int64_t calls = 0;  // a kernel's calls over the band
+      for (const ColumnRun& run : runs) calls += bpc > 1 ? run.count : 1;
+      calls *= y1 - y0;
+      NextKernelPrefetch prefetch;
       for (int64_t ch = 0; ch < prog->chunks; ++ch)
         for (int64_t g = g0; g < g1; ++g) {
           const Kernel kernel = prog->kernel(g, ch);
-          {  // the next kernel's code into L2 while this one runs (instruction fetch stalls on L3)
-            const int64_t next = g + 1 < g1 ? (g + 1) * prog->chunks + ch : g0 * prog->chunks + ch + 1;
-            if (next + 1 < static_cast<int64_t>(prog->entry.size())) {
-              const char* c0 = reinterpret_cast<const char*>(prog->code->at(prog->entry[next]));
-              const char* c1 = reinterpret_cast<const char*>(prog->code->at(prog->entry[next + 1]));
-              for (const char* p = c0; p < c1; p += 64) __builtin_prefetch(p, 0, 2);
-            }
-          }
+          if (g + 1 < g1 || ch + 1 < prog->chunks)  // the kernel after this one in this loop
+            prefetch.start(*prog, g + 1 < g1 ? (g + 1) * prog->chunks + ch : g0 * prog->chunks + ch + 1, calls);
+          else
+            prefetch.stop();
           const int64_t oc0 = g * kGroup;
           const float* bias = a.bias ? a.bias + oc0 : nullptr;
           const float* weights = prog->weights.data() + prog->weight_at[g * prog->chunks + ch];
@@ -496,6 +531,7 @@ at::Tensor conv_generated(const at::Tensor& x, const ConvArgs& a, const std::opt
               for (int64_t x0 = run.x0; x0 < run.x0 + run.count; x0 += bpc > 1 ? 1 : run.count) {
                 const int64_t at = (y * wo + x0) * code_n;
                 const float* window = direct ? in_block + y * S * sh + x0 * S * sw : in_block + y * gw * nb + x0 * nb;
+                prefetch.some();
                 kernel(window, group_partial + ((y - y0) * wo + x0) * bpc * kGroup * kLanes, weights,
                        rsp ? rsp + oc0 * ocs + bb * nb + (y * wo + x0) * n : nullptr, bias, group_out + at,
                        bpc > 1 ? bpc : run.count, row_mask[y] & run.mask, in_step, out_step);
