@@ -24,6 +24,8 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& row_ptr, con
                              const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t kh, int64_t kw,
                              int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t algo,
                              int64_t epilogue, const std::optional<at::Tensor>& residual);
+at::Tensor pooled_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,  // linear.cpp
+                             const at::Tensor& values, const std::optional<at::Tensor>& bias);
 }  // namespace sparse_cpu
 }  // namespace fastprune
 
@@ -160,17 +162,26 @@ PyObject* run_team(PyObject*, PyObject* arg) {
 // kernel is tens of microseconds, and the op call's argument conversion and dispatch cost about 2 us
 // of it (Zen 4). bias and residual may be None; the GIL is released while the kernel runs, as the op
 // call does (micro-batches run Python on the other threads meanwhile).
-const at::Tensor* tensor_arg(PyObject* obj, const char* name) {
+const at::Tensor* tensor_arg(PyObject* obj, const char* function, const char* name) {
   if (!THPVariable_Check(obj)) {
-    PyErr_Format(PyExc_TypeError, "sparse_conv2d_cpu: %s must be a Tensor, got %s", name, Py_TYPE(obj)->tp_name);
+    PyErr_Format(PyExc_TypeError, "%s: %s must be a Tensor, got %s", function, name, Py_TYPE(obj)->tp_name);
     return nullptr;
   }
   const at::Tensor& t = THPVariable_Unpack(obj);
   if (!t.device().is_cpu()) {
-    PyErr_Format(PyExc_ValueError, "sparse_conv2d_cpu: %s must be a CPU tensor", name);
+    PyErr_Format(PyExc_ValueError, "%s: %s must be a CPU tensor", function, name);
     return nullptr;
   }
   return &t;
+}
+
+// An optional tensor argument: None, or a CPU tensor (false on a Python error, set).
+bool optional_tensor_arg(PyObject* obj, const char* function, const char* name, std::optional<at::Tensor>& out) {
+  if (obj == Py_None) return true;
+  const at::Tensor* t = tensor_arg(obj, function, name);
+  if (t == nullptr) return false;
+  out = *t;
+  return true;
 }
 
 PyObject* sparse_conv2d_cpu_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -182,18 +193,11 @@ PyObject* sparse_conv2d_cpu_call(PyObject*, PyObject* const* args, Py_ssize_t na
   static const char* const tensor_names[] = {"x", "row_ptr", "col_idx", "values"};
   const at::Tensor* tensors[4];
   for (int i = 0; i < 4; ++i)
-    if ((tensors[i] = tensor_arg(args[i], tensor_names[i])) == nullptr) return nullptr;
+    if ((tensors[i] = tensor_arg(args[i], "sparse_conv2d_cpu", tensor_names[i])) == nullptr) return nullptr;
   std::optional<at::Tensor> bias, residual;
-  if (args[4] != Py_None) {
-    const at::Tensor* b = tensor_arg(args[4], "bias");
-    if (b == nullptr) return nullptr;
-    bias = *b;
-  }
-  if (nargs == 14 && args[13] != Py_None) {
-    const at::Tensor* r = tensor_arg(args[13], "residual");
-    if (r == nullptr) return nullptr;
-    residual = *r;
-  }
+  if (!optional_tensor_arg(args[4], "sparse_conv2d_cpu", "bias", bias) ||
+      (nargs == 14 && !optional_tensor_arg(args[13], "sparse_conv2d_cpu", "residual", residual)))
+    return nullptr;
   int64_t ints[8];  // kh, kw, stride_h, stride_w, pad_h, pad_w, algo, epilogue
   for (int i = 0; i < 8; ++i) {
     PyObject* arg = args[5 + i];
@@ -216,12 +220,40 @@ PyObject* sparse_conv2d_cpu_call(PyObject*, PyObject* const* args, Py_ssize_t na
   END_HANDLE_TH_ERRORS
 }
 
+// fastprune._C.pooled_linear_cpu(x, row_ptr, col_idx, values, bias) -> Tensor: global average pooling,
+// flatten and a CSR linear in one call (linear.cpp) on x (N, C, H, W) with batch-innermost channel
+// planes: a classifier head in the inference graph (fastprune/nn/sparse/inference_graph.py).
+PyObject* pooled_linear_cpu_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 5) {
+    PyErr_Format(PyExc_TypeError, "pooled_linear_cpu: expected 5 arguments, got %zd", nargs);
+    return nullptr;
+  }
+  static const char* const tensor_names[] = {"x", "row_ptr", "col_idx", "values"};
+  const at::Tensor* tensors[4];
+  for (int i = 0; i < 4; ++i)
+    if ((tensors[i] = tensor_arg(args[i], "pooled_linear_cpu", tensor_names[i])) == nullptr) return nullptr;
+  std::optional<at::Tensor> bias;
+  if (!optional_tensor_arg(args[4], "pooled_linear_cpu", "bias", bias)) return nullptr;
+  at::Tensor out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    out = fastprune::sparse_cpu::pooled_linear_cpu(*tensors[0], *tensors[1], *tensors[2], *tensors[3], bias);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"sparse_conv2d_cpu", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sparse_conv2d_cpu_call)),
      METH_FASTCALL,
      "sparse_conv2d_cpu(x, row_ptr, col_idx, values, bias, kh, kw, stride_h, stride_w, pad_h, pad_w, algo, "
      "epilogue, residual=None) -> Tensor: fastprune::sparse_conv2d_ext's CPU kernel without the dispatcher "
      "(inference: no autograd)"},
+    {"pooled_linear_cpu", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(pooled_linear_cpu_call)),
+     METH_FASTCALL,
+     "pooled_linear_cpu(x, row_ptr, col_idx, values, bias) -> Tensor: global average pooling, flatten and a CSR "
+     "linear of x (N, C, H, W) whose channel planes are (H, W, N) contiguous (inference: no autograd)"},
     {"run_team", run_team, METH_O,
      "run_team(callables) -> list: callables[i]() on thread i of one OpenMP team, each thread's own "
      "parallel regions on it alone; their results in order"},
@@ -230,7 +262,7 @@ PyMethodDef methods[] = {
 }  // namespace
 
 // `import fastprune._C` loads the library (its static initialisers register the ops); the module
-// holds two Python functions of its own, run_team and sparse_conv2d_cpu.
+// holds three Python functions of its own: run_team, sparse_conv2d_cpu and pooled_linear_cpu.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);

@@ -570,6 +570,44 @@ def test_the_cpu_kernel_called_without_the_dispatcher_equals_the_op_and_checks_i
 
 
 @pytest.mark.skipif(not fastprune.backends.extension_info()["cpp"], reason="needs the C++ extension")
+def test_pooled_linear_equals_pooling_flatten_and_linear_in_float64_and_checks_its_arguments():
+    # fastprune._C.pooled_linear_cpu (a classifier head in the inference graph): global average pooling,
+    # flatten and a CSR linear of x whose channel planes are (H, W, N) contiguous, planes any distance
+    # apart; against the same maths in float64 on fresh inputs, for several batches, maps and biases.
+    import fastprune._C as native
+
+    gen = torch.Generator().manual_seed(17)
+    for n, c, hw, out, pad in [(16, 40, 4, 10, 16), (1, 12, 3, 7, 0), (5, 9, 1, 3, 3), (32, 300, 2, 33, 16)]:
+        x_nchw = torch.randn(n, c, hw, hw, generator=gen)
+        planes = torch.zeros(c, hw * hw * n + pad)  # each channel one (H, W, N) plane, `pad` floats apart
+        planes[:, :hw * hw * n] = x_nchw.permute(1, 2, 3, 0).reshape(c, -1)
+        x = planes.as_strided((n, c, hw, hw), (1, hw * hw * n + pad, hw * n, n))
+        assert torch.equal(x, x_nchw)
+        weight = sparse_weight((out, c), 0.8, seed=n + c)
+        row_ptr, col_idx, values = dense_to_csr(weight)
+        for bias in (torch.randn(out, generator=gen), None):
+            got = native.pooled_linear_cpu(x, row_ptr, col_idx, values, bias)
+            want = F.linear(x_nchw.double().mean((2, 3)), weight.double(), None if bias is None else bias.double())
+            assert got.shape == (n, out) and got.is_contiguous()
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    x = torch.randn(4, 6, 2, 2)
+    row_ptr, col_idx, values = dense_to_csr(sparse_weight((3, 6), 0.5, seed=1))
+    with pytest.raises(RuntimeError, match="contiguous \\(H, W, N\\) plane"):
+        native.pooled_linear_cpu(x, row_ptr, col_idx, values, None)  # NCHW: the batch is outermost
+    xb = to_batch_innermost(x)
+    with pytest.raises(RuntimeError, match="col_idx holds 6"):
+        native.pooled_linear_cpu(xb, row_ptr, torch.full_like(col_idx, 6), values, None)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        native.pooled_linear_cpu(xb, row_ptr, col_idx, values, torch.zeros(4))
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        native.pooled_linear_cpu(xb.double(), row_ptr, col_idx, values, None)
+    with pytest.raises(TypeError, match="bias must be a Tensor"):
+        native.pooled_linear_cpu(xb, row_ptr, col_idx, values, 1.0)
+    with pytest.raises(TypeError, match="expected 5 arguments"):
+        native.pooled_linear_cpu(xb, row_ptr, col_idx, values)
+
+
+@pytest.mark.skipif(not fastprune.backends.extension_info()["cpp"], reason="needs the C++ extension")
 @pytest.mark.parametrize("algo,layout", [(4, "batch_innermost"), (3, "batch_innermost"), (1, "contiguous"),
                                          (2, "contiguous"), (1, "channels_last")])
 def test_large_outputs_reuse_memory_without_aliasing_live_ones(algo, layout):
