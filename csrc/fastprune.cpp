@@ -175,6 +175,14 @@ const at::Tensor* tensor_arg(PyObject* obj, const char* function, const char* na
   return &t;
 }
 
+// The first `count` arguments as CPU tensors named `names` (false on a Python error, set).
+bool tensor_args(PyObject* const* args, int count, const char* function, const char* const* names,
+                 const at::Tensor** out) {
+  for (int i = 0; i < count; ++i)
+    if ((out[i] = tensor_arg(args[i], function, names[i])) == nullptr) return false;
+  return true;
+}
+
 // An optional tensor argument: None, or a CPU tensor (false on a Python error, set).
 bool optional_tensor_arg(PyObject* obj, const char* function, const char* name, std::optional<at::Tensor>& out) {
   if (obj == Py_None) return true;
@@ -192,8 +200,7 @@ PyObject* sparse_conv2d_cpu_call(PyObject*, PyObject* const* args, Py_ssize_t na
   }
   static const char* const tensor_names[] = {"x", "row_ptr", "col_idx", "values"};
   const at::Tensor* tensors[4];
-  for (int i = 0; i < 4; ++i)
-    if ((tensors[i] = tensor_arg(args[i], "sparse_conv2d_cpu", tensor_names[i])) == nullptr) return nullptr;
+  if (!tensor_args(args, 4, "sparse_conv2d_cpu", tensor_names, tensors)) return nullptr;
   std::optional<at::Tensor> bias, residual;
   if (!optional_tensor_arg(args[4], "sparse_conv2d_cpu", "bias", bias) ||
       (nargs == 14 && !optional_tensor_arg(args[13], "sparse_conv2d_cpu", "residual", residual)))
@@ -231,8 +238,7 @@ PyObject* pooled_linear_cpu_call(PyObject*, PyObject* const* args, Py_ssize_t na
   }
   static const char* const tensor_names[] = {"x", "row_ptr", "col_idx", "values"};
   const at::Tensor* tensors[4];
-  for (int i = 0; i < 4; ++i)
-    if ((tensors[i] = tensor_arg(args[i], "pooled_linear_cpu", tensor_names[i])) == nullptr) return nullptr;
+  if (!tensor_args(args, 4, "pooled_linear_cpu", tensor_names, tensors)) return nullptr;
   std::optional<at::Tensor> bias;
   if (!optional_tensor_arg(args[4], "pooled_linear_cpu", "bias", bias)) return nullptr;
   at::Tensor out;

@@ -28,7 +28,7 @@ from torch import nn
 from ... import backends
 from ...ops.sparse import _GENERATED_PADDED_PLANES, ALGORITHMS, EPILOGUES, direct_cpu_conv
 from .layers import SparseConv2d, SparseLinear
-from .passes import FastAdaptiveAvgPool2d
+from .passes import FastAdaptiveAvgPool2d, _planes_batch_innermost
 
 # The choices whose kernels return a batch-innermost output by construction and fuse every epilogue
 # but pooling (sparse_conv2d_cpu_inference returns their output as is): a direct call gives the same
@@ -82,10 +82,9 @@ def _pooled_linear_call(pool: nn.Module, linear: SparseLinear):
         fused = getattr(native, "pooled_linear_cpu", None)  # None where the extension predates it
 
     def pooled_linear(x):
-        n, c, h, w = x.shape
+        _, c, h, w = x.shape
         if (fused is None or torch.compiler.is_compiling() or c != linear.in_features or h * w == 0
-                or not ((n == 1 or x.stride(0) == 1) and (w == 1 or x.stride(3) == n)
-                        and (h == 1 or x.stride(2) == w * n))):
+                or not _planes_batch_innermost(x)):
             return linear(torch.flatten(pool(x), 1))
         row_ptr, col_idx, values, bias = linear._csr()
         return fused(x, row_ptr, col_idx, values, bias)
