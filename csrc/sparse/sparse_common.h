@@ -88,6 +88,10 @@ bool generated_supported();  // AVX-512 and executable memory here
 constexpr int64_t kSmallMapMaxPositions = 64;
 bool small_map_batch1_applicable(const at::Tensor& x, const ConvArgs& a);
 void conv_small_map_batch1(const at::Tensor& x, const ConvArgs& a, float* op, const float* rsp);
+// Batch 1, a 3 x 3 conv with stride 1 and padding 1 on rows of 16 or 32 floats (small_map.cpp):
+// row taps as aligned addresses, column taps as lane shifts; the same arguments.
+bool row_shift_batch1_applicable(const at::Tensor& x, const ConvArgs& a);
+void conv_row_shift_batch1(const at::Tensor& x, const ConvArgs& a, float* op, const float* rsp);
 
 // The tiled and generated algorithms' staged input (tiled.cpp): x in batch blocks of nb images at
 // staged + b * block_len, each zero-padded and split into S x S stride phases, batch innermost:

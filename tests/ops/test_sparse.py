@@ -424,22 +424,14 @@ def _planes_in_nan(x: torch.Tensor, gap: int) -> torch.Tensor:
     return framed
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("case", [(64, 4, 4, 40, 3, 3), (32, 8, 8, 24, 3, 3), (48, 2, 2, 17, 3, 3), (9, 3, 5, 8, 3, 3),
-                                  (7, 7, 9, 6, 3, 3), (5, 1, 7, 9, 3, 3), (3, 1, 1, 5, 3, 3), (12, 4, 4, 10, 1, 1),
-                                  (6, 5, 6, 7, 5, 5), (10, 4, 6, 9, 3, 1), (1, 4, 4, 3, 3, 3), (700, 4, 4, 3, 3, 3)],
-                         ids=str)
-def test_batch_1_small_maps_shift_whole_planes_per_tap(case, threads):
-    # Batch 1 on a map of at most 64 positions, stride 1, "same" padding (the tiled algorithm's
-    # small-map path on AVX-512; elsewhere the same cases run the grid or im2col rows): each tap is a
-    # shift of the flattened plane, with the positions it cannot reach masked. Maps of one to four
-    # vectors and partial last vectors (3 x 5, 7 x 9, 2 x 2, 1 x 7, 1 x 1), 1x1, 5x5 and 3x1 kernels,
-    # one input channel and 700 of them, empty and dense output channels, more threads than work;
-    # input planes packed and 16 / 5 floats apart in a frame of NaN (the generated algorithm's padded
-    # planes), every epilogue without pooling, with and without a bias.
+def _check_batch_1_same_conv(case, threads, atol=1e-5):
+    """Batch 1, stride 1, "same" padding, case (c, h, w, oc, kh, kw): the tiled algorithm (algo 4)
+    against float64 F.conv2d with and without a bias, every epilogue without pooling, input planes
+    packed and 16 / 5 floats apart in a frame of NaN, on ``threads`` threads. The weight's output
+    channel 3 (of more than 3) is dense, and others empty."""
     c, h, w, oc, kh, kw = case
     gen = torch.Generator().manual_seed(c * 13 + h * 7 + w + oc)
-    weight = sparse_weight((oc, c, kh, kw), 0.8, seed=c + oc + kh, empty_row=oc > 1)
+    weight = sparse_weight((oc, c, kh, kw), 0.8, seed=c + oc + kh + h, empty_row=oc > 1)
     if oc > 3:
         weight[3] = torch.randn(c, kh, kw, generator=gen)
     row_ptr, col_idx, values = dense_to_csr(weight)
@@ -458,10 +450,40 @@ def test_batch_1_small_maps_shift_whole_planes_per_tap(case, threads):
                     got = sparse_conv2d(given, row_ptr, col_idx, values, bias, c, kh, kw, 1, 1, kh // 2, kw // 2,
                                         epilogue, residual if epilogue == 3 else None, algo=4)
                     assert got.shape == want.shape
-                    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5,
+                    torch.testing.assert_close(got.double(), want, atol=atol, rtol=1e-5,
                                                msg=lambda m: f"{name}, epilogue {epilogue}: {m}")
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("case", [(64, 4, 4, 40, 3, 3), (32, 8, 8, 24, 3, 3), (48, 2, 2, 17, 3, 3), (9, 3, 5, 8, 3, 3),
+                                  (7, 7, 9, 6, 3, 3), (5, 1, 7, 9, 3, 3), (3, 1, 1, 5, 3, 3), (12, 4, 4, 10, 1, 1),
+                                  (6, 5, 6, 7, 5, 5), (10, 4, 6, 9, 3, 1), (1, 4, 4, 3, 3, 3), (700, 4, 4, 3, 3, 3)],
+                         ids=str)
+def test_batch_1_small_maps_shift_whole_planes_per_tap(case, threads):
+    # Batch 1 on a map of at most 64 positions, stride 1, "same" padding (the tiled algorithm's
+    # small-map path on AVX-512; elsewhere the same cases run the grid or im2col rows): each tap is a
+    # shift of the flattened plane, with the positions it cannot reach masked. Maps of one to four
+    # vectors and partial last vectors (3 x 5, 7 x 9, 2 x 2, 1 x 7, 1 x 1), 1x1, 5x5 and 3x1 kernels,
+    # one input channel and 700 of them, empty and dense output channels, more threads than work;
+    # input planes packed and 16 / 5 floats apart in a frame of NaN (the generated algorithm's padded
+    # planes), every epilogue without pooling, with and without a bias.
+    _check_batch_1_same_conv(case, threads)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("case", [(64, 32, 32, 64), (5, 16, 16, 7), (3, 32, 32, 20), (6, 17, 32, 9), (9, 1, 16, 4),
+                                  (4, 3, 32, 5), (2, 41, 16, 3), (40, 9, 16, 1)], ids=str)
+def test_batch_1_rows_of_16_or_32_shift_their_column_taps(case, threads):
+    # Batch 1, 3 x 3, stride 1, padding 1 on rows of 16 or 32 floats (the tiled algorithm's row-shift
+    # path on AVX-512; elsewhere the grid): row taps are aligned addresses into a thread's staged band,
+    # column taps lane shifts of the sums with zeros shifted in. Bands of unequal height and a last
+    # partial tile of rows (17, 41, 9 rows), a map of one row and of fewer rows than a tile, more threads
+    # than tiles, one output channel, empty and dense output channels; input planes packed and in a
+    # frame of NaN (a read past a plane or a shift that takes a lane it should zero shows as NaN).
+    # (float32 sums of up to 576 products of unit normals: a wrong index errs by about 1)
+    _check_batch_1_same_conv((*case, 3, 3), threads, atol=5e-5)
 
 
 def test_batch_1_small_maps_follow_values_and_patterns_changed_under_their_cache():
