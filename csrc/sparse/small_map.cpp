@@ -332,12 +332,6 @@ void conv_small_map_batch1(const at::Tensor& x, const ConvArgs& a, float* op, co
 #endif
 }
 
-}  // namespace sparse_cpu
-}  // namespace fastprune
-
-namespace fastprune {
-namespace sparse_cpu {
-
 bool row_shift_batch1_applicable(const at::Tensor& x, const ConvArgs& a) {
 #ifdef FASTPRUNE_SMALL_MAP
   static const bool supported = __builtin_cpu_supports("avx512f");

@@ -604,15 +604,15 @@ at::Tensor conv_tiled(const at::Tensor& x, const ConvArgs& a, const std::optiona
   // floats of rows (below, the build costs more than the grid loses: Zen 4, ResNet-18 at 99%, 512 ->
   // 512 4 x 4 69 us on im2col rows against 55 on the grid; at 95% 99 against 125).
   const bool enough = kh * kw == 1 || 2 * a.rp[oc_count] >= im2col_floats;
-  // Batch 1, stride 1, "same" padding, at most 64 positions: whole planes shifted per tap (small_map.cpp).
-  // Zen 4, 2 threads, ResNet-18 at 99%: 512 -> 512 4 x 4 54 -> 20 us, 256 -> 256 8 x 8 50 -> 23; at 90%
-  // 145 (im2col rows, session 14) -> 80 and 122 (the grid, session 14) -> 98.
   // Batch 1, 3 x 3 on rows of 16 or 32 floats: row taps as addresses, column taps as lane shifts
   // (small_map.cpp).
   if (n == 1 && row_shift_batch1_applicable(x, a)) {
     conv_row_shift_batch1(x, a, out.mutable_data_ptr<float>(), res.defined() ? res.const_data_ptr<float>() : nullptr);
     return out.permute({3, 0, 1, 2});
   }
+  // Batch 1, stride 1, "same" padding, at most 64 positions: whole planes shifted per tap (small_map.cpp).
+  // Zen 4, 2 threads, ResNet-18 at 99%: 512 -> 512 4 x 4 54 -> 20 us, 256 -> 256 8 x 8 50 -> 23; at 90%
+  // 145 (im2col rows, session 14) -> 80 and 122 (the grid, session 14) -> 98.
   if (n == 1 && small_map_batch1_applicable(x, a)) {
     conv_small_map_batch1(x, a, out.mutable_data_ptr<float>(), res.defined() ? res.const_data_ptr<float>() : nullptr);
     return out.permute({3, 0, 1, 2});
